@@ -1,0 +1,54 @@
+"""`cmrp` command line: fit | validate | ls | data | sandbox.
+
+Each area owns its sub-commands in a small `commands` module exposing `register(subparsers)`;
+this file only assembles them and turns a `CmrpError` into one clear message and exit status 2.
+Sub-command modules import heavy libraries inside their handlers, so `cmrp --help` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from cmrp import __version__
+from cmrp.errors import CmrpError
+
+__all__ = ["build_parser", "main"]
+
+_COMMAND_MODULES = (
+    "cmrp.training.commands",  # fit
+    "cmrp.config.commands",  # validate, ls
+    "cmrp.data.commands",  # data validate
+    "cmrp.sandbox.commands",  # sandbox make
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cmrp",
+        description="Customized Multimodal Role-Play: customize a unified multimodal model into a character.",
+    )
+    parser.add_argument("--version", action="version", version=f"cmrp {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    for module in _COMMAND_MODULES:
+        importlib.import_module(module).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except CmrpError as err:
+        print(f"cmrp {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cmrp {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""The structured schema of a recipe, a backbone card and a reward preset.
+
+Every key a recipe may hold is declared here with its type and default; the loader
+(`cmrp.config.loader`) merges YAML files onto these dataclasses through omegaconf, so an unknown
+key or a wrong type is caught before anything is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "BackboneCard",
+    "DataConfig",
+    "EvalConfig",
+    "FinetuneConfig",
+    "OptimizerConfig",
+    "Recipe",
+    "SFTConfig",
+    "TrackingConfig",
+    "TrainerConfig",
+]
+
+
+@dataclass
+class FinetuneConfig:
+    """How the backbone is adapted: LoRA / QLoRA adapters, or every weight (`full`)."""
+
+    mode: str = "lora"  # lora | qlora | full
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    targets: Any = "default"  # a name from the card's lora_targets, or a list of module-name patterns
+
+
+@dataclass
+class DataConfig:
+    """Where the character comes from and how its tasks are mixed."""
+
+    path: str = "sandbox://0"  # a character directory, or sandbox://SEED to generate one
+    format: str = "auto"  # auto | native | rolescape20 | mmrole
+    character: str | None = None  # which character, for multi-character layouts
+    tasks: dict[str, float] = field(
+        default_factory=lambda: {"chat": 1.0, "thinking": 1.0, "t2i": 1.0, "vqa": 1.0, "knowledge_qa": 1.0}
+    )
+    batch_size: int = 8
+    num_workers: int = 0
+    image_size: int = 32
+    max_text_tokens: int = 128
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.0
+    scheduler: str = "constant"  # constant | cosine | linear
+    warmup_steps: int = 0
+
+
+@dataclass
+class SFTConfig:
+    """Unified-SFT: loss = ce_weight * CE(text) + mse_weight * flow-MSE(image)."""
+
+    ce_weight: float = 1.0
+    mse_weight: float = 1.0
+    timestep_shift: float = 1.0  # shift of the logit-normal training timesteps (BAGEL's timestep_shift)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+
+@dataclass
+class TrainerConfig:
+    """Passed to `lightning.Trainer` (names match its arguments)."""
+
+    max_steps: int = 100
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    log_every_n_steps: int = 5
+    gradient_clip_val: float | None = 1.0
+    accumulate_grad_batches: int = 1
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow. `tracking_uri: null` means an embedded sqlite database in the output directory."""
+
+    tracking_uri: str | None = None
+    experiment: str = "cmrp"
+    run_name: str | None = None
+
+
+@dataclass
+class EvalConfig:
+    """The small evaluation done at the end of `cmrp fit` (before vs after)."""
+
+    grid_prompts: int = 8  # T2I prompts in the sample grid
+    images_per_prompt: int = 2
+    sample_steps: int = 20
+    max_items: int = 200  # cap on held-out MCQ items scored per task
+
+
+@dataclass
+class Recipe:
+    """One experiment: backbone card x reward preset x training method."""
+
+    name: str = "experiment"
+    seed: int = 0
+    output_dir: str = "runs/${name}"
+    backbone: Any = "bagel-tiny"  # card name, card path, or an inline mapping
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    rewards: Any = None  # preset name, preset path, or an inline mapping (used by GRPO)
+    decoding: str = "chain"  # chain | joint
+    stages: list[str] = field(default_factory=lambda: ["sft"])
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class BackboneCard:
+    """A backbone card (backbones/*.yaml): which adapter, which weights, which architecture."""
+
+    name: str = "???"
+    adapter: str = "???"  # registry name of the adapter, e.g. "bagel"
+    weights: str | None = None  # hub id or local path; null = random init from `architecture`
+    tokenizer: str | None = None  # tokenizer name/path; adapter-specific default when null
+    image_head: str = "flow"  # flow | tokens
+    capabilities: list[str] = field(default_factory=lambda: ["text", "image_understanding", "image_generation"])
+    architecture: dict[str, Any] = field(default_factory=dict)
+    lora_targets: dict[str, list[str]] = field(default_factory=dict)
+    description: str = ""
