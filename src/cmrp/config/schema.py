@@ -46,7 +46,6 @@ class DataConfig:
     )
     batch_size: int = 8
     num_workers: int = 0
-    image_size: int = 32
     max_text_tokens: int = 128
 
 

@@ -1,0 +1,204 @@
+"""The BAGEL model: MoT language model + SigLIP understanding encoder + flow generation head.
+
+Top-level parameter names are the official ones: `language_model.*`, `vit_model.*`, `connector.*`,
+`vit_pos_embed.pos_embed`, `time_embedder.mlp.{0,2}`, `vae2llm`, `llm2vae`, `latent_pos_embed.pos_embed`.
+The model works on padded batches: a sequence holds text tokens, ViT tokens (an understood image)
+and noisy latent tokens (an image being generated); `BagelBatch` says which is which.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cmrp.backbones.bagel.qwen2_mot import KVCache, LLMConfig, Qwen2ForCausalLM
+from cmrp.backbones.bagel.siglip import SiglipVisionModel, ViTConfig
+
+__all__ = ["Bagel", "BagelArch", "BagelBatch", "flow_timesteps", "patchify", "unpatchify"]
+
+
+@dataclass
+class BagelArch:
+    """Architecture of one BAGEL model (a card's `architecture:` mapping)."""
+
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    vae: dict = field(default_factory=lambda: {"kind": "pixel", "downsample": 2})
+    visual_gen: bool = True
+    visual_und: bool = True
+    latent_patch_size: int = 2
+    max_latent_size: int = 32
+    vit_max_num_patch_per_side: int = 70
+    timestep_shift: float = 1.0
+    gradient_checkpointing: bool = False
+
+    @classmethod
+    def from_dict(cls, spec: dict) -> BagelArch:
+        spec = dict(spec)
+        llm = LLMConfig(**spec.pop("llm", {}))
+        vit = ViTConfig(**spec.pop("vit", {}))
+        return cls(llm=llm, vit=vit, **spec)
+
+
+def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    out = pos.double()[:, None] * omega[None]
+    return torch.cat([out.sin(), out.cos()], dim=1)
+
+
+class PositionEmbedding(nn.Module):
+    """Fixed 2D sin-cos table over a max_side x max_side grid (index = row * max_side + col)."""
+
+    def __init__(self, max_side: int, hidden: int):
+        super().__init__()
+        rows, cols = torch.meshgrid(torch.arange(max_side), torch.arange(max_side), indexing="ij")
+        # first half of the channels encodes the row, second half the column
+        table = torch.cat([_sincos_1d(hidden // 2, rows.flatten()), _sincos_1d(hidden // 2, cols.flatten())], dim=1)
+        self.pos_embed = nn.Parameter(table.float(), requires_grad=False)
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.pos_embed[position_ids]
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of t in [0, 1] followed by a 2-layer MLP (`mlp.0`, `mlp.2`)."""
+
+    def __init__(self, hidden: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        feats = torch.cat([args.cos(), args.sin()], dim=-1)
+        return self.mlp(feats.to(self.mlp[0].weight.dtype))
+
+
+class MLPconnector(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, out_dim)
+        self.fc2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, (H/p)*(W/p), p*p*C], each patch flattened in (row, col, channel) order."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // p, p, w // p, p)
+    return torch.einsum("bchpwq->bhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(tokens: torch.Tensor, p: int, c: int, h: int, w: int) -> torch.Tensor:
+    """Inverse of `patchify` for an [B, (h/p)*(w/p), p*p*c] tensor."""
+    b = tokens.shape[0]
+    x = tokens.reshape(b, h // p, w // p, p, p, c)
+    return torch.einsum("bhwpqc->bchpwq", x).reshape(b, c, h, w)
+
+
+def grid_position_ids(side_h: int, side_w: int, max_side: int, device=None) -> torch.Tensor:
+    rows = torch.arange(side_h, device=device)[:, None]
+    cols = torch.arange(side_w, device=device)[None, :]
+    return (rows * max_side + cols).flatten()
+
+
+def flow_timesteps(n: int, shift: float, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """Training timesteps: logit-normal t = sigmoid(N(0,1)), then shifted toward noise by `shift`."""
+    t = torch.sigmoid(torch.randn(n, generator=generator, device=device))
+    return shift * t / (1 + (shift - 1) * t)
+
+
+@dataclass
+class BagelBatch:
+    """A padded batch. Per position (B x L): which kind of token it is and what it sees."""
+
+    input_ids: torch.Tensor  # [B, L] text token ids (pad elsewhere)
+    position_ids: torch.Tensor  # [B, L] rope positions (an image shares one)
+    attention_mask: torch.Tensor  # [B, L, L] bool
+    is_gen: torch.Tensor  # [B, L] bool: noisy latent tokens (generation expert)
+    is_vit: torch.Tensor  # [B, L] bool: understanding image tokens
+    labels: torch.Tensor  # [B, L] next-token targets (-100 = no loss)
+    vit_pixels: torch.Tensor | None = None  # [Nu, 3, H, W] in [0, 1], order = appearance order
+    gen_pixels: torch.Tensor | None = None  # [Ng, 3, H, W] in [0, 1]
+    valid: torch.Tensor | None = None  # [B, L] bool: not padding
+    task_ids: list[str] = field(default_factory=list)
+
+    def to(self, device) -> BagelBatch:
+        moved = {
+            k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()
+        }
+        return BagelBatch(**moved)
+
+
+class Bagel(nn.Module):
+    def __init__(self, arch: BagelArch):
+        super().__init__()
+        from cmrp.backbones.bagel.autoencoder import build_autoencoder
+
+        self.arch = arch
+        hidden = arch.llm.hidden_size
+        self.language_model = Qwen2ForCausalLM(arch.llm)
+        if arch.visual_und:
+            self.vit_model = SiglipVisionModel(arch.vit)
+            self.connector = MLPconnector(arch.vit.hidden_size, hidden)
+            self.vit_pos_embed = PositionEmbedding(arch.vit_max_num_patch_per_side, hidden)
+        if arch.visual_gen:
+            self.vae = build_autoencoder(arch.vae)  # parameter-free for the pixel space; not in state_dict
+            p = arch.latent_patch_size
+            self.patch_latent_dim = p * p * self.vae.z_channels
+            self.time_embedder = TimestepEmbedder(hidden)
+            self.vae2llm = nn.Linear(self.patch_latent_dim, hidden)
+            self.llm2vae = nn.Linear(hidden, self.patch_latent_dim)
+            self.latent_pos_embed = PositionEmbedding(arch.max_latent_size, hidden)
+            # BAGEL starts the velocity head at zero: the first prediction is "no motion"
+            nn.init.zeros_(self.llm2vae.weight)
+            nn.init.zeros_(self.llm2vae.bias)
+
+    # -- token embeddings per kind ------------------------------------------------------------
+    def vit_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] in [0, 1] -> [N, P, hidden] understanding tokens."""
+        cfg = self.arch.vit
+        p = cfg.patch_size
+        side_h, side_w = pixels.shape[-2] // p, pixels.shape[-1] // p
+        patches = patchify(pixels * 2.0 - 1.0, p)
+        vit_pos = grid_position_ids(side_h, side_w, cfg.num_patches_per_side, pixels.device)
+        feats = self.connector(self.vit_model(patches.to(self.connector.fc1.weight.dtype), vit_pos))
+        llm_pos = grid_position_ids(side_h, side_w, self.arch.vit_max_num_patch_per_side, pixels.device)
+        return feats + self.vit_pos_embed(llm_pos).to(feats.dtype)
+
+    def latent_shape(self, image_hw: tuple[int, int]) -> tuple[int, int, int]:
+        """(channels, h, w) of the latent of an image of size image_hw."""
+        d = self.vae.downsample
+        return self.vae.z_channels, image_hw[0] // d, image_hw[1] // d
+
+    def latent_tokens(self, x_t: torch.Tensor, t: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """Noisy patchified latents [N, T, p*p*c] at times t [N] -> [N, T, hidden] generation tokens."""
+        p = self.arch.latent_patch_size
+        pos = grid_position_ids(latent_hw[0] // p, latent_hw[1] // p, self.arch.max_latent_size, x_t.device)
+        w = self.vae2llm.weight
+        return self.vae2llm(x_t.to(w.dtype)) + self.time_embedder(t)[:, None] + self.latent_pos_embed(pos).to(w.dtype)
+
+    def embed(self, batch: BagelBatch, gen_tokens: torch.Tensor | None) -> torch.Tensor:
+        emb = self.language_model.model.embed_tokens(batch.input_ids)
+        if batch.vit_pixels is not None and bool(batch.is_vit.any()):
+            vit = self.vit_tokens(batch.vit_pixels)
+            emb = emb.masked_scatter(batch.is_vit[..., None], vit.reshape(-1, vit.shape[-1]).to(emb.dtype))
+        if gen_tokens is not None:
+            emb = emb.masked_scatter(batch.is_gen[..., None], gen_tokens.reshape(-1, gen_tokens.shape[-1]).to(emb.dtype))
+        return emb
+
+    def decode_hidden(
+        self, embeds, is_gen, position_ids, mask, past: KVCache | None = None, use_cache: bool = False
+    ):
+        return self.language_model.model(
+            embeds, is_gen if self.arch.llm.use_moe else None, position_ids, mask, past=past,
+            use_cache=use_cache, checkpoint=self.arch.gradient_checkpointing,
+        )

@@ -1,0 +1,187 @@
+"""Turn model-agnostic `Example`s into a padded `BagelBatch`.
+
+A sequence is a list of splits, each with an attention mode (BAGEL's three):
+- `causal`: text — a token sees everything before it;
+- `full`: an understood image (ViT tokens between vision markers) — sees all before, and its whole split;
+- `noise`: an image being generated (noisy latents) — like `full`, but no other split may see it.
+Every token of an image split shares one rope position; text advances it by one per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cmrp.backbones.tokenizer import TextTokenizer
+from cmrp.data.tasks import Example
+from cmrp.errors import DataError
+
+__all__ = ["ImageLoader", "SequenceBuilder", "attention_mask_from_splits", "collate"]
+
+IGNORE = -100
+
+
+class ImageLoader:
+    """Loads images as [3, S, S] float tensors in [0, 1], resized to the backbone's size; cached."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._cache: dict[Path, torch.Tensor] = {}
+
+    def __call__(self, path: Path) -> torch.Tensor:
+        cached = self._cache.get(path)
+        if cached is not None:
+            return cached
+        import numpy as np
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB").resize((self.size, self.size), Image.Resampling.BICUBIC)
+                arr = np.asarray(img, dtype=np.float32) / 255.0
+        except (OSError, UnidentifiedImageError) as err:
+            raise DataError(f"{path}: cannot read image ({err}); replace or remove the file") from None
+        tensor = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+        self._cache[path] = tensor
+        return tensor
+
+
+@dataclass
+class SequenceBuilder:
+    """Accumulates one sample's tokens, splits, positions and labels."""
+
+    ids: list[int] = field(default_factory=list)
+    trained: list[bool] = field(default_factory=list)  # token is a target (predicted from the previous one)
+    kinds: list[str] = field(default_factory=list)  # text | vit | gen
+    positions: list[int] = field(default_factory=list)
+    splits: list[tuple[int, str]] = field(default_factory=list)
+    vit_images: list[torch.Tensor] = field(default_factory=list)
+    gen_images: list[torch.Tensor] = field(default_factory=list)
+    next_pos: int = 0
+
+    def add_text(self, ids: list[int], train_from: int | None) -> None:
+        """Add text tokens; tokens at index >= train_from are targets (None: none are)."""
+        for i, tok in enumerate(ids):
+            self.ids.append(tok)
+            self.trained.append(train_from is not None and i >= train_from)
+            self.kinds.append("text")
+            self.positions.append(self.next_pos)
+            self.next_pos += 1
+        self.splits.append((len(ids), "causal"))
+
+    def add_image(self, n_tokens: int, kind: str, markers: tuple[int, int], pad_id: int) -> None:
+        """An image split: start marker, n image slots, end marker, all at one rope position."""
+        start, end = markers
+        self.ids += [start] + [pad_id] * n_tokens + [end]
+        self.trained += [False] * (n_tokens + 2)
+        self.kinds += ["text"] + [kind] * n_tokens + ["text"]
+        self.positions += [self.next_pos] * (n_tokens + 2)
+        self.next_pos += 1
+        self.splits.append((n_tokens + 2, "noise" if kind == "gen" else "full"))
+
+
+def attention_mask_from_splits(splits: list[tuple[int, str]], total: int) -> torch.Tensor:
+    """[total, total] bool mask for one sample (positions past the splits are padding)."""
+    n = sum(length for length, _ in splits)
+    split_id = torch.empty(n, dtype=torch.long)
+    start = torch.empty(n, dtype=torch.long)
+    causal = torch.empty(n, dtype=torch.bool)
+    noise = torch.empty(n, dtype=torch.bool)
+    offset = 0
+    for i, (length, mode) in enumerate(splits):
+        split_id[offset : offset + length] = i
+        start[offset : offset + length] = offset
+        causal[offset : offset + length] = mode == "causal"
+        noise[offset : offset + length] = mode == "noise"
+        offset += length
+    idx = torch.arange(n)
+    q, k = idx[:, None], idx[None, :]
+    same = split_id[:, None] == split_id[None, :]
+    before = k < start[:, None]
+    within = same & (~causal[:, None] | (k <= q))
+    allowed = (before | within) & ~(noise[None, :] & ~same)
+    mask = torch.zeros(total, total, dtype=torch.bool)
+    mask[:n, :n] = allowed
+    pad = torch.arange(n, total)
+    mask[pad, pad] = True  # padding rows see themselves only, so attention stays finite
+    return mask
+
+
+def build_sequence(
+    example: Example,
+    tok: TextTokenizer,
+    load_image,
+    *,
+    vit_tokens: int,
+    gen_tokens: int,
+    max_text_tokens: int,
+) -> SequenceBuilder:
+    seq = SequenceBuilder()
+    for seg in example.segments:
+        if seg.kind == "text":
+            header = tok.encode(f"{seg.role}\n")
+            body = tok.encode(seg.text)[:max_text_tokens]
+            ids = [tok.bos_id, *header, *body, tok.eos_id]
+            seq.add_text(ids, train_from=1 + len(header) if seg.train else None)
+        elif seg.generate:
+            seq.gen_images.append(load_image(seg.image))
+            seq.add_image(gen_tokens, "gen", (tok.start_of_image, tok.end_of_image), tok.pad_id)
+        else:
+            seq.vit_images.append(load_image(seg.image))
+            seq.add_image(vit_tokens, "vit", (tok.start_of_image, tok.end_of_image), tok.pad_id)
+    return seq
+
+
+def collate(
+    examples: list[Example],
+    tok: TextTokenizer,
+    load_image,
+    *,
+    vit_tokens: int,
+    gen_tokens: int,
+    max_text_tokens: int,
+):
+    from cmrp.backbones.bagel.model import BagelBatch
+
+    seqs = [
+        build_sequence(ex, tok, load_image, vit_tokens=vit_tokens, gen_tokens=gen_tokens, max_text_tokens=max_text_tokens)
+        for ex in examples
+    ]
+    b, length = len(seqs), max(len(s.ids) for s in seqs)
+    input_ids = torch.full((b, length), tok.pad_id, dtype=torch.long)
+    position_ids = torch.zeros((b, length), dtype=torch.long)
+    labels = torch.full((b, length), IGNORE, dtype=torch.long)
+    is_gen = torch.zeros((b, length), dtype=torch.bool)
+    is_vit = torch.zeros((b, length), dtype=torch.bool)
+    valid = torch.zeros((b, length), dtype=torch.bool)
+    masks = torch.zeros((b, length, length), dtype=torch.bool)
+    vit_images, gen_images = [], []
+    for i, s in enumerate(seqs):
+        n = len(s.ids)
+        input_ids[i, :n] = torch.tensor(s.ids)
+        position_ids[i, :n] = torch.tensor(s.positions)
+        position_ids[i, n:] = s.next_pos
+        kinds = s.kinds
+        is_gen[i, :n] = torch.tensor([k == "gen" for k in kinds])
+        is_vit[i, :n] = torch.tensor([k == "vit" for k in kinds])
+        valid[i, :n] = True
+        trained = torch.tensor(s.trained[1:] + [False])
+        nxt = torch.tensor(s.ids[1:] + [IGNORE])
+        labels[i, :n] = torch.where(trained, nxt, torch.full_like(nxt, IGNORE))
+        masks[i] = attention_mask_from_splits(s.splits, length)
+        vit_images += s.vit_images
+        gen_images += s.gen_images
+    return BagelBatch(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=masks,
+        is_gen=is_gen,
+        is_vit=is_vit,
+        labels=labels,
+        vit_pixels=torch.stack(vit_images) if vit_images else None,
+        gen_pixels=torch.stack(gen_images) if gen_images else None,
+        valid=valid,
+        task_ids=[ex.task for ex in examples],
+    )

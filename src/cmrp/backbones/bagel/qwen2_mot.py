@@ -1,0 +1,258 @@
+"""BAGEL's language model: a Qwen2 decoder turned into a Mixture-of-Transformers (MoT).
+
+Every weight of a decoder layer exists twice: the plain one serves understanding tokens (text and
+ViT tokens), the `*_moe_gen` copy serves generation tokens (noisy VAE latents). All tokens still
+attend to each other in one self-attention. Parameter names follow the official checkpoint
+(`language_model.model.layers.N.self_attn.q_proj_moe_gen.weight`, ...) so it loads by name.
+
+Attention runs through `torch.nn.functional.scaled_dot_product_attention` with a boolean mask
+[B, 1, Lq, Lk]; an optional key/value cache lets a prefix (character + prompt) be encoded once and
+reused by every denoising step or decoded token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["KVCache", "LLMConfig", "Qwen2ForCausalLM", "Qwen2RMSNorm", "route"]
+
+
+@dataclass
+class LLMConfig:
+    """Sizes of the Qwen2 decoder (names as in a Qwen2 `llm_config.json`)."""
+
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    intermediate_size: int = 344
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    qk_norm: bool = True
+    layer_module: str = "Qwen2MoTDecoderLayer"
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def use_moe(self) -> bool:
+        return "Mo" in self.layer_module
+
+
+class Qwen2RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class Qwen2MLP(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def route(
+    x: torch.Tensor,
+    is_gen: torch.Tensor | None,
+    und: Callable[[torch.Tensor], torch.Tensor],
+    gen: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> torch.Tensor:
+    """Apply `und` to understanding tokens and `gen` to generation tokens of x [..., D].
+
+    `is_gen` is a bool mask over x's leading dims; None (or no MoT) means all tokens are `und`.
+    """
+    if gen is None or is_gen is None or not bool(is_gen.any()):
+        return und(x)
+    if bool(is_gen.all()):
+        return gen(x)
+    und_out = und(x[~is_gen])
+    gen_out = gen(x[is_gen])
+    out = und_out.new_empty(*is_gen.shape, und_out.shape[-1])
+    out[~is_gen] = und_out
+    out[is_gen] = gen_out.to(und_out.dtype)
+    return out
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Qwen2 rotary position embedding; positions are explicit (an image shares one position)."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+@dataclass
+class KVCache:
+    """Keys/values of an encoded prefix, per layer, plus its key-padding mask and next positions."""
+
+    keys: list[torch.Tensor]  # each [B, KVH, Lp, hd]
+    values: list[torch.Tensor]
+    valid: torch.Tensor  # [B, Lp] bool: real (non-padding) prefix tokens
+    next_position: torch.Tensor  # [B] long: rope position of the first token after the prefix
+
+    def expand(self, repeats: int) -> KVCache:
+        """Repeat each sample `repeats` times (G samples of one group share a prefix)."""
+        rep = lambda t: t.repeat_interleave(repeats, dim=0)  # noqa: E731
+        return KVCache([rep(k) for k in self.keys], [rep(v) for v in self.values], rep(self.valid), rep(self.next_position))
+
+    def select(self, index: torch.Tensor) -> KVCache:
+        return KVCache([k[index] for k in self.keys], [v[index] for v in self.values], self.valid[index], self.next_position[index])
+
+
+class PackedAttentionMoT(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, hd, nh, nkv = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        self.num_heads, self.num_kv_heads, self.head_dim = nh, nkv, hd
+        self.q_proj = nn.Linear(h, nh * hd, bias=True)
+        self.k_proj = nn.Linear(h, nkv * hd, bias=True)
+        self.v_proj = nn.Linear(h, nkv * hd, bias=True)
+        self.o_proj = nn.Linear(nh * hd, h, bias=False)
+        norm = (lambda: Qwen2RMSNorm(hd, cfg.rms_norm_eps)) if cfg.qk_norm else nn.Identity
+        self.q_norm, self.k_norm = norm(), norm()
+        if cfg.use_moe:
+            self.q_proj_moe_gen = nn.Linear(h, nh * hd, bias=True)
+            self.k_proj_moe_gen = nn.Linear(h, nkv * hd, bias=True)
+            self.v_proj_moe_gen = nn.Linear(h, nkv * hd, bias=True)
+            self.o_proj_moe_gen = nn.Linear(nh * hd, h, bias=False)
+            self.q_norm_moe_gen, self.k_norm_moe_gen = norm(), norm()
+
+    def _gen(self, name: str) -> nn.Module | None:
+        return getattr(self, f"{name}_moe_gen", None)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, L, D]
+        is_gen: torch.Tensor | None,  # [B, L]
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin [B, L, hd]
+        mask: torch.Tensor,  # [B, L, Lpast + L] bool, True = may attend
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        b, n, _ = x.shape
+        hd = self.head_dim
+        q = route(x, is_gen, self.q_proj, self._gen("q_proj")).view(b, n, self.num_heads, hd)
+        k = route(x, is_gen, self.k_proj, self._gen("k_proj")).view(b, n, self.num_kv_heads, hd)
+        v = route(x, is_gen, self.v_proj, self._gen("v_proj")).view(b, n, self.num_kv_heads, hd)
+        head_mask = None if is_gen is None else is_gen[:, :, None].expand(b, n, self.num_heads)
+        q = route(q, head_mask, self.q_norm, self._gen("q_norm"))
+        kv_mask = None if is_gen is None else is_gen[:, :, None].expand(b, n, self.num_kv_heads)
+        k = route(k, kv_mask, self.k_norm, self._gen("k_norm"))
+        cos, sin = rope[0][:, None], rope[1][:, None]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q = q * cos.to(q.dtype) + _rotate_half(q) * sin.to(q.dtype)
+        k = k * cos.to(k.dtype) + _rotate_half(k) * sin.to(k.dtype)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        present = (k, v)
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+        attn = attn.transpose(1, 2).reshape(b, n, self.num_heads * hd)
+        return route(attn, is_gen, self.o_proj, self._gen("o_proj")), present
+
+
+class Qwen2MoTDecoderLayer(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.self_attn = PackedAttentionMoT(cfg)
+        self.mlp = Qwen2MLP(cfg)
+        self.input_layernorm = Qwen2RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = Qwen2RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.use_moe:
+            self.mlp_moe_gen = Qwen2MLP(cfg)
+            self.input_layernorm_moe_gen = Qwen2RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.post_attention_layernorm_moe_gen = Qwen2RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def _gen(self, name: str) -> nn.Module | None:
+        return getattr(self, f"{name}_moe_gen", None)
+
+    def forward(self, x, is_gen, rope, mask, past=None):
+        h = route(x, is_gen, self.input_layernorm, self._gen("input_layernorm"))
+        h, present = self.self_attn(h, is_gen, rope, mask, past)
+        x = x + h
+        h = route(x, is_gen, self.post_attention_layernorm, self._gen("post_attention_layernorm"))
+        x = x + route(h, is_gen, self.mlp, self._gen("mlp"))
+        return x, present
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([Qwen2MoTDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        self.norm = Qwen2RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.use_moe:
+            self.norm_moe_gen = Qwen2RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        is_gen: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor,
+        past: KVCache | None = None,
+        use_cache: bool = False,
+        checkpoint: bool = False,
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]] | None]:
+        rope = self.rotary_emb(position_ids)
+        x = embeds
+        presents = []
+        for i, layer in enumerate(self.layers):
+            layer_past = (past.keys[i], past.values[i]) if past is not None else None
+            if checkpoint and self.training and layer_past is None:
+                x, present = torch.utils.checkpoint.checkpoint(layer, x, is_gen, rope, mask, use_reentrant=False)
+            else:
+                x, present = layer(x, is_gen, rope, mask, layer_past)
+            if use_cache:
+                presents.append(present)
+        x = route(x, is_gen, self.norm, getattr(self, "norm_moe_gen", None))
+        return x, (presents if use_cache else None)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    """Holds `.model` and `.lm_head`, as in the official checkpoint (`language_model.lm_head`)."""
+
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.model = Qwen2Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight

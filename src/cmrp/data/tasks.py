@@ -1,0 +1,198 @@
+"""Model-agnostic training examples built from a `Character`.
+
+Unified-SFT mixes five tasks. Each becomes an `Example`: a sequence of text and image
+`Segment`s, some of which carry a loss (`train=True`). Backbone adapters tokenize examples
+(chat template, image tokens) — data stays free of any model.
+
+Tasks:
+- chat: a dialogue history, then the character's reply (CE on the reply).
+- thinking: a dialogue turn that shows an image, then the image-reasoning text
+  (thinking + generation instruction; CE).
+- t2i: an instruction (or, with chain decoding, the dialogue + reply) -> image (flow / token loss).
+- vqa: an image and a question -> the answer (CE), open and multiple choice.
+- knowledge_qa: a question about the character -> the answer (CE), open and multiple choice.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from cmrp.data.character import Character, CharacterSplit, MultipleChoice, Turn
+
+__all__ = [
+    "TASKS",
+    "Example",
+    "Segment",
+    "build_examples",
+    "character_corpus",
+    "format_mcq",
+    "mcq_option_examples",
+    "shuffled_mix",
+    "system_prompt",
+]
+
+TASKS = ("chat", "thinking", "t2i", "vqa", "knowledge_qa")
+SegmentRole = Literal["system", "user", "character"]
+OPTION_LETTERS = "ABCDEFGHIJ"
+
+
+@dataclass
+class Segment:
+    """A piece of an example: text in a role, or an image to understand or to generate."""
+
+    kind: Literal["text", "image"]
+    role: SegmentRole = "user"
+    text: str = ""
+    image: Path | None = None
+    generate: bool = False  # image only: generated (loss on it) rather than understood
+    train: bool = False  # carries a loss
+
+
+@dataclass
+class Example:
+    task: str
+    segments: list[Segment] = field(default_factory=list)
+
+
+def system_prompt(character: Character) -> str:
+    return f"You are {character.name}. Stay in character."
+
+
+def _text(role: SegmentRole, text: str, train: bool = False) -> Segment:
+    return Segment(kind="text", role=role, text=text, train=train)
+
+
+def _image(path: Path, generate: bool = False) -> Segment:
+    return Segment(kind="image", role="character" if generate else "user", image=path, generate=generate, train=generate)
+
+
+def format_mcq(question: str, options: list[str]) -> str:
+    lines = [question] + [f"{OPTION_LETTERS[i]}. {opt}" for i, opt in enumerate(options)]
+    return "\n".join(lines)
+
+
+def _mcq_answer(item: MultipleChoice) -> str:
+    return f"{OPTION_LETTERS[item.answer]}. {item.options[item.answer]}"
+
+
+def _chat_examples(character: Character, split: CharacterSplit, decoding: str) -> dict[str, list[Example]]:
+    out: dict[str, list[Example]] = {"chat": [], "thinking": [], "t2i": []}
+    system = _text("system", system_prompt(character))
+    for scene in split.scenes:
+        history: list[Segment] = [system]
+        for turn in scene.turns:
+            if turn.role == "user":
+                history.append(_text("user", turn.text))
+                continue
+            out["chat"].append(Example("chat", [*history, _text("character", turn.text, train=True)]))
+            image = split.images.get(turn.image_id) if turn.image_id else None
+            if image is not None:
+                out["t2i"].append(Example("t2i", _image_conditioning(history, turn, decoding) + [_image(image.path, True)]))
+                reasoning = _reasoning_text(turn.thinking, turn.generation_instruction)
+                if reasoning:
+                    thinking_ctx = [*history, _text("character", turn.text)]
+                    out["thinking"].append(Example("thinking", [*thinking_ctx, _text("character", reasoning, train=True)]))
+            history.append(_text("character", turn.text))
+    return out
+
+
+def _reasoning_text(thinking: str | None, instruction: str | None) -> str:
+    parts = []
+    if thinking:
+        parts.append(f"<think>{thinking}</think>")
+    if instruction:
+        parts.append(instruction)
+    return "\n".join(parts)
+
+
+def _image_conditioning(history: list[Segment], turn: Turn, decoding: str) -> list[Segment]:
+    """Chain decoding conditions the image on the reply text (p(I|Q,T)); joint does not (p(I|Q))."""
+    from cmrp.sampling.decoding import get_strategy
+
+    context = list(history)
+    if get_strategy(decoding).image_sees_reply:
+        context.append(_text("character", turn.text))
+    if turn.generation_instruction:
+        context.append(_text("character", turn.generation_instruction))
+    return context
+
+
+def build_examples(
+    character: Character, tasks: Iterable[str] = TASKS, *, split: str = "train", decoding: str = "chain"
+) -> dict[str, list[Example]]:
+    """All examples of the requested tasks, keyed by task name."""
+    data = character.train if split == "train" else character.test
+    wanted = set(tasks)
+    unknown = wanted - set(TASKS)
+    if unknown:
+        raise ValueError(f"unknown tasks {sorted(unknown)}; known: {TASKS}")
+    out: dict[str, list[Example]] = {t: [] for t in TASKS if t in wanted}
+    chat = _chat_examples(character, data, decoding)
+    for task in ("chat", "thinking"):
+        if task in wanted:
+            out[task] = chat[task]
+    if "t2i" in wanted:
+        out["t2i"] = chat["t2i"] + [
+            Example("t2i", [_text("user", item.instruction), _image(data.images[item.image_id].path, True)])
+            for item in data.t2i
+            if item.image_id in data.images
+        ]
+    if "vqa" in wanted:
+        for item in data.vqa:
+            image = data.images.get(item.image_id)
+            if image is None:
+                continue
+            for qa in item.open:
+                out["vqa"].append(Example("vqa", [_image(image.path), _text("user", qa.question), _text("character", qa.answer, True)]))
+            for mcq in item.mcq:
+                prompt = format_mcq(mcq.question, mcq.options)
+                out["vqa"].append(Example("vqa", [_image(image.path), _text("user", prompt), _text("character", _mcq_answer(mcq), True)]))
+    if "knowledge_qa" in wanted:
+        system = _text("system", system_prompt(character))
+        for qa in data.knowledge_open:
+            out["knowledge_qa"].append(Example("knowledge_qa", [system, _text("user", qa.question), _text("character", qa.answer, True)]))
+        for mcq in data.knowledge_mcq:
+            prompt = format_mcq(mcq.question, mcq.options)
+            out["knowledge_qa"].append(Example("knowledge_qa", [system, _text("user", prompt), _text("character", _mcq_answer(mcq), True)]))
+    return out
+
+
+def mcq_option_examples(prefix: list[Segment], item: MultipleChoice, task: str) -> list[Example]:
+    """One example per option, the option's answer text trained, for scoring by likelihood."""
+    prompt = format_mcq(item.question, item.options)
+    return [
+        Example(task, [*prefix, _text("user", prompt), _text("character", f"{OPTION_LETTERS[i]}. {opt}", True)])
+        for i, opt in enumerate(item.options)
+    ]
+
+
+def character_corpus(character: Character) -> list[str]:
+    """Every piece of text of a character (for training a local tokenizer)."""
+    texts = [character.profile.text, system_prompt(character)]
+    for split in (character.train, character.test):
+        for scene in split.scenes:
+            for turn in scene.turns:
+                texts += [turn.text, turn.thinking or "", turn.generation_instruction or ""]
+        texts += [q.question + " " + q.answer for q in split.knowledge_open]
+        texts += [format_mcq(m.question, m.options) for m in split.knowledge_mcq]
+        for item in split.vqa:
+            texts += [q.question + " " + q.answer for q in item.open]
+            texts += [format_mcq(m.question, m.options) for m in item.mcq]
+        texts += [t.instruction for t in split.t2i]
+    return [t for t in texts if t]
+
+
+def shuffled_mix(examples: dict[str, list[Example]], weights: dict[str, float], n: int, seed: int) -> list[Example]:
+    """Draw `n` examples: a task by weight, then an example of that task uniformly."""
+    rng = random.Random(seed)
+    tasks = [t for t, w in weights.items() if w > 0 and examples.get(t)]
+    if not tasks:
+        raise ValueError("no examples for any task with a positive weight")
+    task_weights = [weights[t] for t in tasks]
+    picks = rng.choices(tasks, weights=task_weights, k=n)
+    return [rng.choice(examples[t]) for t in picks]
+

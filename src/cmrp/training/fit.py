@@ -1,0 +1,218 @@
+"""`cmrp fit`: from a recipe to a tracked, evaluated, checkpointed run.
+
+Order: character -> backbone (card) -> fine-tuning mode -> "before" metrics -> stages -> "after"
+metrics, sample grid, checkpoint, metrics.json — each logged to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cmrp.errors import ConfigError
+
+__all__ = ["FitResult", "load_run_character", "run_fit"]
+
+SANDBOX_SCHEME = "sandbox://"
+
+
+@dataclass
+class FitResult:
+    output_dir: Path
+    tracking_uri: str
+    run_id: str
+    metrics: dict[str, Any]
+    grid_path: Path | None
+    checkpoint_dir: Path
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def load_run_character(data_cfg: Any, output_dir: Path):
+    """Load the recipe's character; `sandbox://SEED` generates one into the output directory."""
+    from cmrp.data.validate import load_character
+
+    path = str(data_cfg.path)
+    if path.startswith(SANDBOX_SCHEME):
+        from cmrp.sandbox import write_sandbox_character
+
+        try:
+            seed = int(path[len(SANDBOX_SCHEME):])
+        except ValueError:
+            raise ConfigError(f"data.path {path!r}: expected sandbox://<integer seed>") from None
+        target = output_dir / "character"
+        if not (target / "character.json").is_file():
+            write_sandbox_character(seed, target)
+        path = str(target)
+    return load_character(Path(path).expanduser(), format=data_cfg.format, character=data_cfg.character)
+
+
+class _LossHistory:
+    """Collects train/loss per step (for the fall-of-loss summary in metrics.json)."""
+
+    def __init__(self):
+        import lightning as L
+
+        history = self.losses = []
+
+        class _Callback(L.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+                history.append(float(loss.detach()))
+
+        self.callback = _Callback()
+
+    def summary(self, window: int = 10) -> dict[str, float]:
+        if not self.losses:
+            return {}
+        w = max(1, min(window, len(self.losses) // 4 or 1))
+        first = sum(self.losses[:w]) / w
+        last = sum(self.losses[-w:]) / w
+        return {"loss_first": first, "loss_last": last, "loss_drop": 1.0 - last / first if first else 0.0}
+
+
+def _evaluate(adapter, character, eval_cfg) -> dict[str, float]:
+    from cmrp.evaluation.mcq import knowledge_mcq_accuracy, vqa_mcq_accuracy
+
+    adapter.model.eval()
+    return {
+        "knowledge_mcq_acc": knowledge_mcq_accuracy(adapter, character, "test", eval_cfg.max_items),
+        "vqa_mcq_acc": vqa_mcq_accuracy(adapter, character, "test", eval_cfg.max_items),
+    }
+
+
+def _sample_grid(adapter, character, eval_cfg, seed: int, path: Path) -> Path | None:
+    from cmrp.data.tasks import Example, Segment
+    from cmrp.evaluation.grid import save_image_grid
+
+    items = (character.test.t2i or character.train.t2i)[: eval_cfg.grid_prompts]
+    if not items:
+        return None
+    images = {**character.train.images, **character.test.images}
+    contexts = [Example("t2i", [Segment("text", "user", item.instruction)]) for item in items]
+    adapter.model.eval()
+    samples = adapter.sample_images(contexts, n=eval_cfg.images_per_prompt, steps=eval_cfg.sample_steps, seed=seed)
+    rows = []
+    for i, item in enumerate(items):
+        ref = images.get(item.image_id) if item.image_id else None
+        ref_tensor = adapter._load_image(ref.path) if ref is not None else None  # noqa: SLF001 - same resize as training
+        n = eval_cfg.images_per_prompt
+        rows.append([ref_tensor, *samples[i * n : (i + 1) * n]])
+    return save_image_grid(rows, path)
+
+
+def _save_checkpoint(adapter, cfg, ckpt: Path) -> Path:
+    """Full mode: the whole backbone. LoRA modes: the PEFT adapter (the base was saved before)."""
+    from omegaconf import OmegaConf
+
+    from cmrp.training.peft import save_adapter
+
+    ckpt.mkdir(parents=True, exist_ok=True)
+    if cfg.finetune.mode == "full":
+        adapter.save_pretrained(ckpt / "backbone")
+    else:
+        save_adapter(adapter.model, ckpt / "adapter")
+    (ckpt / "recipe.yaml").write_text(OmegaConf.to_yaml(cfg))
+    return ckpt
+
+
+def run_fit(cfg: Any) -> FitResult:
+    """Run every stage of a loaded recipe. Prints where the run, grid and checkpoint are."""
+    import lightning as L
+    from omegaconf import OmegaConf
+
+    from cmrp.config import flatten, redact_secrets, resolve_recipe_parts
+    from cmrp.data.datamodule import TaskMixDataModule
+    from cmrp.data.tasks import build_examples, character_corpus
+    from cmrp.registry import BACKBONES
+    from cmrp.tracking import make_logger
+    from cmrp.training.peft import apply_finetune, count_trainable
+    from cmrp.training.sft import UnifiedSFTModule
+
+    unsupported = [s for s in cfg.stages if s != "sft"]
+    if unsupported:
+        raise ConfigError(f"stages: {unsupported} not available in this version of cmrp (only 'sft' is)")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    out = Path(cfg.output_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    card, _preset = resolve_recipe_parts(cfg)
+    character = load_run_character(cfg.data, out)
+    adapter_cls = BACKBONES.get(card.adapter, where="backbone card `adapter`")
+    adapter = adapter_cls.build(card, corpus=character_corpus(character))
+    adapter.max_text_tokens = cfg.data.max_text_tokens
+    ckpt_dir = out / "checkpoint"
+    if cfg.finetune.mode != "full" and not card.get("weights"):
+        # the random-init base exists only in this run: keep it beside the adapter so both can be loaded
+        adapter.save_pretrained(ckpt_dir / "backbone")
+    apply_finetune(adapter, cfg.finetune)
+    trainable, total = count_trainable(adapter.model)
+    timings["setup_s"] = time.perf_counter() - t0
+
+    logger = make_logger(cfg.tracking, out, run_name=cfg.name)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    logger.log_hyperparams(flatten(redact_secrets(resolved)))
+    recipe_file = out / "recipe.yaml"
+    recipe_file.write_text(OmegaConf.to_yaml(OmegaConf.create(redact_secrets(resolved))))
+    logger.experiment.log_artifact(logger.run_id, str(recipe_file))
+
+    t = time.perf_counter()
+    before = _evaluate(adapter, character, cfg.eval)
+    timings["eval_before_s"] = time.perf_counter() - t
+
+    examples = build_examples(character, [k for k, w in cfg.data.tasks.items() if w > 0], decoding=cfg.decoding)
+    datamodule = TaskMixDataModule(
+        examples, dict(cfg.data.tasks), adapter.collate,
+        steps=cfg.trainer.max_steps * cfg.trainer.accumulate_grad_batches,
+        batch_size=cfg.data.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers,
+    )
+    history = _LossHistory()
+    trainer = L.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        logger=logger,
+        callbacks=[history.callback],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(out),
+    )
+    module = UnifiedSFTModule(adapter, cfg.sft, cfg.trainer.max_steps)
+    t = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    timings["sft_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    after = _evaluate(adapter, character, cfg.eval)
+    grid = _sample_grid(adapter, character, cfg.eval, cfg.seed, out / "samples.png")
+    timings["eval_after_s"] = time.perf_counter() - t
+    ckpt = _save_checkpoint(adapter, cfg, ckpt_dir)
+    timings["total_s"] = time.perf_counter() - t0
+
+    metrics = {
+        "character": character.name,
+        "trainable_params": trainable,
+        "total_params": total,
+        "examples_per_task": {k: len(v) for k, v in examples.items()},
+        "before": before,
+        "after": after,
+        **history.summary(),
+        "timings": timings,
+    }
+    metrics_file = out / "metrics.json"
+    metrics_file.write_text(json.dumps(metrics, indent=2))
+    client, run_id = logger.experiment, logger.run_id
+    for key, value in {**{f"eval/before/{k}": v for k, v in before.items()},
+                       **{f"eval/after/{k}": v for k, v in after.items()}}.items():
+        client.log_metric(run_id, key, value)
+    client.log_artifact(run_id, str(metrics_file))
+    if grid is not None:
+        client.log_artifact(run_id, str(grid))
+    logger.finalize("success")
+    return FitResult(out, logger._tracking_uri, run_id, metrics, grid, ckpt, timings)  # noqa: SLF001

@@ -1,0 +1,63 @@
+"""Unified-SFT: one LightningModule for every task of a character.
+
+loss = ce_weight * CE(text tokens) + mse_weight * image loss (flow MSE for flow heads).
+The module only calls the backbone protocol (`losses`), so any adapter trains the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+
+__all__ = ["UnifiedSFTModule", "build_optimizer"]
+
+
+def build_optimizer(params, opt_cfg: Any, max_steps: int):
+    """Optimizer + per-step LR schedule from a recipe's `sft.optimizer` section."""
+    params = [p for p in params if p.requires_grad]
+    if opt_cfg.name == "adamw":
+        optimizer = torch.optim.AdamW(
+            params, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), weight_decay=opt_cfg.weight_decay
+        )
+    else:
+        optimizer = torch.optim.SGD(params, lr=opt_cfg.lr, momentum=0.9, weight_decay=opt_cfg.weight_decay)
+    warmup, kind = int(opt_cfg.warmup_steps), opt_cfg.scheduler
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if kind == "linear":
+            return 1.0 - progress
+        return 1.0
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return optimizer, scheduler
+
+
+class UnifiedSFTModule(L.LightningModule):
+    def __init__(self, adapter: Any, sft_cfg: Any, max_steps: int):
+        super().__init__()
+        self.adapter = adapter
+        self.model = adapter.model  # registered so Lightning moves and checkpoints it
+        self.sft_cfg = sft_cfg
+        self.max_steps = max_steps
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        cfg = self.sft_cfg
+        losses = self.adapter.losses(batch, timestep_shift=cfg.timestep_shift)
+        loss = cfg.ce_weight * losses["ce"] + cfg.mse_weight * losses["mse"]
+        n = len(batch.task_ids)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/ce", losses["ce"], batch_size=n)
+        self.log("train/mse", losses["mse"], batch_size=n)
+        return loss
+
+    def configure_optimizers(self):
+        optimizer, scheduler = build_optimizer(self.model.parameters(), self.sft_cfg.optimizer, self.max_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

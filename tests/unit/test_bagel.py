@@ -1,0 +1,259 @@
+"""Numerical behaviour of the tiny BAGEL: MoT routing, attention masks, caching, losses, saving."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from cmrp.backbones.bagel import BagelAdapter
+from cmrp.backbones.bagel.model import flow_timesteps, patchify, unpatchify
+from cmrp.backbones.bagel.packing import attention_mask_from_splits
+from cmrp.data.tasks import Example, Segment
+from cmrp.errors import WeightsError
+
+ROOT = Path(__file__).resolve().parents[2]
+CORPUS = ["hello there, I am a tiny test creature", "what colour is it? it is red", "draw me on the beach"] * 5
+
+
+@pytest.fixture(scope="module")
+def image_paths(tmp_path_factory) -> list[Path]:
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("imgs")
+    paths = []
+    for i, colour in enumerate([(255, 0, 0), (0, 128, 255), (20, 200, 40)]):
+        p = d / f"{i}.png"
+        Image.new("RGB", (40, 40), colour).save(p)
+        paths.append(p)
+    return paths
+
+
+def small_card(**arch_overrides):
+    card = OmegaConf.to_container(OmegaConf.load(ROOT / "backbones" / "bagel-tiny.yaml"))
+    card["architecture"]["llm"].update(hidden_size=64, intermediate_size=96, num_hidden_layers=2)
+    card["architecture"].update(arch_overrides)
+    return card
+
+
+@pytest.fixture()
+def adapter() -> BagelAdapter:
+    torch.manual_seed(0)
+    a = BagelAdapter.build(small_card(), corpus=CORPUS)
+    # make the velocity head non-zero so generation outputs depend on the weights
+    torch.nn.init.normal_(a.model.llm2vae.weight, std=0.02)
+    return a
+
+
+def t(role, text, train=False):
+    return Segment("text", role, text, train=train)
+
+
+def examples(paths):
+    return [
+        Example("chat", [t("system", "You are Rex."), t("user", "hello"), t("character", "hi there", True)]),
+        Example("vqa", [Segment("image", image=paths[0]), t("user", "what colour is it?"), t("character", "red", True)]),
+        Example("t2i", [t("user", "draw me on the beach"), Segment("image", "character", image=paths[1], generate=True, train=True)]),
+    ]
+
+
+def test_attention_mask_semantics():
+    # text(3, causal) | understood image (4, full) | text (2, causal) | generated image (3, noise) | text (2)
+    splits = [(3, "causal"), (4, "full"), (2, "causal"), (3, "noise"), (2, "causal")]
+    m = attention_mask_from_splits(splits, 16)
+    assert m[0, 0] and not m[0, 1]  # causal text
+    assert m[3, 6] and m[6, 3]  # full attention inside the understood image
+    assert m[7, 6] and m[8, 7] and not m[7, 8]  # text after the image sees it; causal among itself
+    assert m[9, 11] and m[11, 9] and m[9, 0]  # noisy latents see each other and the context
+    assert not m[12, 9] and not m[13, 10]  # ... but nothing after them sees noisy latents
+    assert m[12, 8] and m[13, 12]
+    assert m[14, 14] and m[15, 15] and not m[14, :14].any()  # padding sees itself only
+
+
+def test_patchify_roundtrip():
+    x = torch.randn(2, 12, 8, 8)
+    assert torch.equal(unpatchify(patchify(x, 2), 2, 12, 8, 8), x)
+
+
+def test_flow_timestep_shift_moves_mass_to_noise():
+    g = torch.Generator().manual_seed(0)
+    plain = flow_timesteps(20000, 1.0, generator=g)
+    g = torch.Generator().manual_seed(0)
+    shifted = flow_timesteps(20000, 3.0, generator=g)
+    assert 0 < plain.min() and plain.max() < 1
+    assert abs(plain.mean().item() - 0.5) < 0.02
+    assert shifted.mean() > plain.mean() + 0.1
+    assert torch.allclose(shifted, 3 * plain / (1 + 2 * plain))
+
+
+def test_mot_routing_uses_gen_weights_only_for_gen_tokens(adapter, image_paths):
+    batch = adapter.collate(examples(image_paths))
+    torch.manual_seed(1)
+    adapter.model.eval()
+    h_ref, _ = adapter._forward(batch, None)
+    gen_layer = adapter.model.language_model.model.layers[0].mlp_moe_gen
+    with torch.no_grad():
+        gen_layer.down_proj.weight.add_(torch.randn_like(gen_layer.down_proj.weight))
+    torch.manual_seed(1)
+    h_new, _ = adapter._forward(batch, None)
+    changed = (h_new - h_ref).abs().amax(-1) > 1e-6
+    valid = batch.valid
+    # text / ViT tokens of samples without generated images are unaffected: gen tokens are invisible
+    assert not changed[0][valid[0]].any() and not changed[1][valid[1]].any()
+    assert changed[2][batch.is_gen[2]].all()
+    # text before the generated image cannot see it either
+    first_gen = int(batch.is_gen[2].nonzero()[0])
+    assert not changed[2, : first_gen - 1].any()
+
+
+def test_labels_only_on_trained_text(adapter, image_paths):
+    batch = adapter.collate(examples(image_paths))
+    tok = adapter.tokenizer
+    labelled = batch.labels[0][batch.labels[0] != -100].tolist()
+    assert labelled == tok.encode("hi there") + [tok.eos_id]
+    assert (batch.labels[2] != -100).sum() == 0  # a T2I sample has no text loss
+    assert batch.is_vit.sum() == adapter.vit_tokens and batch.is_gen.sum() == adapter.gen_tokens
+
+
+def test_losses_finite_and_decrease(adapter, image_paths):
+    batch = adapter.collate(examples(image_paths))
+    opt = torch.optim.AdamW(adapter.model.parameters(), lr=3e-3)
+    adapter.model.train()
+    first = None
+    for _ in range(25):
+        torch.manual_seed(0)
+        losses = adapter.losses(batch)
+        loss = losses["ce"] + losses["mse"]
+        assert torch.isfinite(loss)
+        first = first or {k: v.item() for k, v in losses.items()}
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.manual_seed(0)
+    last = adapter.losses(batch)
+    assert last["ce"].item() < 0.3 * first["ce"]
+    assert last["mse"].item() < 0.8 * first["mse"]
+
+
+def test_flow_target_is_noise_minus_clean(adapter, image_paths):
+    """With a perfect velocity, one Euler step from t to 0 recovers the clean latent exactly."""
+    model = adapter.model
+    img = adapter._load_image(image_paths[0])[None]
+    x0 = patchify(model.vae.encode(img), 2)
+    noise = torch.randn_like(x0)
+    tt = torch.tensor([0.7])
+    x_t = (1 - tt) * x0 + tt * noise
+    v = noise - x0
+    assert torch.allclose(x_t + (0 - tt) * v, x0, atol=1e-6)
+    assert torch.allclose(model.vae.decode(unpatchify(x0, 2, 12, 16, 16)), img, atol=1e-6)
+
+
+def test_cached_prefix_matches_full_forward(adapter):
+    """Encoding the prefix once and decoding new tokens on the cache equals one full forward."""
+    adapter.model.eval()
+    ctx = [Example("c", [t("system", "You are Rex."), t("user", "hello")]),
+           Example("c", [t("user", "what colour is it? it is red and blue")])]
+    full = [Example("c", [*e.segments, t("character", "hi there", True)]) for e in ctx]
+    batch = adapter.collate(full)
+    hidden_full, _ = adapter._forward(batch, None)
+    logits_full = adapter.model.language_model.lm_head(hidden_full)
+    # greedy decoding through the cache must pick the argmax of the full forward at each step
+    tok = adapter.tokenizer
+    reply = tok.encode("hi there")
+    header = [tok.bos_id, *tok.encode("character\n")]
+    for i, e in enumerate(ctx):
+        prefix_len = len(adapter.collate([e]).input_ids[0])
+        pos = prefix_len + len(header) - 1
+        cache = adapter._encode_prefix([e])
+        ids = torch.tensor([header + reply])
+        positions = cache.next_position[:, None] + torch.arange(ids.shape[1])[None]
+        causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()[None]
+        embeds = adapter.model.language_model.model.embed_tokens(ids)
+        hidden, _ = adapter._decode_new(cache, embeds, None, causal, positions)
+        logits = adapter.model.language_model.lm_head(hidden)
+        n = ids.shape[1]
+        assert torch.allclose(logits[0], logits_full[i, pos - len(header) + 1 : pos - len(header) + 1 + n], atol=1e-4)
+
+
+def test_sample_images_shape_determinism_and_prefix_sharing(adapter):
+    adapter.model.eval()
+    ctx = [Example("c", [t("user", "draw me on the beach")]), Example("c", [t("user", "draw me")])]
+    a = adapter.sample_images(ctx, n=2, steps=4, seed=3)
+    b = adapter.sample_images(ctx, n=2, steps=4, seed=3)
+    assert a.shape == (4, 3, 32, 32) and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b)
+    # one context alone gives the same images as inside the batch (padding does not leak)
+    single = adapter.sample_images(ctx[:1], n=2, steps=4, seed=3)
+    assert torch.allclose(single, a[:2], atol=1e-5)
+
+
+def test_generate_text_returns_strings(adapter):
+    adapter.model.eval()
+    out = adapter.generate_text([Example("c", [t("user", "hello")])], max_new_tokens=5)
+    assert isinstance(out[0], str)
+
+
+def test_save_and_from_pretrained_roundtrip(adapter, image_paths, tmp_path):
+    adapter.model.eval()
+    adapter.save_pretrained(tmp_path / "bb")
+    loaded = BagelAdapter.from_pretrained(tmp_path / "bb")
+    loaded.model.eval()
+    for (k1, v1), (k2, v2) in zip(adapter.model.state_dict().items(), loaded.model.state_dict().items(), strict=True):
+        assert k1 == k2 and torch.equal(v1, v2)
+    exs = examples(image_paths)[:2]
+    assert torch.equal(adapter.score_text(exs), loaded.score_text(exs))
+
+
+def test_official_parameter_names(adapter):
+    names = set(adapter.model.state_dict())
+    for expected in [
+        "language_model.model.embed_tokens.weight",
+        "language_model.model.layers.0.self_attn.q_proj.weight",
+        "language_model.model.layers.0.self_attn.q_proj_moe_gen.bias",
+        "language_model.model.layers.0.self_attn.k_norm_moe_gen.weight",
+        "language_model.model.layers.0.mlp_moe_gen.gate_proj.weight",
+        "language_model.model.layers.0.input_layernorm_moe_gen.weight",
+        "language_model.model.norm_moe_gen.weight",
+        "language_model.lm_head.weight",
+        "vit_model.vision_model.embeddings.patch_embedding.weight",
+        "vit_model.vision_model.encoder.layers.0.self_attn.out_proj.weight",
+        "vit_model.vision_model.post_layernorm.weight",
+        "connector.fc1.weight",
+        "vit_pos_embed.pos_embed",
+        "time_embedder.mlp.0.weight",
+        "time_embedder.mlp.2.weight",
+        "vae2llm.weight",
+        "llm2vae.weight",
+        "latent_pos_embed.pos_embed",
+    ]:
+        assert expected in names, expected
+
+
+def test_missing_and_renamed_keys_are_reported(adapter, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = adapter.save_pretrained(tmp_path / "bb")
+    state = load_file(str(path / "model.safetensors"))
+    state["language_model.model.layers.0.mlp.gate.weight"] = state.pop("language_model.model.layers.0.mlp.gate_proj.weight")
+    save_file(state, str(path / "model.safetensors"))
+    with pytest.raises(WeightsError) as err:
+        BagelAdapter.from_pretrained(path)
+    msg = str(err.value)
+    assert "missing keys: language_model.model.layers.0.mlp.gate_proj.weight" in msg
+    assert "unexpected keys: language_model.model.layers.0.mlp.gate.weight" in msg
+    with pytest.raises(WeightsError, match="not found"):
+        BagelAdapter.from_pretrained(tmp_path / "nowhere")
+
+
+def test_trainable_groups_partition_parameters(adapter):
+    import re
+
+    groups = adapter.trainable_groups()
+    names = [n for n, _ in adapter.model.named_parameters()]
+    gen = {n for n in names if any(re.fullmatch(p, n) for p in groups["generation"])}
+    und = {n for n in names if any(re.fullmatch(p, n) for p in groups["understanding"])}
+    assert gen and und and not (gen & und) and gen | und == set(names)
+    assert "llm2vae.weight" in gen and "language_model.model.layers.1.mlp_moe_gen.up_proj.weight" in gen
+    assert "language_model.model.layers.1.mlp.up_proj.weight" in und
