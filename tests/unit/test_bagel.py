@@ -180,12 +180,12 @@ def test_cached_prefix_matches_full_forward(adapter):
 def test_sample_images_shape_determinism_and_prefix_sharing(adapter):
     adapter.model.eval()
     ctx = [Example("c", [t("user", "draw me on the beach")]), Example("c", [t("user", "draw me")])]
-    a = adapter.sample_images(ctx, n=2, steps=4, seed=3)
-    b = adapter.sample_images(ctx, n=2, steps=4, seed=3)
+    a = adapter.sample_images(ctx, n=2, steps=4, seed=3).images
+    b = adapter.sample_images(ctx, n=2, steps=4, seed=3).images
     assert a.shape == (4, 3, 32, 32) and a.min() >= 0 and a.max() <= 1
     assert torch.equal(a, b)
     # one context alone gives the same images as inside the batch (padding does not leak)
-    single = adapter.sample_images(ctx[:1], n=2, steps=4, seed=3)
+    single = adapter.sample_images(ctx[:1], n=2, steps=4, seed=3).images
     assert torch.allclose(single, a[:2], atol=1e-5)
 
 

@@ -15,8 +15,11 @@ __all__ = [
     "DataConfig",
     "EvalConfig",
     "FinetuneConfig",
+    "GRPOConfig",
     "OptimizerConfig",
     "Recipe",
+    "RewardPreset",
+    "RewardTerm",
     "SFTConfig",
     "TrackingConfig",
     "TrainerConfig",
@@ -70,6 +73,36 @@ class SFTConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """Character-GRPO of the image branch (stage `grpo`). Defaults suit the CPU sandbox; the paper's
+    settings are in recipes/bagel/grpo.yaml."""
+
+    max_steps: int = 20  # rollout -> reward -> update iterations
+    prompts_per_step: int = 2  # prompts sampled per iteration (per rank); each gets a group of G
+    group_size: int = 8  # G: samples per prompt
+    sample_steps: int = 10  # Euler steps of a rollout
+    noise_level: float = 0.7  # eta of the SDE steps (0: ODE, no log-prob)
+    sde: str = "sde"  # sde (Flow-GRPO) | cps (coefficients-preserving)
+    window_size: int = 2  # SDE (trained) steps per rollout; >= sample_steps: every step
+    window_range: list[float] = field(default_factory=lambda: [0.0, 0.5])  # where the window may start
+    same_noise: bool = False  # a group's samples start from the same initial noise
+    timestep_shift: float | None = None  # null: the backbone card's
+    inner_epochs: int = 1  # mu: passes over the rollout's transitions per iteration
+    minibatch_size: int = 8  # samples per forward/backward
+    accumulate: int = 1  # minibatches per optimiser step
+    clip_range: float = 1e-4  # PPO ratio clip
+    adv_std: str = "group"  # group | global: which std normalises advantages
+    adv_eps: float = 1e-4
+    adv_clip: float = 5.0
+    kl_beta: float = 0.0  # KL to the reference policy (LoRA: the adapter disabled)
+    max_grad_norm: float = 1.0
+    ema_decay: float = 0.0  # 0: no EMA; else the trained weights end as their EMA
+    train_groups: list[str] = field(default_factory=lambda: ["generation"])  # [] = every trainable weight
+    reward_workers: int = 2  # reward threads, overlapping with sampling
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-4))
+
+
+@dataclass
 class TrainerConfig:
     """Passed to `lightning.Trainer` (names match its arguments)."""
 
@@ -117,6 +150,8 @@ class Recipe:
     stages: list[str] = field(default_factory=lambda: ["sft"])
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    init_from: str | None = None  # a `cmrp fit` output or checkpoint dir to start from (e.g. GRPO after SFT)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -135,3 +170,21 @@ class BackboneCard:
     architecture: dict[str, Any] = field(default_factory=dict)
     lora_targets: dict[str, list[str]] = field(default_factory=dict)
     description: str = ""
+
+
+@dataclass
+class RewardTerm:
+    """One weighted term of a reward preset; `kwargs` go to the registered reward's constructor."""
+
+    # "???" is omegaconf's marker for a required value: every term must state its weight
+    weight: float = "???"  # type: ignore[assignment]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RewardPreset:
+    """A reward preset (rewards/*.yaml): registered reward names mapped to weights and kwargs."""
+
+    name: str = "???"
+    description: str = ""
+    terms: dict[str, RewardTerm] = field(default_factory=dict)

@@ -19,17 +19,19 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from cmrp.data.character import Character, CharacterSplit, MultipleChoice, Turn
 
 __all__ = [
     "TASKS",
     "Example",
+    "ImagePrompt",
     "Segment",
     "build_examples",
     "character_corpus",
     "format_mcq",
+    "image_prompts",
     "mcq_option_examples",
     "shuffled_mix",
     "system_prompt",
@@ -48,6 +50,7 @@ class Segment:
     role: SegmentRole = "user"
     text: str = ""
     image: Path | None = None
+    pixels: Any = None  # image only: an in-memory [3, H, W] tensor in [0, 1] instead of a file
     generate: bool = False  # image only: generated (loss on it) rather than understood
     train: bool = False  # carries a loss
 
@@ -158,6 +161,37 @@ def build_examples(
         for mcq in data.knowledge_mcq:
             prompt = format_mcq(mcq.question, mcq.options)
             out["knowledge_qa"].append(Example("knowledge_qa", [system, _text("user", prompt), _text("character", _mcq_answer(mcq), True)]))
+    return out
+
+
+@dataclass
+class ImagePrompt:
+    """A context the character answers with an image (GRPO prompts, evaluation): the context
+    segments, the text that describes the wanted image, and the target image when one exists."""
+
+    context: Example
+    prompt: str
+    image_id: str | None = None
+
+
+def image_prompts(character: Character, *, split: str = "train", decoding: str = "chain") -> list[ImagePrompt]:
+    """Every image-generation context of a split: dialogue turns that show an image (conditioned as
+    `decoding` says) and stand-alone T2I instructions — the same contexts the t2i task trains on."""
+    data = character.train if split == "train" else character.test
+    system = _text("system", system_prompt(character))
+    out: list[ImagePrompt] = []
+    for scene in data.scenes:
+        history: list[Segment] = [system]
+        for turn in scene.turns:
+            if turn.role == "user":
+                history.append(_text("user", turn.text))
+                continue
+            if turn.image_id:
+                context = Example("t2i", _image_conditioning(history, turn, decoding))
+                out.append(ImagePrompt(context, turn.generation_instruction or turn.text, turn.image_id))
+            history.append(_text("character", turn.text))
+    for item in data.t2i:
+        out.append(ImagePrompt(Example("t2i", [_text("user", item.instruction)]), item.instruction, item.image_id))
     return out
 
 

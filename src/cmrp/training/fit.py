@@ -95,7 +95,7 @@ def _sample_grid(adapter, character, eval_cfg, seed: int, path: Path) -> Path | 
     images = {**character.train.images, **character.test.images}
     contexts = [Example("t2i", [Segment("text", "user", item.instruction)]) for item in items]
     adapter.model.eval()
-    samples = adapter.sample_images(contexts, n=eval_cfg.images_per_prompt, steps=eval_cfg.sample_steps, seed=seed)
+    samples = adapter.sample_images(contexts, n=eval_cfg.images_per_prompt, steps=eval_cfg.sample_steps, seed=seed).images
     rows = []
     for i, item in enumerate(items):
         ref = images.get(item.image_id) if item.image_id else None

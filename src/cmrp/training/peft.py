@@ -13,7 +13,7 @@ import torch
 
 from cmrp.errors import ConfigError
 
-__all__ = ["apply_finetune", "count_trainable", "save_adapter"]
+__all__ = ["apply_finetune", "base_name", "count_trainable", "freeze_to_groups", "is_peft", "save_adapter"]
 
 
 def _target_regex(adapter: Any, targets: Any) -> str:
@@ -89,3 +89,39 @@ def save_adapter(model: torch.nn.Module, directory: str | Path) -> Path:
     directory = Path(directory)
     model.save_pretrained(str(directory), safe_serialization=True)
     return directory
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
+
+
+def base_name(name: str) -> str:
+    """The backbone's own parameter name of a (possibly PEFT-wrapped) parameter; LoRA weights keep
+    their module's name, e.g. `...q_proj_moe_gen.lora_A.default.weight` -> `...q_proj_moe_gen.lora_A...`."""
+    if name.startswith("base_model.model."):
+        name = name[len("base_model.model."):]
+    return name.replace(".base_layer", "")
+
+
+def freeze_to_groups(adapter: Any, groups: list[str]) -> list[str]:
+    """Keep trainable only the parameters of the adapter's `trainable_groups()` named in `groups`
+    (e.g. ["generation"]: the paper's GRPO trains the generation expert only). [] keeps everything.
+    Returns the names left trainable; raises ConfigError when nothing is."""
+    import re
+
+    available = adapter.trainable_groups()
+    if groups:
+        unknown = [g for g in groups if g not in available]
+        if unknown:
+            raise ConfigError(f"grpo.train_groups: {unknown} unknown for this backbone; it has {sorted(available)}")
+        pattern = re.compile("|".join(f"(?:{p})" for g in groups for p in available[g]))
+        for name, p in adapter.model.named_parameters():
+            if p.requires_grad and not pattern.fullmatch(base_name(name)):
+                p.requires_grad_(False)
+    trained = [n for n, p in adapter.model.named_parameters() if p.requires_grad]
+    if not trained:
+        raise ConfigError(
+            f"grpo.train_groups {groups}: no trainable parameter is left (LoRA targets and train groups do not "
+            "overlap); use finetune.targets: generation or default"
+        )
+    return trained

@@ -48,6 +48,10 @@ class UnifiedSFTModule(L.LightningModule):
         self.sft_cfg = sft_cfg
         self.max_steps = max_steps
 
+    def on_train_start(self) -> None:
+        # the "before" evaluation left the model in eval mode; Lightning keeps a module's mode
+        self.model.train()
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         cfg = self.sft_cfg
         losses = self.adapter.losses(batch, timestep_shift=cfg.timestep_shift)

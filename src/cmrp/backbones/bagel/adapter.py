@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,9 @@ from cmrp.backbones.bagel.model import Bagel, BagelArch, BagelBatch, flow_timest
 from cmrp.backbones.bagel.packing import IGNORE, ImageLoader, collate
 from cmrp.backbones.bagel.qwen2_mot import KVCache
 from cmrp.backbones.tokenizer import TextTokenizer
-from cmrp.data.tasks import Example
+from cmrp.data.tasks import Example, Segment
+from cmrp.sampling.flow import flow_step, sample_flow, sampling_timesteps
+from cmrp.sampling.rollout import Rollout
 from cmrp.errors import ConfigError, WeightsError
 from cmrp.registry import BACKBONES
 
@@ -33,12 +35,6 @@ _GEN_PARAMS = r"(.*_moe_gen.*|time_embedder\..*|vae2llm\..*|llm2vae\..*|latent_p
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-
-
-def _timesteps(steps: int, shift: float, device) -> torch.Tensor:
-    """Sampling schedule from t=1 (noise) to t=0 (image), shifted like the training timesteps."""
-    t = torch.linspace(1.0, 0.0, steps + 1, device=device)
-    return shift * t / (1 + (shift - 1) * t)
 
 
 @BACKBONES.register("bagel")
@@ -66,7 +62,7 @@ class BagelAdapter:
     def build(cls, card: Any, *, corpus: Sequence[str] = (), dtype: torch.dtype = torch.float32) -> BagelAdapter:
         if card.get("weights"):
             return cls.from_pretrained(card["weights"], dtype=dtype)
-        spec = dict(card.get("architecture") or {})
+        spec = _plain(card.get("architecture") or {})
         vocab = int(spec.get("llm", {}).get("vocab_size", 1024))
         tok_ref = card.get("tokenizer") or "train-bpe"
         if tok_ref == "train-bpe":
@@ -111,11 +107,7 @@ class BagelAdapter:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_safetensors_atomic(_base_state_dict(self.model), path / WEIGHTS_FILE)
-        card = self.card
-        if card is not None and not isinstance(card, dict):
-            from omegaconf import OmegaConf
-
-            card = OmegaConf.to_container(card, resolve=True)
+        card = _plain(self.card)
         config = {"adapter": "bagel", "architecture": asdict(self.arch), "card": card}
         (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         self.tokenizer.save(path)
@@ -205,12 +197,13 @@ class BagelAdapter:
         token_logp = logp.gather(-1, batch.labels.clamp(min=0)[..., None])[..., 0]
         return (token_logp * sel).sum(dim=1)
 
-    def _encode_prefix(self, contexts: list[Example]) -> KVCache:
+    def _encode_prefix(self, contexts: list[Example], grad: bool = False) -> KVCache:
         batch = self.collate(contexts).to(self.device)
-        embeds = self.bagel.embed(batch, None)
-        _, presents = self.bagel.decode_hidden(
-            embeds, batch.is_gen, batch.position_ids, batch.attention_mask, use_cache=True
-        )
+        with torch.set_grad_enabled(grad):
+            embeds = self.bagel.embed(batch, None)
+            _, presents = self.bagel.decode_hidden(
+                embeds, batch.is_gen, batch.position_ids, batch.attention_mask, use_cache=True
+            )
         next_position = batch.position_ids.masked_fill(~batch.valid, -1).max(dim=1).values + 1
         return KVCache([k for k, _ in presents], [v for _, v in presents], batch.valid, next_position)
 
@@ -264,34 +257,152 @@ class BagelAdapter:
             next_pos = next_pos + 1
         return [tok.decode(ids).strip() for ids in out]
 
-    @torch.no_grad()
-    def sample_images(self, contexts: list[Example], *, n: int = 1, steps: int = 20, seed: int = 0,
-                      timestep_shift: float | None = None) -> torch.Tensor:
-        """Euler ODE sampling of the flow head; the prefix is encoded once and shared by all n samples."""
-        model, tok, device = self.bagel, self.tokenizer, self.device
-        cache = self._encode_prefix(contexts).expand(n)
-        b = len(contexts) * n
-        c, h, w = self._latent_chw
-        p = model.arch.latent_patch_size
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        x = torch.randn(b, self.gen_tokens, p * p * c, generator=gen).to(device)
+    def _gen_block(self, b: int, positions_from: torch.Tensor):
+        """Ids, generation mask, positions and full attention of one image block per sample."""
+        tok, device = self.tokenizer, self.device
         ids = torch.full((b, self.gen_tokens + 2), tok.pad_id, dtype=torch.long, device=device)
         ids[:, 0], ids[:, -1] = tok.start_of_image, tok.end_of_image
         is_gen = torch.zeros_like(ids, dtype=torch.bool)
         is_gen[:, 1:-1] = True
-        positions = cache.next_position[:, None].expand_as(ids)
+        positions = positions_from[:, None].expand_as(ids)
         full = torch.ones(1, ids.shape[1], ids.shape[1], dtype=torch.bool, device=device)
-        marker_embeds = model.language_model.model.embed_tokens(ids)
-        shift = model.arch.timestep_shift if timestep_shift is None else timestep_shift
-        ts = _timesteps(steps, shift, device)
-        for i in range(steps):
-            t = ts[i].expand(b)
+        return self.bagel.language_model.model.embed_tokens(ids), is_gen, positions, full
+
+    def _velocity_fn(self, cache: KVCache):
+        """v(x, t) of the flow head for noisy patchified latents x [B, T, D] after a cached prefix."""
+        model = self.bagel
+        _, h, w = self._latent_chw
+        marker_embeds, is_gen, positions, full = self._gen_block(cache.valid.shape[0], cache.next_position)
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             tokens = model.latent_tokens(x, t, (h, w))
             embeds = marker_embeds.masked_scatter(is_gen[..., None], tokens.reshape(-1, tokens.shape[-1]))
             hidden, _ = self._decode_new(cache, embeds, is_gen, full, positions)
-            v = model.llm2vae(hidden[:, 1:-1]).float()
-            x = x + (ts[i + 1] - ts[i]) * v
-        return model.vae.decode(unpatchify(x, p, c, h, w)).float().cpu()
+            return model.llm2vae(hidden[:, 1:-1]).float()
+
+        return velocity
+
+    def _decode_latents(self, x: torch.Tensor) -> torch.Tensor:
+        c, h, w = self._latent_chw
+        return self.bagel.vae.decode(unpatchify(x, self.arch.latent_patch_size, c, h, w)).float().clamp(0, 1).cpu()
+
+    @torch.no_grad()
+    def sample_images(self, contexts: list[Example], *, n: int = 1, steps: int = 20, seed: int = 0,
+                      noise: float = 0.0, window: tuple[int, int] | None = None, sde: str = "sde",
+                      same_noise: bool = False, timestep_shift: float | None = None) -> Rollout:
+        """`n` samples per context by Euler integration of the flow head.
+
+        The prefix (character + prompt) is encoded once per context and shared by its n samples.
+        ODE steps everywhere, except SDE steps with noise level `noise` inside `window` ([start, end)
+        step indices), whose transitions are stored for `rollout_logprob`. `same_noise`: the n
+        samples of a context start from the same initial noise.
+        """
+        model, device = self.bagel, self.device
+        prefix = self._encode_prefix(contexts)
+        cache = prefix.expand(n)
+        b = len(contexts) * n
+        c = self._latent_chw[0]
+        p = model.arch.latent_patch_size
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        shape = (len(contexts), 1, self.gen_tokens, p * p * c) if same_noise else (b, self.gen_tokens, p * p * c)
+        x = torch.randn(shape, generator=gen)
+        if same_noise:
+            x = x.expand(-1, n, -1, -1).reshape(b, self.gen_tokens, p * p * c)
+        shift = model.arch.timestep_shift if timestep_shift is None else timestep_shift
+        ts = sampling_timesteps(steps, shift, device)
+        traj = sample_flow(self._velocity_fn(cache), x.to(device), ts, window=window, eta=noise, kind=sde,
+                           generator=gen)
+        group_ids = torch.arange(len(contexts)).repeat_interleave(n)
+        t_cap = float(ts[1]) if steps > 1 else 0.99
+        return Rollout(self._decode_latents(traj.final), group_ids, traj, noise, sde, t_cap,
+                       state=_RolloutState(contexts, n, prefix))
+
+    def rollout_logprob(self, rollout: Rollout, step: int, index: torch.Tensor | None = None,
+                        *, return_mean: bool = False):
+        """Log-prob [len(index)] of window transition `step` of samples `index` under the current
+        weights (with gradients). The cached prefix is reused when the understanding expert is frozen
+        (its keys/values cannot have changed); otherwise it is re-encoded with gradients."""
+        state: _RolloutState = rollout.state
+        traj = rollout.trajectory
+        if traj is None or not 0 <= step < traj.times.shape[0]:
+            raise ValueError(f"rollout has no stored transition {step}")
+        index = torch.arange(len(rollout)) if index is None else index.cpu()
+        if self._understanding_trainable():
+            prefix = self._encode_prefix(state.contexts, grad=True)
+        else:
+            prefix = state.prefix
+        cache = prefix.select((index // state.n).to(prefix.valid.device))
+        device = self.device
+        x = traj.states[index, step].to(device)
+        t, t_next = (float(v) for v in traj.times[step])
+        v = self._velocity_fn(cache)(x, torch.full((len(index),), t, device=device))
+        out = flow_step(x, v, t, t_next, eta=rollout.eta, kind=rollout.kind,
+                        next_sample=traj.next_states[index, step].to(device), t_cap=rollout.t_cap)
+        if out.logprob is None:
+            raise ValueError("the rollout was sampled with noise 0: its transitions have no log-prob")
+        return (out.logprob, out.mean, out.std) if return_mean else out.logprob
+
+    def _understanding_trainable(self) -> bool:
+        import re
+
+        gen = re.compile(_GEN_PARAMS)
+        for name, p in self.model.named_parameters():
+            if p.requires_grad and not gen.fullmatch(_strip_peft(name)):
+                return True
+        return False
+
+    @torch.no_grad()
+    def answer(self, images: torch.Tensor, questions: list[str], options: list[list[str] | None]) -> list[str]:
+        """VQA on generated images: multiple choice by option likelihood, open questions by greedy
+        decoding. `images` [N, 3, H, W] in [0, 1]; returns the chosen option text or the answer."""
+        from cmrp.data.character import MultipleChoice
+        from cmrp.data.tasks import mcq_option_examples
+
+        answers: list[str] = [""] * len(questions)
+        mcq_examples, spans, open_idx = [], [], []
+        for i, (q, opts) in enumerate(zip(questions, options, strict=True)):
+            image = Segment("image", "user", pixels=images[i])
+            if opts:
+                item = MultipleChoice(q, list(opts), 0)
+                spans.append((i, len(mcq_examples), len(opts)))
+                mcq_examples += mcq_option_examples([image], item, "vqa")
+            else:
+                open_idx.append(i)
+        if mcq_examples:
+            scores = torch.cat([self.score_text(mcq_examples[k:k + 64]) for k in range(0, len(mcq_examples), 64)])
+            for i, first, count in spans:
+                answers[i] = options[i][int(scores[first:first + count].argmax())]
+        if open_idx:
+            contexts = [Example("vqa", [Segment("image", "user", pixels=images[i]),
+                                        Segment("text", "user", text=questions[i])])
+                        for i in open_idx]
+            for i, text in zip(open_idx, self.generate_text(contexts, max_new_tokens=24), strict=True):
+                answers[i] = text
+        return answers
+
+
+@dataclass
+class _RolloutState:
+    contexts: list[Example]
+    n: int
+    prefix: KVCache
+
+
+def _strip_peft(name: str) -> str:
+    """BAGEL's own parameter name from a PEFT-wrapped one."""
+    for marker in ("base_model.model.",):
+        if name.startswith(marker):
+            name = name[len(marker):]
+    return name.replace(".base_layer", "")
+
+
+def _plain(value: Any) -> Any:
+    """A card section as plain Python containers (cards arrive as omegaconf DictConfigs)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
 
 
 def _base_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from cmrp.backbones.tokenizer import TextTokenizer
-from cmrp.data.tasks import Example
+from cmrp.data.tasks import Example, Segment
 from cmrp.errors import DataError
 
 __all__ = ["ImageLoader", "SequenceBuilder", "attention_mask_from_splits", "collate"]
@@ -30,7 +30,13 @@ class ImageLoader:
         self.size = size
         self._cache: dict[Path, torch.Tensor] = {}
 
-    def __call__(self, path: Path) -> torch.Tensor:
+    def __call__(self, source: Path | Segment) -> torch.Tensor:
+        """An image from a path, or a segment's in-memory pixels (e.g. a generated image)."""
+        if isinstance(source, Segment):
+            if source.pixels is not None:
+                return self._resize(source.pixels)
+            source = source.image
+        path = source
         cached = self._cache.get(path)
         if cached is not None:
             return cached
@@ -46,6 +52,14 @@ class ImageLoader:
         tensor = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
         self._cache[path] = tensor
         return tensor
+
+    def _resize(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = pixels.detach().float().cpu().clamp(0, 1)
+        if pixels.shape[-2:] != (self.size, self.size):
+            pixels = torch.nn.functional.interpolate(
+                pixels[None], size=(self.size, self.size), mode="bicubic", align_corners=False
+            )[0].clamp(0, 1)
+        return pixels
 
 
 @dataclass
@@ -126,10 +140,10 @@ def build_sequence(
             ids = [tok.bos_id, *header, *body, tok.eos_id]
             seq.add_text(ids, train_from=1 + len(header) if seg.train else None)
         elif seg.generate:
-            seq.gen_images.append(load_image(seg.image))
+            seq.gen_images.append(load_image(seg))
             seq.add_image(gen_tokens, "gen", (tok.start_of_image, tok.end_of_image), tok.pad_id)
         else:
-            seq.vit_images.append(load_image(seg.image))
+            seq.vit_images.append(load_image(seg))
             seq.add_image(vit_tokens, "vit", (tok.start_of_image, tok.end_of_image), tok.pad_id)
     return seq
 

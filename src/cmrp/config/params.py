@@ -1,0 +1,84 @@
+"""A resolved config as tracking parameters: secrets hidden, nested keys flattened.
+
+MLflow params are flat strings and are visible to anyone with access to the tracking server, so
+a recipe is redacted before it is logged and flattened to `section.key -> value`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["REDACTED", "flatten", "is_secret_key", "redact_secrets"]
+
+REDACTED = "***"
+_SECRET_WORDS = {"token", "password", "passwd", "secret", "apikey", "credential", "credentials"}
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@")
+
+
+def _words(key: str) -> list[str]:
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", key)
+    return [word.lower() for word in re.split(r"[^A-Za-z0-9]+", spaced) if word]
+
+
+def is_secret_key(key: str) -> bool:
+    """`api_key`, `hf_token`, `clientSecret`, `DB_PASSWORD` are secret; `max_text_tokens` and
+    `tokenizer` are not (whole words are compared, not substrings)."""
+    words = _words(key)
+    joined = "".join(words)
+    return bool(_SECRET_WORDS.intersection(words)) or "apikey" in joined or "accesskey" in joined
+
+
+def _to_plain(value: Any) -> Any:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {
+            key: REDACTED if is_secret_key(str(key)) and item not in (None, "") else _redact(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_redact(item) for item in value]
+    if isinstance(value, str):
+        return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", value)
+    return value
+
+
+def redact_secrets(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy with the values of secret-looking keys replaced by `***` (unset values stay
+    null/empty so "no token" is still visible) and passwords in `scheme://user:pw@host` hidden."""
+    redacted = _redact(_to_plain(mapping))
+    assert isinstance(redacted, dict)
+    return redacted
+
+
+def _render(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{key}:{_render(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_render(item) for item in value) + "]"
+    return str(value)
+
+
+def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """`{trainer: {max_steps: 50}, stages: [sft, grpo]}` -> `{trainer.max_steps: '50',
+    stages: '[sft,grpo]'}`. Empty mappings are kept as `{}` so the key stays visible."""
+    out: dict[str, str] = {}
+    for key, value in _to_plain(cfg).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = _render(value)
+    return out

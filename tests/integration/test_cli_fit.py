@@ -1,0 +1,94 @@
+"""`cmrp fit` through the real console script, then the run read back from MLflow's database."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CMRP = str(Path(sys.executable).parent / "cmrp")
+FAST_EVAL = ["eval.max_items=12", "eval.grid_prompts=2", "eval.images_per_prompt=2", "eval.sample_steps=3"]
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([CMRP, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def read_run(output_dir: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{output_dir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("cmrp")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fit") / "run"
+    proc = run_cli("fit", "recipes/quickstart.yaml", "trainer.max_steps=5", f"output_dir={out}", *FAST_EVAL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MLflow run:" in proc.stdout and "sample grid:" in proc.stdout
+    return out
+
+
+def test_fit_writes_run_to_mlflow(full_run):
+    client, run = read_run(full_run)
+    params = run.data.params
+    assert params["finetune.mode"] == "full"
+    assert params["trainer.max_steps"] == "5"
+    assert params["backbone"] == "bagel-tiny"
+    assert "train/loss" in run.data.metrics
+    assert {"eval/before/knowledge_mcq_acc", "eval/after/vqa_mcq_acc"} <= set(run.data.metrics)
+    history = client.get_metric_history(run.info.run_id, "train/ce")
+    assert len(history) >= 1
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"recipe.yaml", "metrics.json", "samples.png"} <= artifacts
+    assert run.info.status == "FINISHED"
+
+
+def test_fit_outputs(full_run):
+    from PIL import Image
+
+    metrics = json.loads((full_run / "metrics.json").read_text())
+    for when in ("before", "after"):
+        for key in ("knowledge_mcq_acc", "vqa_mcq_acc"):
+            assert 0.0 <= metrics[when][key] <= 1.0
+    assert metrics["examples_per_task"]["chat"] >= 150
+    with Image.open(full_run / "samples.png") as grid:
+        assert grid.size[0] > 64 and grid.size[1] > 64
+    backbone = full_run / "checkpoint" / "backbone"
+    assert (backbone / "model.safetensors").is_file() and (backbone / "tokenizer.json").is_file()
+    assert (full_run / "checkpoint" / "recipe.yaml").is_file()
+
+
+def test_fit_checkpoint_reloads(full_run):
+    from cmrp.backbones.bagel import BagelAdapter
+
+    adapter = BagelAdapter.from_pretrained(full_run / "checkpoint" / "backbone")
+    assert sum(p.numel() for p in adapter.model.parameters()) > 10_000
+
+
+def test_fit_lora_saves_only_adapter_keys(tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "lora"
+    proc = run_cli("fit", "recipes/quickstart.yaml", "trainer.max_steps=3", "finetune.mode=lora",
+                   f"output_dir={out}", *FAST_EVAL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    adapter_dir = out / "checkpoint" / "adapter"
+    keys = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    assert keys and all("lora_" in k for k in keys)
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert (out / "checkpoint" / "backbone" / "model.safetensors").is_file()
+
+
+def test_fit_bad_override_fails_with_suggestion(tmp_path):
+    proc = run_cli("fit", "recipes/quickstart.yaml", "trainer.max_step=3", f"output_dir={tmp_path}")
+    assert proc.returncode == 2
+    assert "trainer.max_steps" in proc.stderr and "Traceback" not in proc.stderr
