@@ -78,5 +78,5 @@ class Registry(Generic[T]):
 
 
 BACKBONES: Registry = Registry("backbone adapter", "cmrp.backbones", ("cmrp.backbones.bagel",))
-REWARDS: Registry = Registry("reward", "cmrp.rewards", ())
+REWARDS: Registry = Registry("reward", "cmrp.rewards", ("cmrp.rewards.terms",))
 DECODING: Registry = Registry("decoding strategy", "cmrp.decoding", ("cmrp.sampling.decoding",))

@@ -34,7 +34,7 @@ def assets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     write(root / "backbones" / "broken.yaml", "adapter: bagel\nadaptr: x\n")
     write(
         root / "rewards" / "pre.yaml",
-        "description: two terms\nterms: {clip_similarity: {weight: 0.5}, x: {weight: 1}}\n",
+        "description: two terms\nterms: {clip_similarity: {weight: 0.5}, brightness: {weight: 1}}\n",
     )
     write(root / "recipes" / "quick.yaml", "# The quick one.\nname: quick\nbackbone: tiny-card\n")
     write(
@@ -112,7 +112,7 @@ def test_ls_backbones_shows_adapters_and_broken_cards(own_cli, assets, capsys):
 def test_ls_rewards_lists_presets_and_terms(own_cli, assets, capsys):
     assert cli.main(["ls", "rewards"]) == 0
     out = capsys.readouterr().out
-    assert "reward presets:\n  pre  clip_similarity 0.5, x 1\n" in out
+    assert "reward presets:\n  pre  clip_similarity 0.5, brightness 1\n" in out
     assert "reward terms:" in out
 
 

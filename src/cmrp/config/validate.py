@@ -103,9 +103,9 @@ def _suggest(key: str, cls: type, at: KeyPath, root: type, root_prefix: KeyPath)
     if close:
         return dotted((*at, close[0]))
     paths = _schema_paths(root)
-    for path in paths:
-        if path[-1] == key:
-            return dotted((*root_prefix, *path))
+    homes = [dotted((*root_prefix, *path)) for path in paths if path[-1] == key]
+    if homes:  # the same name in several sections (max_steps: trainer and grpo): name them all
+        return "' or '".join(sorted(homes, key=lambda h: (h.count("."), h), reverse=False))
     if "." in key:  # a dotted key written as one YAML key, e.g. `trainer.max_steps: 5`
         written = dotted((*at[len(root_prefix) :], key))
         close = difflib.get_close_matches(written, [dotted(p) for p in paths], n=1)

@@ -32,6 +32,10 @@ def _fit(args: argparse.Namespace) -> int:
     if "loss_drop" in result.metrics:
         m = result.metrics
         print(f"train/loss:     {m['loss_first']:.3f} -> {m['loss_last']:.3f} ({100 * m['loss_drop']:.0f}% lower)")
+    if "grpo" in result.metrics:
+        g = result.metrics["grpo"]
+        b, a = g["heldout_reward_before"].get("total", float("nan")), g["heldout_reward_after"].get("total", float("nan"))
+        print(f"grpo reward:    {b:.3f} -> {a:.3f} (held-out prompts)")
     print(f"MLflow run:     {result.run_id} in {result.tracking_uri}")
     print(f"  browse with:  mlflow ui --backend-store-uri {result.tracking_uri}")
     if result.grid_path is not None:

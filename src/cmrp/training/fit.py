@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from cmrp.errors import ConfigError
 
 __all__ = ["FitResult", "load_run_character", "run_fit"]
@@ -120,39 +118,91 @@ def _save_checkpoint(adapter, cfg, ckpt: Path) -> Path:
     return ckpt
 
 
+def _build_backbone(cfg: Any, card: Any, character, ckpt_dir: Path):
+    """The card's backbone, or the one saved by an earlier run (`init_from`), made trainable per `finetune`."""
+    from cmrp.data.tasks import character_corpus
+    from cmrp.registry import BACKBONES
+    from cmrp.training.peft import apply_finetune, load_merged_adapter
+
+    adapter_cls = BACKBONES.get(card.adapter, where="backbone card `adapter`")
+    if cfg.init_from:
+        source = _checkpoint_dir(Path(cfg.init_from).expanduser())
+        adapter = adapter_cls.from_pretrained(source / "backbone")
+        if (source / "adapter").is_dir():
+            load_merged_adapter(adapter, source / "adapter")
+    else:
+        adapter = adapter_cls.build(card, corpus=character_corpus(character))
+    adapter.max_text_tokens = cfg.data.max_text_tokens
+    if cfg.finetune.mode != "full" and (cfg.init_from or not card.get("weights")):
+        # this base exists only in this run (random init or merged): keep it beside the adapter
+        adapter.save_pretrained(ckpt_dir / "backbone")
+    apply_finetune(adapter, cfg.finetune)
+    return adapter
+
+
+def _checkpoint_dir(path: Path) -> Path:
+    for candidate in (path, path / "checkpoint"):
+        if (candidate / "backbone").is_dir():
+            return candidate
+    raise ConfigError(
+        f"init_from: {path} holds no cmrp checkpoint (expected {path}/checkpoint/backbone or {path}/backbone); "
+        "pass the output_dir of an earlier `cmrp fit`"
+    )
+
+
+def _run_sft(cfg: Any, adapter, character, logger, out: Path) -> dict[str, Any]:
+    import lightning as L
+    from omegaconf import OmegaConf
+
+    from cmrp.data.datamodule import TaskMixDataModule
+    from cmrp.data.tasks import build_examples
+    from cmrp.training.sft import UnifiedSFTModule
+
+    examples = build_examples(character, [k for k, w in cfg.data.tasks.items() if w > 0], decoding=cfg.decoding)
+    datamodule = TaskMixDataModule(
+        examples, dict(cfg.data.tasks), adapter.collate,
+        steps=cfg.trainer.max_steps * cfg.trainer.accumulate_grad_batches,
+        batch_size=cfg.data.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers,
+    )
+    history = _LossHistory()
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    # a run shorter than the logging interval would log no train metric at all
+    trainer_kwargs["log_every_n_steps"] = min(trainer_kwargs["log_every_n_steps"], trainer_kwargs["max_steps"])
+    trainer = L.Trainer(
+        **trainer_kwargs,
+        logger=logger,
+        callbacks=[history.callback],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(out),
+    )
+    module = UnifiedSFTModule(adapter, cfg.sft, cfg.trainer.max_steps)
+    t = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    return {"examples_per_task": {k: len(v) for k, v in examples.items()}, **history.summary(),
+            "sft_s": time.perf_counter() - t}
+
+
 def run_fit(cfg: Any) -> FitResult:
     """Run every stage of a loaded recipe. Prints where the run, grid and checkpoint are."""
     import lightning as L
     from omegaconf import OmegaConf
 
     from cmrp.config import flatten, redact_secrets, resolve_recipe_parts
-    from cmrp.data.datamodule import TaskMixDataModule
-    from cmrp.data.tasks import build_examples, character_corpus
-    from cmrp.registry import BACKBONES
     from cmrp.tracking import make_logger
-    from cmrp.training.peft import apply_finetune, count_trainable
-    from cmrp.training.sft import UnifiedSFTModule
+    from cmrp.training.peft import count_trainable
 
-    unsupported = [s for s in cfg.stages if s != "sft"]
-    if unsupported:
-        raise ConfigError(f"stages: {unsupported} not available in this version of cmrp (only 'sft' is)")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     out = Path(cfg.output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    card, _preset = resolve_recipe_parts(cfg)
+    card, preset = resolve_recipe_parts(cfg)
     character = load_run_character(cfg.data, out)
-    adapter_cls = BACKBONES.get(card.adapter, where="backbone card `adapter`")
-    adapter = adapter_cls.build(card, corpus=character_corpus(character))
-    adapter.max_text_tokens = cfg.data.max_text_tokens
     ckpt_dir = out / "checkpoint"
-    if cfg.finetune.mode != "full" and not card.get("weights"):
-        # the random-init base exists only in this run: keep it beside the adapter so both can be loaded
-        adapter.save_pretrained(ckpt_dir / "backbone")
-    apply_finetune(adapter, cfg.finetune)
+    adapter = _build_backbone(cfg, card, character, ckpt_dir)
     trainable, total = count_trainable(adapter.model)
     timings["setup_s"] = time.perf_counter() - t0
 
@@ -167,26 +217,16 @@ def run_fit(cfg: Any) -> FitResult:
     before = _evaluate(adapter, character, cfg.eval)
     timings["eval_before_s"] = time.perf_counter() - t
 
-    examples = build_examples(character, [k for k, w in cfg.data.tasks.items() if w > 0], decoding=cfg.decoding)
-    datamodule = TaskMixDataModule(
-        examples, dict(cfg.data.tasks), adapter.collate,
-        steps=cfg.trainer.max_steps * cfg.trainer.accumulate_grad_batches,
-        batch_size=cfg.data.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers,
-    )
-    history = _LossHistory()
-    trainer = L.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
-        logger=logger,
-        callbacks=[history.callback],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(out),
-    )
-    module = UnifiedSFTModule(adapter, cfg.sft, cfg.trainer.max_steps)
-    t = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
-    timings["sft_s"] = time.perf_counter() - t
+    stages: dict[str, dict[str, Any]] = {}
+    for stage in cfg.stages:
+        if stage == "sft":
+            stages["sft"] = _run_sft(cfg, adapter, character, logger, out)
+            timings["sft_s"] = stages["sft"].pop("sft_s")
+        elif stage == "grpo":
+            from cmrp.training.grpo_stage import run_grpo_stage
+
+            stages["grpo"] = run_grpo_stage(cfg, adapter, character, preset, logger, out)
+            timings["grpo_s"] = stages["grpo"].pop("grpo_s")
 
     t = time.perf_counter()
     after = _evaluate(adapter, character, cfg.eval)
@@ -199,17 +239,21 @@ def run_fit(cfg: Any) -> FitResult:
         "character": character.name,
         "trainable_params": trainable,
         "total_params": total,
-        "examples_per_task": {k: len(v) for k, v in examples.items()},
         "before": before,
         "after": after,
-        **history.summary(),
+        **stages.get("sft", {}),
+        **({"grpo": stages["grpo"]} if "grpo" in stages else {}),
         "timings": timings,
     }
     metrics_file = out / "metrics.json"
     metrics_file.write_text(json.dumps(metrics, indent=2))
     client, run_id = logger.experiment, logger.run_id
-    for key, value in {**{f"eval/before/{k}": v for k, v in before.items()},
-                       **{f"eval/after/{k}": v for k, v in after.items()}}.items():
+    final = {**{f"eval/before/{k}": v for k, v in before.items()}, **{f"eval/after/{k}": v for k, v in after.items()}}
+    if "grpo" in stages:
+        for when in ("before", "after"):
+            for term, value in stages["grpo"][f"heldout_reward_{when}"].items():
+                final[f"eval/grpo_{when}/reward_{term}"] = value
+    for key, value in final.items():
         client.log_metric(run_id, key, value)
     client.log_artifact(run_id, str(metrics_file))
     if grid is not None:

@@ -16,10 +16,10 @@ from cmrp.backbones.bagel.packing import IGNORE, ImageLoader, collate
 from cmrp.backbones.bagel.qwen2_mot import KVCache
 from cmrp.backbones.tokenizer import TextTokenizer
 from cmrp.data.tasks import Example, Segment
-from cmrp.sampling.flow import flow_step, sample_flow, sampling_timesteps
-from cmrp.sampling.rollout import Rollout
 from cmrp.errors import ConfigError, WeightsError
 from cmrp.registry import BACKBONES
+from cmrp.sampling.flow import flow_step, sample_flow, sampling_timesteps
+from cmrp.sampling.rollout import Rollout
 
 __all__ = ["BagelAdapter"]
 
@@ -282,6 +282,14 @@ class BagelAdapter:
 
         return velocity
 
+    def _uncached_velocity_fn(self, contexts: list[Example], n: int):
+        repeated = [c for c in contexts for _ in range(n)]
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self._velocity_fn(self._encode_prefix(repeated))(x, t)
+
+        return velocity
+
     def _decode_latents(self, x: torch.Tensor) -> torch.Tensor:
         c, h, w = self._latent_chw
         return self.bagel.vae.decode(unpatchify(x, self.arch.latent_patch_size, c, h, w)).float().clamp(0, 1).cpu()
@@ -289,13 +297,15 @@ class BagelAdapter:
     @torch.no_grad()
     def sample_images(self, contexts: list[Example], *, n: int = 1, steps: int = 20, seed: int = 0,
                       noise: float = 0.0, window: tuple[int, int] | None = None, sde: str = "sde",
-                      same_noise: bool = False, timestep_shift: float | None = None) -> Rollout:
+                      same_noise: bool = False, timestep_shift: float | None = None,
+                      reuse_prefix: bool = True) -> Rollout:
         """`n` samples per context by Euler integration of the flow head.
 
         The prefix (character + prompt) is encoded once per context and shared by its n samples.
         ODE steps everywhere, except SDE steps with noise level `noise` inside `window` ([start, end)
         step indices), whose transitions are stored for `rollout_logprob`. `same_noise`: the n
-        samples of a context start from the same initial noise.
+        samples of a context start from the same initial noise. `reuse_prefix=False` re-encodes the
+        prefix for every sample at every step (the naive baseline the benchmarks compare against).
         """
         model, device = self.bagel, self.device
         prefix = self._encode_prefix(contexts)
@@ -310,8 +320,8 @@ class BagelAdapter:
             x = x.expand(-1, n, -1, -1).reshape(b, self.gen_tokens, p * p * c)
         shift = model.arch.timestep_shift if timestep_shift is None else timestep_shift
         ts = sampling_timesteps(steps, shift, device)
-        traj = sample_flow(self._velocity_fn(cache), x.to(device), ts, window=window, eta=noise, kind=sde,
-                           generator=gen)
+        velocity = self._velocity_fn(cache) if reuse_prefix else self._uncached_velocity_fn(contexts, n)
+        traj = sample_flow(velocity, x.to(device), ts, window=window, eta=noise, kind=sde, generator=gen)
         group_ids = torch.arange(len(contexts)).repeat_interleave(n)
         t_cap = float(ts[1]) if steps > 1 else 0.99
         return Rollout(self._decode_latents(traj.final), group_ids, traj, noise, sde, t_cap,

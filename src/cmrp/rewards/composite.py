@@ -1,0 +1,166 @@
+"""Weighted sums of reward terms, and building one from a reward preset."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from cmrp.errors import CmrpError, ConfigError
+from cmrp.registry import REWARDS
+from cmrp.rewards._ops import nan_stats
+from cmrp.rewards.base import Reward, RewardContext, RewardOutput
+
+__all__ = ["Composite", "build_reward", "scalar_metrics"]
+
+
+class Composite:
+    """`total[b] = sum_t weight_t * score_t[b]` over the terms that do not abstain (NaN) for sample b;
+    NaN only when every term abstains for b.
+
+    `info[term]` = `{weight, scores (raw [B]), mean, std (NaN-aware), time_s, info (the term's own)}`.
+    With `parallel`, terms run in threads (feature nets release the GIL, so CLIP, DINO, LPIPS and VQA
+    overlap); every term sees the same inputs and must not modify them.
+    """
+
+    def __init__(self, terms: Mapping[str, tuple[float, Reward]], parallel: bool = True):
+        if not terms:
+            raise ConfigError("a composite reward needs at least one term")
+        self.terms = {name: (float(weight), term) for name, (weight, term) in terms.items()}
+        self.parallel = parallel
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {name: weight for name, (weight, _) in self.terms.items()}
+
+    def _run(
+        self, name: str, term: Reward, images, prompts, group_ids, context
+    ) -> tuple[RewardOutput, float]:
+        start = time.perf_counter()
+        out = term(images, prompts, group_ids=group_ids, context=context)
+        elapsed = time.perf_counter() - start
+        if out.scores.shape != (images.shape[0],):
+            raise ValueError(
+                f"reward term {name!r} returned scores of shape {tuple(out.scores.shape)}, "
+                f"expected ({images.shape[0]},)"
+            )
+        return out, elapsed
+
+    def __call__(
+        self,
+        images: torch.Tensor,
+        prompts: list[str],
+        *,
+        group_ids: torch.Tensor,
+        context: RewardContext | None = None,
+    ) -> RewardOutput:
+        context = context if context is not None else RewardContext()
+        args = (images, prompts, group_ids, context)
+        if self.parallel and len(self.terms) > 1:
+            with ThreadPoolExecutor(max_workers=len(self.terms), thread_name_prefix="reward") as pool:
+                futures = {
+                    name: pool.submit(self._run, name, term, *args) for name, (_, term) in self.terms.items()
+                }
+                results = {name: future.result() for name, future in futures.items()}
+        else:
+            results = {name: self._run(name, term, *args) for name, (_, term) in self.terms.items()}
+
+        batch = images.shape[0]
+        total = torch.zeros(batch, dtype=torch.float32, device=images.device)
+        counted = torch.zeros(batch, dtype=torch.bool, device=images.device)
+        info: dict[str, Any] = {}
+        for name, (weight, _) in self.terms.items():
+            out, elapsed = results[name]
+            scores = out.scores.detach().float().to(images.device)
+            present = ~torch.isnan(scores)
+            total += torch.where(present, weight * scores, torch.zeros_like(scores))
+            counted |= present
+            mean, std = nan_stats(scores)
+            info[name] = {
+                "weight": weight,
+                "scores": scores,
+                "mean": mean,
+                "std": std,
+                "time_s": elapsed,
+                "info": out.info,
+            }
+        total = torch.where(counted, total, torch.full_like(total, math.nan))
+        return RewardOutput(total, info)
+
+
+def scalar_metrics(info: Mapping[str, Any], prefix: str = "reward/") -> dict[str, float]:
+    """Flatten a `Composite` info dict to loggable floats: `reward/<term>/{mean,std,time_s}` plus the
+    term's own scalar info values."""
+    metrics: dict[str, float] = {}
+    for name, entry in info.items():
+        if not isinstance(entry, Mapping):
+            continue
+        for key in ("mean", "std", "time_s"):
+            if key in entry:
+                metrics[f"{prefix}{name}/{key}"] = float(entry[key])
+        for key, value in (entry.get("info") or {}).items():
+            if isinstance(value, bool | int | float):
+                metrics[f"{prefix}{name}/{key}"] = float(value)
+    return metrics
+
+
+def _construct(name: str, cls: Any, kwargs: dict[str, Any], where: str) -> Reward:
+    try:
+        signature = inspect.signature(cls)
+    except (TypeError, ValueError):
+        signature = None
+    if signature is not None and not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+        accepted = [p for p in signature.parameters if p != "self"]
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            import difflib
+
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, accepted, n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ConfigError(
+                f"{where}, term {name!r}: unknown kwarg {', '.join(hints)}. "
+                f"{name} accepts: {', '.join(accepted) or 'nothing'}."
+            )
+    try:
+        return cls(**kwargs)
+    except CmrpError as err:
+        raise type(err)(f"{where}, term {name!r}: {err}") from None
+    except TypeError as err:
+        raise ConfigError(f"{where}, term {name!r}: bad kwargs {sorted(kwargs)}: {err}") from None
+
+
+def build_reward(
+    preset: Mapping[str, Any],
+    *,
+    term_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+    parallel: bool = True,
+) -> Composite:
+    """A `Composite` from a preset `{name, description, terms: {term: {weight, kwargs}}}` (what
+    `cmrp.config.load_reward_preset` returns). `term_kwargs[term]` adds or overrides constructor kwargs
+    (to inject feature nets or an `answerer`); entries for terms the preset lacks are ignored, so one
+    set of injections serves every ablation. Terms with weight 0 are skipped."""
+    where = f"reward preset {preset.get('name', '<inline>')!r}"
+    terms_spec = preset.get("terms") or {}
+    if not terms_spec:
+        raise ConfigError(f"{where}: `terms` must list at least one reward term with a weight")
+    extra = term_kwargs or {}
+    terms: dict[str, tuple[float, Reward]] = {}
+    for name, spec in terms_spec.items():
+        weight = float(spec["weight"])
+        if not math.isfinite(weight):
+            raise ConfigError(f"{where}, term {name!r}: weight must be a finite number, got {weight!r}")
+        cls = REWARDS.get(name, where=f"{where}, key 'terms'")
+        if weight == 0:
+            continue
+        kwargs = {**dict(spec.get("kwargs") or {}), **dict(extra.get(name) or {})}
+        terms[name] = (weight, _construct(name, cls, kwargs, where))
+    if not terms:
+        raise ConfigError(f"{where}: every term has weight 0; give at least one a non-zero weight")
+    return Composite(terms, parallel=parallel)

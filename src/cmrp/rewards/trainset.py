@@ -1,0 +1,195 @@
+"""`trainset_penalty`: look like the character, but do not copy its reference images."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cmrp.errors import ConfigError, WeightsError
+from cmrp.registry import REWARDS
+from cmrp.rewards._ops import (
+    IdentityCache,
+    check_images,
+    cosine_matrix,
+    fit_square,
+    module_device,
+    normalise,
+    reason,
+)
+from cmrp.rewards.base import RewardContext, RewardOutput
+
+__all__ = ["Dinov2Features", "TrainsetPenalty", "band_penalty", "load_dinov2", "pixel_features"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_SHORT_NAMES = {"dinov2-small", "dinov2-base", "dinov2-large", "dinov2-giant"}
+
+Features = Callable[[torch.Tensor], torch.Tensor]
+
+
+def pixel_features(images: torch.Tensor) -> torch.Tensor:
+    """The image area-downsampled to 16x16, flattened and mean-centred per image: a weight-free
+    stand-in for DINO features (sandbox, tests), so cosine compares layout and colour variation."""
+    small = F.interpolate(images.float(), size=(16, 16), mode="area").flatten(1)
+    return small - small.mean(dim=1, keepdim=True)
+
+
+class Dinov2Features:
+    """A transformers `Dinov2Model` as `images [B,3,H,W] in [0,1] -> CLS features [B,D]`
+    (shortest side to `image_size`, centre crop, ImageNet normalisation)."""
+
+    def __init__(self, model: Any, image_size: int = 224):
+        self.model = model.eval().requires_grad_(False)
+        self.image_size = image_size
+
+    def to(self, device: torch.device | str) -> Dinov2Features:
+        self.model.to(device)
+        return self
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        device = module_device(self.model) or images.device
+        pixels = fit_square(images.to(device).float(), self.image_size)
+        out = self.model(pixel_values=normalise(pixels, IMAGENET_MEAN, IMAGENET_STD))
+        return out.last_hidden_state[:, 0].float()
+
+
+def _offline() -> bool:
+    return any(
+        os.environ.get(name, "").lower() in ("1", "true", "yes")
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def load_dinov2(
+    model: str, *, cache_dir: str | None = None, local_files_only: bool | None = None, image_size: int = 224
+) -> Dinov2Features:
+    """Load DINOv2 from a hub id (`facebook/dinov2-small`, or the short `dinov2-small`) or a local
+    directory. The local cache is tried first; the hub only when not offline and `local_files_only`
+    is not True. Raises WeightsError saying how to provide the weights."""
+    repo = f"facebook/{model}" if model in _SHORT_NAMES else model
+    how = (
+        f"Provide them by setting the trainset_penalty kwarg `model:` to a local directory holding the "
+        f"model's config.json and weights (e.g. a `save_pretrained` copy of {repo}), or by downloading "
+        f"{repo} once with network into the Hugging Face cache ($HF_HOME/hub, default ~/.cache/huggingface; "
+        f"or the `cache_dir:` kwarg). Without weights use `model: pixel` or pass a `features=` callable."
+    )
+    path = Path(repo).expanduser()
+    is_local = path.exists()
+    if not is_local and (repo.startswith((".", "/", "~")) or repo.count("/") > 1):
+        raise WeightsError(f"trainset_penalty: DINOv2 weights directory {repo!r} does not exist. {how}")
+    try:
+        from transformers import Dinov2Model
+    except ImportError as err:
+        raise WeightsError(
+            f"trainset_penalty model {model!r} needs the transformers package ({err}): `pip install "
+            f"transformers`, or use `model: pixel` or pass a `features=` callable."
+        ) from None
+    source = str(path) if is_local else repo
+    if is_local or local_files_only or (_offline() and local_files_only is None):
+        attempts = [True]
+    elif local_files_only is False:
+        attempts = [False]
+    else:  # cache first, then the hub
+        attempts = [True, False]
+    error: Exception = RuntimeError("no attempt made")
+    for local_only in attempts:
+        try:
+            net = Dinov2Model.from_pretrained(source, cache_dir=cache_dir, local_files_only=local_only)
+            return Dinov2Features(net, image_size)
+        except Exception as err:  # missing files / no network come as OSError, ValueError, ...
+            error = err
+    raise WeightsError(
+        f"trainset_penalty could not load DINOv2 model {repo!r}: {reason(error)}. {how}"
+    ) from None
+
+
+def band_penalty(similarity: torch.Tensor, tau_low: float, tau_high: float, scale: float) -> torch.Tensor:
+    """0 inside [tau_low, tau_high], falling linearly (slope `scale`) outside it."""
+    below = (tau_low - similarity).clamp(min=0)
+    above = (similarity - tau_high).clamp(min=0)
+    return -(below + above) * scale
+
+
+@REWARDS.register("trainset_penalty")
+class TrainsetPenalty:
+    """Penalise images too unlike or too like the character's reference (training) images.
+
+    `s` = max cosine similarity between the image's features and the reference images' features
+    (`context.reference_images`, required). Reward: 0 for `tau_low <= s <= tau_high`;
+    `-(tau_low - s) * penalty_scale` below (off-character); `-(s - tau_high) * penalty_scale` above
+    (a near copy of a training image). Defaults tau_low 0.5, tau_high 0.9, penalty_scale 1.0.
+    `info["max_similarity"]` holds the raw `s` per sample.
+
+    `features`: any callable `images [B,3,H,W] in [0,1] -> [B,D]`. Otherwise `model`: `dinov2-small`
+    (default; also `dinov2-base`..., a hub id or a local directory) — transformers' `Dinov2Model`, CLS
+    token of the last hidden state at `image_size` px with ImageNet normalisation; or `pixel` — 16x16
+    mean-centred pixels, a weight-free proxy. Reference features are cached per reference tensor.
+    """
+
+    def __init__(
+        self,
+        *,
+        tau_low: float = 0.5,
+        tau_high: float = 0.9,
+        penalty_scale: float = 1.0,
+        model: str = "dinov2-small",
+        image_size: int = 224,
+        cache_dir: str | None = None,
+        local_files_only: bool | None = None,
+        device: str | None = None,
+        features: Features | None = None,
+    ):
+        if not tau_low <= tau_high:
+            raise ConfigError(f"trainset_penalty: tau_low ({tau_low}) must not exceed tau_high ({tau_high})")
+        if penalty_scale < 0:
+            raise ConfigError(f"trainset_penalty: penalty_scale must be >= 0, got {penalty_scale!r}")
+        self.tau_low, self.tau_high, self.penalty_scale = (
+            float(tau_low),
+            float(tau_high),
+            float(penalty_scale),
+        )
+        self.model, self.image_size, self.cache_dir = model, int(image_size), cache_dir
+        self.local_files_only, self.device = local_files_only, device
+        self.features: Features | None = pixel_features if features is None and model == "pixel" else features
+        self._lock = threading.Lock()
+        self._ref_cache = IdentityCache()
+
+    def _features(self, device: torch.device) -> Features:
+        with self._lock:
+            if self.features is None:
+                self.features = load_dinov2(
+                    self.model,
+                    cache_dir=self.cache_dir,
+                    local_files_only=self.local_files_only,
+                    image_size=self.image_size,
+                ).to(self.device or device)
+            return self.features
+
+    @torch.no_grad()
+    def __call__(
+        self, images: torch.Tensor, prompts: list[str], *, group_ids: torch.Tensor, context: RewardContext
+    ) -> RewardOutput:
+        images = check_images(images, "trainset_penalty")
+        refs = context.reference_images if context is not None else None
+        if refs is None or refs.shape[0] == 0:
+            raise ConfigError(
+                "trainset_penalty needs the character's reference images in RewardContext.reference_images "
+                "([R,3,H,W] in [0,1]); give the character reference images, or drop the term from the preset."
+            )
+        features = self._features(images.device)
+        ref_features = self._ref_cache.get(refs, lambda r: features(check_images(r, "reference_images")))
+        similarity = cosine_matrix(features(images), ref_features).max(dim=1).values.cpu()
+        scores = band_penalty(similarity, self.tau_low, self.tau_high, self.penalty_scale)
+        info = {
+            "max_similarity": similarity,
+            "similarity_mean": similarity.mean().item(),
+            "frac_below": (similarity < self.tau_low).float().mean().item(),
+            "frac_above": (similarity > self.tau_high).float().mean().item(),
+        }
+        return RewardOutput(scores.float().to(images.device), info)

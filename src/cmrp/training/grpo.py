@@ -1,0 +1,284 @@
+"""Character-GRPO: group-relative policy optimisation of the image branch.
+
+One iteration (a Lightning `training_step`, manual optimisation):
+1. rollout — for each prompt, G images sampled from one shared, once-encoded prefix; SDE steps
+   (with log-probs) inside a random window of the schedule, ODE steps elsewhere;
+2. rewards — the reward composite scores each group in a thread pool while the next group samples;
+3. advantages — per-group mean, group or global std (statistics all-gathered across ranks);
+4. updates — PPO-clipped loss over the window's transitions, `inner_epochs` passes, minibatches,
+   gradient accumulation, max grad norm; optional KL to the reference policy and EMA.
+
+The module only talks to the backbone through the protocol (`sample_images`, `rollout_logprob`,
+`trainable_groups`), so it serves every flow-head adapter. The policy runs in eval mode throughout:
+dropout would make the recomputed log-probs differ from the sampled ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import lightning as L
+import torch
+
+from cmrp.data.tasks import ImagePrompt
+from cmrp.sampling.flow import sde_window
+from cmrp.training.advantages import group_advantages, ppo_clipped_loss
+from cmrp.training.peft import freeze_to_groups, is_peft
+from cmrp.training.sft import build_optimizer
+
+__all__ = ["CharacterGRPOModule"]
+
+QuestionsFor = Callable[[ImagePrompt], list]
+
+
+class CharacterGRPOModule(L.LightningModule):
+    def __init__(
+        self,
+        adapter: Any,
+        reward: Callable[..., Any],
+        cfg: Any,
+        *,
+        questions_for: QuestionsFor = lambda prompt: [],
+        reference_images: torch.Tensor | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        self.adapter = adapter
+        self.model = adapter.model  # registered so Lightning moves and checkpoints it
+        self.reward = reward
+        self.cfg = cfg
+        self.questions_for = questions_for
+        self.reference_images = reference_images
+        self.seed = seed
+        self.trained_names = freeze_to_groups(adapter, list(cfg.train_groups))
+        self._reference: dict[str, torch.Tensor] | None = None
+        if cfg.kl_beta > 0 and not is_peft(self.model):
+            # full fine-tuning: keep only the trained weights' starting values, not a second model
+            self._reference = {n: p.detach().clone() for n, p in self._trained_params()}
+        self._ema: dict[str, torch.Tensor] | None = None
+        if cfg.ema_decay > 0:
+            self._ema = {n: p.detach().clone() for n, p in self._trained_params()}
+        self._pool: ThreadPoolExecutor | None = None
+
+    # -- parameters ------------------------------------------------------------------------------
+    def _trained_params(self):
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def _reference_policy(self):
+        """Weights of the reference policy: the adapter disabled (LoRA), or the start weights swapped in."""
+        if is_peft(self.model):
+            # re-enabling the adapter marks every LoRA weight trainable again: restore the frozen groups
+            flags = {n: p.requires_grad for n, p in self.model.named_parameters()}
+            try:
+                with self.model.disable_adapter():
+                    yield
+            finally:
+                for n, p in self.model.named_parameters():
+                    p.requires_grad_(flags[n])
+            return
+        assert self._reference is not None
+        params = dict(self.model.named_parameters())
+        current = {n: params[n].data for n in self._reference}
+        for n, ref in self._reference.items():
+            params[n].data = ref.to(current[n].device)
+        try:
+            yield
+        finally:
+            for n, data in current.items():
+                params[n].data = data
+
+    def configure_optimizers(self):
+        optimizer, scheduler = build_optimizer(self.model.parameters(), self.cfg.optimizer, self.cfg.max_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=self.cfg.reward_workers, thread_name_prefix="cmrp-reward")
+
+    def on_train_end(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if self._ema is not None:
+            params = dict(self.model.named_parameters())
+            for n, value in self._ema.items():
+                params[n].data.copy_(value)
+
+    # -- one iteration ----------------------------------------------------------------------------
+    def _rollout_seed(self, batch_idx: int) -> int:
+        return (self.seed * 1_000_003 + self.global_rank * 7_919 + batch_idx) % (2**31)
+
+    def _reward_context(self, prompts: Sequence[ImagePrompt], n: int):
+        from cmrp.rewards import RewardContext
+
+        questions = [self.questions_for(p) for p in prompts for _ in range(n)]
+        metadata = [{"image_id": p.image_id, "prompt": p.prompt} for p in prompts for _ in range(n)]
+        return RewardContext(reference_images=self.reference_images, questions=questions,
+                             backbone=self.adapter, metadata=metadata)
+
+    def _score(self, rollout, prompts: Sequence[ImagePrompt], group_offset: int):
+        t = time.perf_counter()
+        n = self.cfg.group_size
+        group_ids = rollout.group_ids + group_offset
+        out = self.reward(rollout.images, [p.prompt for p in prompts for _ in range(n)],
+                          group_ids=group_ids, context=self._reward_context(prompts, n))
+        return out, time.perf_counter() - t
+
+    def sample_groups(self, prompts: Sequence[ImagePrompt], batch_idx: int):
+        """Rollouts (one per prompt, G samples each) with their reward futures, rewards overlapping sampling."""
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(self._rollout_seed(batch_idx))
+        window = sde_window(cfg.sample_steps, cfg.window_size, *cfg.window_range, generator=gen)
+        rollouts, futures = [], []
+        self.model.eval()
+        for i, prompt in enumerate(prompts):
+            rollout = self.adapter.sample_images(
+                [prompt.context], n=cfg.group_size, steps=cfg.sample_steps,
+                seed=int(torch.randint(0, 2**31 - 1, (1,), generator=gen)), noise=cfg.noise_level,
+                window=window, sde=cfg.sde, same_noise=cfg.same_noise, timestep_shift=cfg.timestep_shift,
+            )
+            rollouts.append(rollout)
+            offset = self.global_rank * len(prompts) + i
+            if self._pool is not None:
+                futures.append(self._pool.submit(self._score, rollout, [prompt], offset))
+            else:
+                done: Future = Future()
+                done.set_result(self._score(rollout, [prompt], offset))
+                futures.append(done)
+        return rollouts, futures
+
+    def _gather_rewards(self, local: torch.Tensor, local_groups: torch.Tensor):
+        """Every rank's rewards and group ids (groups never span ranks), for the advantage statistics."""
+        if self.trainer is None or self.trainer.world_size == 1:
+            return local, local_groups
+        rewards = self.all_gather(local.to(self.device)).reshape(-1).cpu()
+        groups = self.all_gather(local_groups.to(self.device)).reshape(-1).cpu()
+        return rewards, groups
+
+    def training_step(self, batch: list[ImagePrompt], batch_idx: int):
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            rollouts, futures = self.sample_groups(batch, batch_idx)
+        t_sampled = time.perf_counter()
+        results = [f.result() for f in futures]
+        t_rewarded = time.perf_counter()
+
+        rewards = torch.cat([out.scores.float().cpu() for out, _ in results])
+        groups = torch.cat([r.group_ids + self.global_rank * len(batch) + i for i, r in enumerate(rollouts)])
+        all_rewards, all_groups = self._gather_rewards(rewards, groups)
+        all_adv, adv_stats = group_advantages(all_rewards, all_groups, std=cfg.adv_std, eps=cfg.adv_eps,
+                                              clip=cfg.adv_clip)
+        start = self.global_rank * len(rewards) if all_rewards is not rewards else 0
+        advantages = all_adv[start:start + len(rewards)]
+
+        train_stats = self._update(rollouts, advantages)
+        t_trained = time.perf_counter()
+        self._log_iteration(results, rewards, adv_stats, train_stats, {
+            "sample": t_sampled - t0, "reward": t_rewarded - t_sampled, "train": t_trained - t_rewarded,
+            "reward_compute": sum(dt for _, dt in results),
+        })
+
+    def _minibatches(self, rollouts, advantages: torch.Tensor, gen: torch.Generator):
+        chunks, offset = [], 0
+        for r in rollouts:
+            perm = torch.randperm(len(r), generator=gen)
+            for k in range(0, len(r), self.cfg.minibatch_size):
+                idx = perm[k:k + self.cfg.minibatch_size]
+                chunks.append((r, idx, advantages[offset + idx]))
+            offset += len(r)
+        order = torch.randperm(len(chunks), generator=gen).tolist()
+        return [chunks[i] for i in order]
+
+    def _update(self, rollouts, advantages: torch.Tensor) -> dict[str, float]:
+        cfg = self.cfg
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        gen = torch.Generator().manual_seed(self._rollout_seed(self.global_step + 17))
+        ratios, clip_fracs, approx_kls, kls, losses, grad_norms = [], [], [], [], [], []
+        steps_in_window = rollouts[0].num_steps
+        if steps_in_window == 0:
+            raise ValueError("GRPO rollouts stored no SDE transitions: set grpo.window_size >= 1")
+        self.model.eval()
+        for _ in range(cfg.inner_epochs):
+            chunks = self._minibatches(rollouts, advantages, gen)
+            for c, (rollout, idx, adv) in enumerate(chunks):
+                adv = adv.to(self.device)
+                for k in range(steps_in_window):
+                    logp, mean, std = self.adapter.rollout_logprob(rollout, k, idx, return_mean=True)
+                    old = rollout.trajectory.logprobs[idx, k].to(logp.device)
+                    loss, stats = ppo_clipped_loss(logp, old, adv, cfg.clip_range)
+                    if cfg.kl_beta > 0:
+                        with torch.no_grad(), self._reference_policy():
+                            _, ref_mean, _ = self.adapter.rollout_logprob(rollout, k, idx, return_mean=True)
+                        kl = ((mean - ref_mean) ** 2).flatten(1).mean(1) / (2 * std**2)
+                        loss = loss + cfg.kl_beta * kl.mean()
+                        kls.append(float(kl.mean()))
+                    self.manual_backward(loss / (steps_in_window * cfg.accumulate))
+                    ratios.append(stats["ratio"].cpu())
+                    clip_fracs.append(float(stats["clip_frac"]))
+                    approx_kls.append(float(stats["approx_kl"]))
+                    losses.append(float(loss.detach()))
+                if (c + 1) % cfg.accumulate == 0 or c == len(chunks) - 1:
+                    grad_norms.append(self._step(optimizer))
+        scheduler.step()
+        ratio = torch.cat(ratios)
+        out = {
+            "loss": sum(losses) / len(losses),
+            "ratio_mean": float(ratio.mean()),
+            "ratio_std": float(ratio.std()) if ratio.numel() > 1 else 0.0,
+            "clip_frac": sum(clip_fracs) / len(clip_fracs),
+            "approx_kl": sum(approx_kls) / len(approx_kls),
+            "grad_norm": sum(grad_norms) / len(grad_norms),
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        if kls:
+            out["kl"] = sum(kls) / len(kls)
+        return out
+
+    def _step(self, optimizer) -> float:
+        params = [p for _, p in self._trained_params() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])) if params else torch.tensor(0.0)
+        if self.cfg.max_grad_norm > 0:
+            self.clip_gradients(optimizer, gradient_clip_val=self.cfg.max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if self._ema is not None:
+            decay = self.cfg.ema_decay
+            with torch.no_grad():
+                for n, p in self._trained_params():
+                    self._ema[n].mul_(decay).add_(p.detach(), alpha=1 - decay)
+        return float(norm)
+
+    def _log_iteration(self, results, rewards, adv_stats, train_stats, timings) -> None:
+        n = len(rewards)
+        log = {"reward/total_mean": _nanmean(rewards), "reward/total_std": _nanstd(rewards)}
+        terms: dict[str, list[torch.Tensor]] = {}
+        for out, _ in results:
+            for name, info in out.info.items():
+                if isinstance(info, dict) and isinstance(info.get("scores"), torch.Tensor):
+                    terms.setdefault(name, []).append(info["scores"].float().cpu())
+        for name, parts in terms.items():
+            scores = torch.cat(parts)
+            log[f"reward/{name}"] = _nanmean(scores)
+            log[f"reward/{name}_std"] = _nanstd(scores)
+        log["grpo/zero_std_ratio"] = adv_stats["zero_std_ratio"]
+        log.update({f"grpo/{k}": v for k, v in train_stats.items()})
+        log.update({f"grpo/time_{k}_s": v for k, v in timings.items()})
+        self.log_dict(log, on_step=True, on_epoch=False, batch_size=n, sync_dist=True)
+        self.last_log = log
+
+
+def _nanmean(x: torch.Tensor) -> float:
+    valid = x[~torch.isnan(x)]
+    return float(valid.mean()) if valid.numel() else float("nan")
+
+
+def _nanstd(x: torch.Tensor) -> float:
+    valid = x[~torch.isnan(x)]
+    return float(valid.std(unbiased=False)) if valid.numel() > 1 else 0.0
