@@ -92,3 +92,14 @@ def test_fit_bad_override_fails_with_suggestion(tmp_path):
     proc = run_cli("fit", "recipes/quickstart.yaml", "trainer.max_step=3", f"output_dir={tmp_path}")
     assert proc.returncode == 2
     assert "trainer.max_steps" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_quickstart_recipe_customizes_the_character(tmp_path):
+    """The full quickstart: SFT loss falls by at least half and held-out accuracies rise."""
+    proc = run_cli("fit", "quickstart", f"output_dir={tmp_path / 'qs'}", timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "qs" / "metrics.json").read_text())
+    assert metrics["loss_drop"] >= 0.5
+    assert metrics["after"]["knowledge_mcq_acc"] >= metrics["before"]["knowledge_mcq_acc"] + 0.2
+    assert metrics["after"]["vqa_mcq_acc"] >= metrics["before"]["vqa_mcq_acc"] + 0.2

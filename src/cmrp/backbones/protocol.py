@@ -15,6 +15,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 
 from cmrp.data.tasks import Example
+from cmrp.sampling.rollout import Rollout
 
 __all__ = ["Backbone", "ImageHead", "LossDict"]
 
@@ -79,8 +80,23 @@ class Backbone(Protocol):
         ...
 
     @torch.no_grad()
-    def sample_images(self, contexts: list[Example], *, n: int = 1, steps: int = 20, seed: int = 0) -> torch.Tensor:
-        """`n` images per context as a float tensor [len(contexts)*n, 3, H, W] in [0, 1]."""
+    def sample_images(self, contexts: list[Example], *, n: int = 1, steps: int = 20, seed: int = 0,
+                      noise: float = 0.0, window: tuple[int, int] | None = None, sde: str = "sde",
+                      same_noise: bool = False) -> Rollout:
+        """`n` images per context (`Rollout.images`: [len(contexts)*n, 3, H, W] in [0, 1]); the context is
+        encoded once and shared by its n samples. Inside `window` (step indices [start, end)) steps are
+        stochastic with noise level `noise` and their transitions are stored for `rollout_logprob`."""
+        ...
+
+    def rollout_logprob(self, rollout: Rollout, step: int, index: torch.Tensor | None = None, *,
+                        return_mean: bool = False) -> Any:
+        """Log-prob of stored transition `step` of samples `index` under the current weights, with
+        gradients (GRPO's new policy); with `return_mean`, also the step's mean and std (for KL)."""
+        ...
+
+    @torch.no_grad()
+    def answer(self, images: torch.Tensor, questions: list[str], options: list[list[str] | None]) -> list[str]:
+        """VQA about images (self-VQA reward, evaluation): the chosen option's text, or a free answer."""
         ...
 
     def to(self, device: torch.device | str) -> Backbone: ...

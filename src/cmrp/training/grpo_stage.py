@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +132,10 @@ def run_grpo_stage(cfg: Any, adapter: Any, character: Character, preset: dict, l
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(out),
     )
     t = time.perf_counter()
-    trainer.fit(module, train_dataloaders=_prompt_loader(prompts, g, cfg.seed))
+    with warnings.catch_warnings():
+        # the policy is kept in eval mode on purpose (see CharacterGRPOModule); Lightning would warn
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+        trainer.fit(module, train_dataloaders=_prompt_loader(prompts, g, cfg.seed))
     seconds = time.perf_counter() - t
     after = measure()
     return {
