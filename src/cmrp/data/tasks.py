@@ -82,24 +82,28 @@ def _mcq_answer(item: MultipleChoice) -> str:
     return f"{OPTION_LETTERS[item.answer]}. {item.options[item.answer]}"
 
 
-def _chat_examples(character: Character, split: CharacterSplit, decoding: str) -> dict[str, list[Example]]:
-    out: dict[str, list[Example]] = {"chat": [], "thinking": [], "t2i": []}
+def _character_turns(character: Character, split: CharacterSplit) -> Iterable[tuple[list[Segment], Turn]]:
+    """Each character turn of each scene with the segments before it (system prompt + the dialogue)."""
     system = _text("system", system_prompt(character))
     for scene in split.scenes:
         history: list[Segment] = [system]
         for turn in scene.turns:
-            if turn.role == "user":
-                history.append(_text("user", turn.text))
-                continue
-            out["chat"].append(Example("chat", [*history, _text("character", turn.text, train=True)]))
-            image = split.images.get(turn.image_id) if turn.image_id else None
-            if image is not None:
-                out["t2i"].append(Example("t2i", _image_conditioning(history, turn, decoding) + [_image(image.path, True)]))
-                reasoning = _reasoning_text(turn.thinking, turn.generation_instruction)
-                if reasoning:
-                    thinking_ctx = [*history, _text("character", turn.text)]
-                    out["thinking"].append(Example("thinking", [*thinking_ctx, _text("character", reasoning, train=True)]))
-            history.append(_text("character", turn.text))
+            if turn.role == "character":
+                yield list(history), turn
+            history.append(_text(turn.role, turn.text))
+
+
+def _chat_examples(character: Character, split: CharacterSplit, decoding: str) -> dict[str, list[Example]]:
+    out: dict[str, list[Example]] = {"chat": [], "thinking": [], "t2i": []}
+    for history, turn in _character_turns(character, split):
+        out["chat"].append(Example("chat", [*history, _text("character", turn.text, train=True)]))
+        image = split.images.get(turn.image_id) if turn.image_id else None
+        if image is not None:
+            out["t2i"].append(Example("t2i", _image_conditioning(history, turn, decoding) + [_image(image.path, True)]))
+            reasoning = _reasoning_text(turn.thinking, turn.generation_instruction)
+            if reasoning:
+                thinking_ctx = [*history, _text("character", turn.text)]
+                out["thinking"].append(Example("thinking", [*thinking_ctx, _text("character", reasoning, train=True)]))
     return out
 
 
@@ -178,18 +182,11 @@ def image_prompts(character: Character, *, split: str = "train", decoding: str =
     """Every image-generation context of a split: dialogue turns that show an image (conditioned as
     `decoding` says) and stand-alone T2I instructions — the same contexts the t2i task trains on."""
     data = character.train if split == "train" else character.test
-    system = _text("system", system_prompt(character))
     out: list[ImagePrompt] = []
-    for scene in data.scenes:
-        history: list[Segment] = [system]
-        for turn in scene.turns:
-            if turn.role == "user":
-                history.append(_text("user", turn.text))
-                continue
-            if turn.image_id:
-                context = Example("t2i", _image_conditioning(history, turn, decoding))
-                out.append(ImagePrompt(context, turn.generation_instruction or turn.text, turn.image_id))
-            history.append(_text("character", turn.text))
+    for history, turn in _character_turns(character, data):
+        if turn.image_id:
+            context = Example("t2i", _image_conditioning(history, turn, decoding))
+            out.append(ImagePrompt(context, turn.generation_instruction or turn.text, turn.image_id))
     for item in data.t2i:
         out.append(ImagePrompt(Example("t2i", [_text("user", item.instruction)]), item.instruction, item.image_id))
     return out

@@ -178,6 +178,7 @@ def _run_sft(cfg: Any, adapter, character, logger, out: Path) -> dict[str, Any]:
         default_root_dir=str(out),
     )
     module = UnifiedSFTModule(adapter, cfg.sft, cfg.trainer.max_steps)
+    adapter.model.train()  # the "before" evaluation left it in eval mode
     t = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     return {"examples_per_task": {k: len(v) for k, v in examples.items()}, **history.summary(),

@@ -64,6 +64,8 @@ class CharacterGRPOModule(L.LightningModule):
         if cfg.ema_decay > 0:
             self._ema = {n: p.detach().clone() for n, p in self._trained_params()}
         self._pool: ThreadPoolExecutor | None = None
+        self.keep_history = False  # set True to keep each iteration's groups, rewards and advantages
+        self.history: list[dict] = []
 
     # -- parameters ------------------------------------------------------------------------------
     def _trained_params(self):
@@ -177,6 +179,9 @@ class CharacterGRPOModule(L.LightningModule):
         start = self.global_rank * len(rewards) if all_rewards is not rewards else 0
         advantages = all_adv[start:start + len(rewards)]
 
+        if self.keep_history:
+            self.history.append({"group_ids": groups.tolist(), "rewards": rewards.tolist(),
+                                 "advantages": advantages.tolist(), "rank": self.global_rank})
         train_stats = self._update(rollouts, advantages)
         t_trained = time.perf_counter()
         self._log_iteration(results, rewards, adv_stats, train_stats, {
