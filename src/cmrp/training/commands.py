@@ -25,13 +25,16 @@ def _fit(args: argparse.Namespace) -> int:
 
     cfg = load_recipe(args.recipe, args.overrides)
     result = run_fit(cfg)
+    if not result.run_id:  # a non-zero rank of a distributed run: rank 0 reports
+        return 0
     before, after = result.metrics["before"], result.metrics["after"]
     print(f"character:      {result.metrics['character']}")
     for key in after:
         print(f"{key + ':':<16}{before[key]:.3f} -> {after[key]:.3f}")
     if "loss_drop" in result.metrics:
         m = result.metrics
-        print(f"train/loss:     {m['loss_first']:.3f} -> {m['loss_last']:.3f} ({100 * m['loss_drop']:.0f}% lower)")
+        change = f"{100 * abs(m['loss_drop']):.0f}% {'lower' if m['loss_drop'] >= 0 else 'higher'}"
+        print(f"train/loss:     {m['loss_first']:.3f} -> {m['loss_last']:.3f} ({change})")
     if "grpo" in result.metrics:
         g = result.metrics["grpo"]
         b, a = g["heldout_reward_before"].get("total", float("nan")), g["heldout_reward_after"].get("total", float("nan"))

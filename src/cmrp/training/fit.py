@@ -7,6 +7,7 @@ metrics, sample grid, checkpoint, metrics.json — each logged to MLflow.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,9 +45,40 @@ def load_run_character(data_cfg: Any, output_dir: Path):
             raise ConfigError(f"data.path {path!r}: expected sandbox://<integer seed>") from None
         target = output_dir / "character"
         if not (target / "character.json").is_file():
-            write_sandbox_character(seed, target)
+            if is_main_process():
+                # written beside, then renamed: other ranks never see a half-written character
+                staging = output_dir / f".character-{os.getpid()}"
+                write_sandbox_character(seed, staging)
+                os.replace(staging, target)
+            else:
+                _wait_for(target / "character.json")
         path = str(target)
     return load_character(Path(path).expanduser(), format=data_cfg.format, character=data_cfg.character)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a distributed run (or the only process): the one that writes files and prints."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def _wait_for(path: Path, timeout_s: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise ConfigError(f"{path} did not appear within {timeout_s:.0f} s (rank 0 writes it); is rank 0 running?")
+        time.sleep(0.5)
+
+
+def trainer_strategy(name: str):
+    """`ddp` with unused-parameter detection: a task mix leaves an expert (ViT, generation) idle in some
+    batches, which plain DDP rejects. Other names go to Lightning as they are."""
+    if name == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(find_unused_parameters=True)
+    return name
 
 
 class _LossHistory:
@@ -135,7 +167,8 @@ def _build_backbone(cfg: Any, card: Any, character, ckpt_dir: Path):
     adapter.max_text_tokens = cfg.data.max_text_tokens
     if cfg.finetune.mode != "full" and (cfg.init_from or not card.get("weights")):
         # this base exists only in this run (random init or merged): keep it beside the adapter
-        adapter.save_pretrained(ckpt_dir / "backbone")
+        if is_main_process():
+            adapter.save_pretrained(ckpt_dir / "backbone")
     apply_finetune(adapter, cfg.finetune)
     return adapter
 
@@ -158,16 +191,11 @@ def _run_sft(cfg: Any, adapter, character, logger, out: Path) -> dict[str, Any]:
     from cmrp.data.tasks import build_examples
     from cmrp.training.sft import UnifiedSFTModule
 
-    examples = build_examples(character, [k for k, w in cfg.data.tasks.items() if w > 0], decoding=cfg.decoding)
-    datamodule = TaskMixDataModule(
-        examples, dict(cfg.data.tasks), adapter.collate,
-        steps=cfg.trainer.max_steps * cfg.trainer.accumulate_grad_batches,
-        batch_size=cfg.data.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers,
-    )
     history = _LossHistory()
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     # a run shorter than the logging interval would log no train metric at all
     trainer_kwargs["log_every_n_steps"] = min(trainer_kwargs["log_every_n_steps"], trainer_kwargs["max_steps"])
+    trainer_kwargs["strategy"] = trainer_strategy(trainer_kwargs["strategy"])
     trainer = L.Trainer(
         **trainer_kwargs,
         logger=logger,
@@ -176,6 +204,13 @@ def _run_sft(cfg: Any, adapter, character, logger, out: Path) -> dict[str, Any]:
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=str(out),
+    )
+    examples = build_examples(character, [k for k, w in cfg.data.tasks.items() if w > 0], decoding=cfg.decoding)
+    world = trainer.num_devices * trainer.num_nodes  # each rank reads its shard of the drawn mix
+    datamodule = TaskMixDataModule(
+        examples, dict(cfg.data.tasks), adapter.collate,
+        steps=cfg.trainer.max_steps * cfg.trainer.accumulate_grad_batches * world,
+        batch_size=cfg.data.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers,
     )
     module = UnifiedSFTModule(adapter, cfg.sft, cfg.trainer.max_steps)
     adapter.model.train()  # the "before" evaluation left it in eval mode
@@ -210,9 +245,11 @@ def run_fit(cfg: Any) -> FitResult:
     logger = make_logger(cfg.tracking, out, run_name=cfg.name)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     logger.log_hyperparams(flatten(redact_secrets(resolved)))
-    recipe_file = out / "recipe.yaml"
-    recipe_file.write_text(OmegaConf.to_yaml(OmegaConf.create(redact_secrets(resolved))))
-    logger.experiment.log_artifact(logger.run_id, str(recipe_file))
+    main = is_main_process()
+    if main:
+        recipe_file = out / "recipe.yaml"
+        recipe_file.write_text(OmegaConf.to_yaml(OmegaConf.create(redact_secrets(resolved))))
+        logger.experiment.log_artifact(logger.run_id, str(recipe_file))
 
     t = time.perf_counter()
     before = _evaluate(adapter, character, cfg.eval)
@@ -231,9 +268,9 @@ def run_fit(cfg: Any) -> FitResult:
 
     t = time.perf_counter()
     after = _evaluate(adapter, character, cfg.eval)
-    grid = _sample_grid(adapter, character, cfg.eval, cfg.seed, out / "samples.png")
+    grid = _sample_grid(adapter, character, cfg.eval, cfg.seed, out / "samples.png") if main else None
     timings["eval_after_s"] = time.perf_counter() - t
-    ckpt = _save_checkpoint(adapter, cfg, ckpt_dir)
+    ckpt = _save_checkpoint(adapter, cfg, ckpt_dir) if main else ckpt_dir
     timings["total_s"] = time.perf_counter() - t0
 
     metrics = {
@@ -246,6 +283,8 @@ def run_fit(cfg: Any) -> FitResult:
         **({"grpo": stages["grpo"]} if "grpo" in stages else {}),
         "timings": timings,
     }
+    if not main:  # other ranks trained in step with rank 0; it alone writes and reports
+        return FitResult(out, "", "", metrics, None, ckpt, timings)
     metrics_file = out / "metrics.json"
     metrics_file.write_text(json.dumps(metrics, indent=2))
     client, run_id = logger.experiment, logger.run_id

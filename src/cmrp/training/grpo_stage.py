@@ -82,12 +82,13 @@ def _nanmean(x: torch.Tensor) -> float:
     return float(valid.mean()) if valid.numel() else float("nan")
 
 
-def _prompt_loader(prompts: list[ImagePrompt], cfg: Any, seed: int):
-    """`max_steps` batches of `prompts_per_step` prompts, drawn (seeded) without repeats within an epoch."""
+def _prompt_loader(prompts: list[ImagePrompt], cfg: Any, seed: int, world: int = 1):
+    """`max_steps` batches of `prompts_per_step` prompts per rank, drawn (seeded) without repeats within an
+    epoch; Lightning's distributed sampler gives each rank its share."""
     from torch.utils.data import DataLoader
 
     rng = random.Random(seed)
-    needed = cfg.max_steps * cfg.prompts_per_step
+    needed = cfg.max_steps * cfg.prompts_per_step * world
     order: list[ImagePrompt] = []
     while len(order) < needed:
         epoch = list(prompts)
@@ -104,6 +105,7 @@ def run_grpo_stage(cfg: Any, adapter: Any, character: Character, preset: dict, l
 
     from cmrp.errors import DataError
     from cmrp.rewards import build_reward
+    from cmrp.training.fit import trainer_strategy
     from cmrp.training.grpo import CharacterGRPOModule
 
     g = cfg.grpo
@@ -127,15 +129,17 @@ def run_grpo_stage(cfg: Any, adapter: Any, character: Character, preset: dict, l
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     for key in ("max_steps", "gradient_clip_val", "accumulate_grad_batches", "log_every_n_steps"):
         trainer_kwargs.pop(key, None)
+    trainer_kwargs["strategy"] = trainer_strategy(trainer_kwargs["strategy"])
     trainer = L.Trainer(
         **trainer_kwargs, max_epochs=1, log_every_n_steps=1, logger=logger, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(out),
     )
+    world = trainer.num_devices * trainer.num_nodes  # each rank takes its own prompts: groups stay on one rank
     t = time.perf_counter()
     with warnings.catch_warnings():
         # the policy is kept in eval mode on purpose (see CharacterGRPOModule); Lightning would warn
         warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
-        trainer.fit(module, train_dataloaders=_prompt_loader(prompts, g, cfg.seed))
+        trainer.fit(module, train_dataloaders=_prompt_loader(prompts, g, cfg.seed, world))
     seconds = time.perf_counter() - t
     after = measure()
     return {
