@@ -34,6 +34,7 @@ def build_adapter(card_name: str, device: str, dtype: torch.dtype):
     adapter = BagelAdapter.build(card, corpus=[PROMPT] * 20, dtype=dtype).to(device)
     torch.nn.init.normal_(adapter.bagel.llm2vae.weight, std=0.02)
     adapter.model.eval()
+    adapter.max_text_tokens = 4096  # no truncation: prompt-length scaling must see the whole prompt
     return adapter
 
 

@@ -156,7 +156,7 @@ class CharacterGRPOModule(L.LightningModule):
 
     def _gather_rewards(self, local: torch.Tensor, local_groups: torch.Tensor):
         """Every rank's rewards and group ids (groups never span ranks), for the advantage statistics."""
-        if self.trainer is None or self.trainer.world_size == 1:
+        if self._trainer is None or self.trainer.world_size == 1:
             return local, local_groups
         rewards = self.all_gather(local.to(self.device)).reshape(-1).cpu()
         groups = self.all_gather(local_groups.to(self.device)).reshape(-1).cpu()
