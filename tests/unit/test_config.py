@@ -412,6 +412,8 @@ def test_load_reward_preset(assets, tmp_path):
         ("terms: {}", "at least one"),
         ("terms: {clip: {weight: 1, kwargs: 3}}", "'terms.clip.kwargs'"),
         ("terms: [clip]", "'terms' must be a mapping"),
+        ("terms: {clip_similarity: {weight: 1, kwargs: {scal: 2}}}", "unknown kwarg 'scal' (did you mean 'scale'?)"),
+        ("terms: {clip_sim: {weight: 1}}", "did you mean 'clip_similarity'?"),
     ],
 )
 def test_reward_preset_errors(tmp_path, text, expect):

@@ -155,3 +155,16 @@ def check_preset(cfg: DictConfig, prov: Provenance, known_terms: list[str]) -> N
             _known_name(prov, ("terms", term), term, known_terms, "reward term")
         if not math.isfinite(spec.weight):
             raise prov.error(("terms", term, "weight"), f"must be a finite number, got {spec.weight!r}")
+        if known_terms:
+            _check_term_kwargs(prov, term, dict(spec.kwargs))
+
+
+def _check_term_kwargs(prov: Provenance, term: str, kwargs: dict[str, Any]) -> None:
+    """A kwarg the term's constructor does not take fails here, not when GRPO starts."""
+    from cmrp.registry import REWARDS
+    from cmrp.rewards.composite import unknown_kwargs
+
+    hints, accepted = unknown_kwargs(REWARDS.get(term), kwargs)
+    if hints:
+        raise prov.error(("terms", term, "kwargs"),
+                         f"has unknown kwarg {', '.join(hints)}; {term} accepts: {', '.join(accepted)}")

@@ -109,25 +109,32 @@ def scalar_metrics(info: Mapping[str, Any], prefix: str = "reward/") -> dict[str
     return metrics
 
 
-def _construct(name: str, cls: Any, kwargs: dict[str, Any], where: str) -> Reward:
+def unknown_kwargs(cls: Any, kwargs: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """(kwargs the reward's constructor does not take, each with a close-name hint; what it accepts).
+    Lets `cmrp validate` reject a preset's typo before anything is built."""
+    import difflib
+
     try:
         signature = inspect.signature(cls)
     except (TypeError, ValueError):
-        signature = None
-    if signature is not None and not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
-        accepted = [p for p in signature.parameters if p != "self"]
-        unknown = sorted(set(kwargs) - set(accepted))
-        if unknown:
-            import difflib
+        return [], []
+    if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+        return [], []
+    accepted = [p for p in signature.parameters if p != "self"]
+    hints = []
+    for key in sorted(set(kwargs) - set(accepted)):
+        close = difflib.get_close_matches(key, accepted, n=1)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return hints, accepted
 
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, accepted, n=1)
-                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ConfigError(
-                f"{where}, term {name!r}: unknown kwarg {', '.join(hints)}. "
-                f"{name} accepts: {', '.join(accepted) or 'nothing'}."
-            )
+
+def _construct(name: str, cls: Any, kwargs: dict[str, Any], where: str) -> Reward:
+    hints, accepted = unknown_kwargs(cls, kwargs)
+    if hints:
+        raise ConfigError(
+            f"{where}, term {name!r}: unknown kwarg {', '.join(hints)}. "
+            f"{name} accepts: {', '.join(accepted) or 'nothing'}."
+        )
     try:
         return cls(**kwargs)
     except CmrpError as err:
