@@ -58,12 +58,14 @@ def _contexts(prompts: int):
     return [Example("t2i", [Segment("text", "user", f"{PROMPT} ({i})")]) for i in range(prompts)]
 
 
-def rollout_rate(adapter, *, prompts: int, group: int, steps: int, reuse: bool, repeats: int) -> float:
+def rollout_rate(adapter, *, prompts: int, group: int, steps: int, reuse: bool, repeats: int,
+                 cfg_scale: float = 1.0) -> float:
     ctx = _contexts(prompts)
 
     def run():
         with torch.no_grad():
-            adapter.sample_images(ctx, n=group, steps=steps, seed=0, noise=0.7, window=(0, 2), reuse_prefix=reuse)
+            adapter.sample_images(ctx, n=group, steps=steps, seed=0, noise=0.7, window=(0, 2), reuse_prefix=reuse,
+                                  cfg_scale=cfg_scale)
 
     return prompts * group / _timed(run, repeats)
 

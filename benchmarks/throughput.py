@@ -185,12 +185,14 @@ def main(argv: list[str] | None = None) -> dict:
     naive = rollout_rate(adapter, reuse=False, repeats=repeats, **shape)
     w2 = train_cost(adapter, window=2, repeats=repeats, **shape)["iteration_s"]
     wall = train_cost(adapter, window=10, repeats=repeats, **shape)["iteration_s"]
+    cfg_on = rollout_rate(adapter, reuse=True, repeats=repeats, cfg_scale=4.0, **shape)
     result["ratios"] = {
         "g_scaling_exponent": _slope(groups, by_g),
         "time_g16_over_g1": by_g[-1] / by_g[0],
         "prefix_reuse_speedup": cached / naive,
         "window2_vs_all_train_cost": wall / w2,
         "async_rewards_speedup": sync / asyn,
+        "cfg_off_vs_on_rollout_speed": cached / cfg_on,
     }
     text = json.dumps(result, indent=2)
     print(text)

@@ -166,3 +166,29 @@ def test_grpo_raises_a_brightness_reward_on_heldout_prompts(adapter):
     end = measure()
     print(f"held-out brightness {start:.3f} -> {end:.3f}")
     assert end > start + 0.05, (start, end)
+
+
+def test_text_cfg_combines_conditional_and_unconditional_velocities(adapter):
+    ctx = [p.context for p in prompts(["draw me on the beach", "hi"])]
+    plain = adapter.sample_images(ctx, n=2, steps=3, seed=4).images
+    assert torch.equal(adapter.sample_images(ctx, n=2, steps=3, seed=4, cfg_scale=1.0).images, plain)
+    guided = adapter.sample_images(ctx, n=2, steps=3, seed=4, cfg_scale=3.0).images
+    assert not torch.allclose(guided, plain, atol=1e-4)
+    # the guided velocity equals v_u + s (v_c - v_u) with each branch run on its own
+    cache = adapter._encode_prefix(ctx)  # noqa: SLF001 - checking the maths of the guided velocity
+    uncond = adapter._unconditional_prefix()  # noqa: SLF001
+    x = torch.randn(2, adapter.gen_tokens, adapter.bagel.patch_latent_dim, generator=torch.Generator().manual_seed(0))
+    t = torch.full((2,), 0.6)
+    with torch.no_grad():
+        v_c = adapter._velocity_fn(cache)(x, t)  # noqa: SLF001
+        v_u = adapter._velocity_fn(uncond.expand(2))(x, t)  # noqa: SLF001
+        v = adapter._guided_velocity_fn(cache, uncond, 3.0)(x, t)  # noqa: SLF001
+    assert torch.allclose(v, v_u + 3.0 * (v_c - v_u), atol=1e-5)
+
+
+def test_cfg_rollout_logprobs_are_recomputed_under_guidance(adapter):
+    ctx = [p.context for p in prompts(["draw me on the beach"])]
+    rollout = adapter.sample_images(ctx, n=3, steps=4, seed=0, noise=0.7, window=(0, 2), cfg_scale=2.5)
+    with torch.no_grad():
+        again = adapter.rollout_logprob(rollout, 1)
+    assert torch.allclose(again, rollout.trajectory.logprobs[:, 1], atol=1e-4)

@@ -114,7 +114,7 @@ def check_recipe(cfg: DictConfig, prov: Provenance) -> None:
 
     g = cfg.grpo
     for key in ("max_steps", "prompts_per_step", "group_size", "sample_steps", "window_size", "inner_epochs",
-                "minibatch_size", "accumulate", "clip_range", "adv_eps", "reward_workers"):
+                "minibatch_size", "accumulate", "clip_range", "adv_eps", "reward_workers", "cfg_scale"):
         _positive(prov, ("grpo", key), g[key])
     for key in ("noise_level", "adv_clip", "kl_beta", "max_grad_norm"):
         _non_negative(prov, ("grpo", key), g[key])

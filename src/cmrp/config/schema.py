@@ -86,6 +86,7 @@ class GRPOConfig:
     window_size: int = 2  # SDE (trained) steps per rollout; >= sample_steps: every step
     window_range: list[float] = field(default_factory=lambda: [0.0, 0.5])  # where the window may start
     same_noise: bool = False  # a group's samples start from the same initial noise
+    cfg_scale: float = 1.0  # text classifier-free guidance of rollouts (1: none; the paper uses 4)
     timestep_shift: float | None = None  # null: the backbone card's
     inner_epochs: int = 1  # mu: passes over the rollout's transitions per iteration
     minibatch_size: int = 8  # samples per forward/backward

@@ -48,7 +48,8 @@ class ImageRef:
 @dataclass
 class Turn:
     """One turn of a dialogue. A character turn may show an image (`image_id`) and carry the
-    image-reasoning text that leads to it (`thinking`, then `generation_instruction`)."""
+    image-reasoning text that leads to it (`thinking`, then `generation_instruction`). A user turn's
+    `image_id` is an image the user shares for the character to talk about (MMRole dialogues)."""
 
     role: Role
     text: str

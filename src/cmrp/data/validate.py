@@ -79,12 +79,46 @@ def _inspect_native(path: Path, character: str | None) -> tuple[Character | None
     return inspect_native(_native_dir(path, character))
 
 
+def _is_rolescape(path: Path) -> bool:
+    from cmrp.data.rolescape import is_rolescape
+
+    return is_rolescape(path)
+
+
+def _inspect_rolescape(path: Path, character: str | None) -> tuple[Character | None, list[Problem]]:
+    from cmrp.data.rolescape import inspect_rolescape
+
+    return inspect_rolescape(path, character)
+
+
+def _is_mmrole(path: Path) -> bool:
+    from cmrp.data.mmrole import is_mmrole
+
+    return is_mmrole(path)
+
+
+def _inspect_mmrole(path: Path, character: str | None) -> tuple[Character | None, list[Problem]]:
+    from cmrp.data.mmrole import inspect_mmrole
+
+    return inspect_mmrole(path, character)
+
+
 # format name -> does this directory look like that format? (tried in order for format="auto")
-FORMAT_DETECTORS: dict[str, Callable[[Path], bool]] = {"native": _is_native}
+FORMAT_DETECTORS: dict[str, Callable[[Path], bool]] = {
+    "native": _is_native,
+    "rolescape20": _is_rolescape,
+    "mmrole": _is_mmrole,
+}
 # format name -> parse a directory into (character or None when there are errors, problems)
-FORMAT_INSPECTORS: dict[str, Inspector] = {"native": _inspect_native}
+FORMAT_INSPECTORS: dict[str, Inspector] = {
+    "native": _inspect_native,
+    "rolescape20": _inspect_rolescape,
+    "mmrole": _inspect_mmrole,
+}
 FORMAT_DESCRIPTIONS: dict[str, str] = {
     "native": "character.json with train/data.json and test/data.json (written by `cmrp sandbox make`)",
+    "rolescape20": "the RoleScape-20 release: <root>/train/<Name>/ and <root>/test/<Name>/ (pick one with --character)",
+    "mmrole": "MMRole-Data: profiles/, data/train|test/*.json and/or dialogues/, images/ (pick one with --character)",
 }
 
 

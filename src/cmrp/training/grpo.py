@@ -143,6 +143,7 @@ class CharacterGRPOModule(L.LightningModule):
                 [prompt.context], n=cfg.group_size, steps=cfg.sample_steps,
                 seed=int(torch.randint(0, 2**31 - 1, (1,), generator=gen)), noise=cfg.noise_level,
                 window=window, sde=cfg.sde, same_noise=cfg.same_noise, timestep_shift=cfg.timestep_shift,
+                **({"cfg_scale": cfg.cfg_scale} if cfg.cfg_scale != 1.0 else {}),
             )
             rollouts.append(rollout)
             offset = self.global_rank * len(prompts) + i

@@ -282,6 +282,26 @@ class BagelAdapter:
 
         return velocity
 
+    def _guided_velocity_fn(self, cache: KVCache, uncond: KVCache | None, scale: float):
+        """Text classifier-free guidance: v_u + s·(v_c − v_u), v_u without the context (BAGEL's text CFG,
+        no renorm). Both branches run as one batch; s = 1 or no unconditional prefix: plain v_c."""
+        if uncond is None or scale == 1.0:
+            return self._velocity_fn(cache)
+        b = cache.valid.shape[0]
+        both = _concat_caches(cache, uncond.expand(b))
+        joint = self._velocity_fn(both)
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            v = joint(torch.cat([x, x]), torch.cat([t, t]))
+            v_cond, v_uncond = v[:b], v[b:]
+            return v_uncond + scale * (v_cond - v_uncond)
+
+        return velocity
+
+    def _unconditional_prefix(self) -> KVCache:
+        """The empty context (no character, no prompt) the guidance pushes away from."""
+        return self._encode_prefix([Example("t2i", [Segment("text", "user", "")])])
+
     def _uncached_velocity_fn(self, contexts: list[Example], n: int):
         repeated = [c for c in contexts for _ in range(n)]
 
@@ -298,13 +318,14 @@ class BagelAdapter:
     def sample_images(self, contexts: list[Example], *, n: int = 1, steps: int = 20, seed: int = 0,
                       noise: float = 0.0, window: tuple[int, int] | None = None, sde: str = "sde",
                       same_noise: bool = False, timestep_shift: float | None = None,
-                      reuse_prefix: bool = True) -> Rollout:
+                      reuse_prefix: bool = True, cfg_scale: float = 1.0) -> Rollout:
         """`n` samples per context by Euler integration of the flow head.
 
         The prefix (character + prompt) is encoded once per context and shared by its n samples.
         ODE steps everywhere, except SDE steps with noise level `noise` inside `window` ([start, end)
         step indices), whose transitions are stored for `rollout_logprob`. `same_noise`: the n
-        samples of a context start from the same initial noise. `reuse_prefix=False` re-encodes the
+        samples of a context start from the same initial noise. `cfg_scale` > 1: text classifier-free
+        guidance (the guided velocity is the policy, so log-probs use it too). `reuse_prefix=False` re-encodes the
         prefix for every sample at every step (the naive baseline the benchmarks compare against).
         """
         model, device = self.bagel, self.device
@@ -320,12 +341,18 @@ class BagelAdapter:
             x = x.expand(-1, n, -1, -1).reshape(b, self.gen_tokens, p * p * c)
         shift = model.arch.timestep_shift if timestep_shift is None else timestep_shift
         ts = sampling_timesteps(steps, shift, device)
-        velocity = self._velocity_fn(cache) if reuse_prefix else self._uncached_velocity_fn(contexts, n)
+        uncond = self._unconditional_prefix() if cfg_scale != 1.0 else None
+        if reuse_prefix:
+            velocity = self._guided_velocity_fn(cache, uncond, cfg_scale)
+        else:
+            if cfg_scale != 1.0:
+                raise ValueError("reuse_prefix=False (a benchmark baseline) does not support cfg_scale")
+            velocity = self._uncached_velocity_fn(contexts, n)
         traj = sample_flow(velocity, x.to(device), ts, window=window, eta=noise, kind=sde, generator=gen)
         group_ids = torch.arange(len(contexts)).repeat_interleave(n)
         t_cap = float(ts[1]) if steps > 1 else 0.99
         return Rollout(self._decode_latents(traj.final), group_ids, traj, noise, sde, t_cap,
-                       state=_RolloutState(contexts, n, prefix))
+                       state=_RolloutState(contexts, n, prefix, uncond, cfg_scale))
 
     def rollout_logprob(self, rollout: Rollout, step: int, index: torch.Tensor | None = None,
                         *, return_mean: bool = False):
@@ -345,7 +372,8 @@ class BagelAdapter:
         device = self.device
         x = traj.states[index, step].to(device)
         t, t_next = (float(v) for v in traj.times[step])
-        v = self._velocity_fn(cache)(x, torch.full((len(index),), t, device=device))
+        v = self._guided_velocity_fn(cache, state.uncond, state.cfg_scale)(
+            x, torch.full((len(index),), t, device=device))
         out = flow_step(x, v, t, t_next, eta=rollout.eta, kind=rollout.kind,
                         next_sample=traj.next_states[index, step].to(device), t_cap=rollout.t_cap)
         if out.logprob is None:
@@ -396,6 +424,31 @@ class _RolloutState:
     contexts: list[Example]
     n: int
     prefix: KVCache
+    uncond: KVCache | None = None
+    cfg_scale: float = 1.0
+
+
+def _concat_caches(a: KVCache, b: KVCache) -> KVCache:
+    """Stack two prefixes' caches along the batch, padding the shorter on the right (masked out)."""
+    la, lb = a.valid.shape[1], b.valid.shape[1]
+    length = max(la, lb)
+
+    def pad(t: torch.Tensor, current: int) -> torch.Tensor:
+        if current == length:
+            return t
+        shape = list(t.shape)
+        shape[2] = length - current
+        return torch.cat([t, t.new_zeros(shape)], dim=2)
+
+    def pad_valid(v: torch.Tensor) -> torch.Tensor:
+        return torch.cat([v, v.new_zeros(v.shape[0], length - v.shape[1])], dim=1)
+
+    return KVCache(
+        [torch.cat([pad(x, la), pad(y, lb)]) for x, y in zip(a.keys, b.keys, strict=True)],
+        [torch.cat([pad(x, la), pad(y, lb)]) for x, y in zip(a.values, b.values, strict=True)],
+        torch.cat([pad_valid(a.valid), pad_valid(b.valid)]),
+        torch.cat([a.next_position, b.next_position]),
+    )
 
 
 def _strip_peft(name: str) -> str:
