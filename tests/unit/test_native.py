@@ -264,8 +264,8 @@ def test_load_character_explains_unsupported_input(tmp_path, sandbox_dir):
         load_character(tmp_path)
     with pytest.raises(DataError, match="no such directory"):
         load_character(tmp_path / "missing")
-    with pytest.raises(DataError, match="'mmrole' is not supported.*native"):
-        load_character(sandbox_dir, format="mmrole")
+    with pytest.raises(DataError, match="'parquet' is not supported.*native"):
+        load_character(sandbox_dir, format="parquet")
 
 
 def test_load_character_raises_with_every_error(char_dir):

@@ -83,13 +83,16 @@ def _mcq_answer(item: MultipleChoice) -> str:
 
 
 def _character_turns(character: Character, split: CharacterSplit) -> Iterable[tuple[list[Segment], Turn]]:
-    """Each character turn of each scene with the segments before it (system prompt + the dialogue)."""
+    """Each character turn of each scene with the segments before it (system prompt, the dialogue, and
+    images users share, to be understood); a character turn's own image is the one it generates."""
     system = _text("system", system_prompt(character))
     for scene in split.scenes:
         history: list[Segment] = [system]
         for turn in scene.turns:
             if turn.role == "character":
                 yield list(history), turn
+            elif turn.image_id and turn.image_id in split.images:
+                history.append(_image(split.images[turn.image_id].path))  # an image the user shares (MMRole)
             history.append(_text(turn.role, turn.text))
 
 

@@ -7,7 +7,6 @@ metrics, sample grid, checkpoint, metrics.json — each logged to MLflow.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +15,6 @@ from typing import Any
 from cmrp.errors import ConfigError
 
 __all__ = ["FitResult", "load_run_character", "run_fit"]
-
-SANDBOX_SCHEME = "sandbox://"
-
 
 @dataclass
 class FitResult:
@@ -32,28 +28,10 @@ class FitResult:
 
 
 def load_run_character(data_cfg: Any, output_dir: Path):
-    """Load the recipe's character; `sandbox://SEED` generates one into the output directory."""
-    from cmrp.data.validate import load_character
+    """The recipe's character; in a distributed run only rank 0 writes a generated one."""
+    from cmrp.data.sources import load_recipe_character
 
-    path = str(data_cfg.path)
-    if path.startswith(SANDBOX_SCHEME):
-        from cmrp.sandbox import write_sandbox_character
-
-        try:
-            seed = int(path[len(SANDBOX_SCHEME):])
-        except ValueError:
-            raise ConfigError(f"data.path {path!r}: expected sandbox://<integer seed>") from None
-        target = output_dir / "character"
-        if not (target / "character.json").is_file():
-            if is_main_process():
-                # written beside, then renamed: other ranks never see a half-written character
-                staging = output_dir / f".character-{os.getpid()}"
-                write_sandbox_character(seed, staging)
-                os.replace(staging, target)
-            else:
-                _wait_for(target / "character.json")
-        path = str(target)
-    return load_character(Path(path).expanduser(), format=data_cfg.format, character=data_cfg.character)
+    return load_recipe_character(data_cfg, output_dir, may_write=is_main_process())
 
 
 def is_main_process() -> bool:
@@ -61,14 +39,6 @@ def is_main_process() -> bool:
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     return getattr(rank_zero_only, "rank", 0) == 0
-
-
-def _wait_for(path: Path, timeout_s: float = 600.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise ConfigError(f"{path} did not appear within {timeout_s:.0f} s (rank 0 writes it); is rank 0 running?")
-        time.sleep(0.5)
 
 
 def trainer_strategy(name: str):
@@ -152,16 +122,17 @@ def _save_checkpoint(adapter, cfg, ckpt: Path) -> Path:
 
 def _build_backbone(cfg: Any, card: Any, character, ckpt_dir: Path):
     """The card's backbone, or the one saved by an earlier run (`init_from`), made trainable per `finetune`."""
+    from cmrp.backbones.loading import merge_saved_adapter
     from cmrp.data.tasks import character_corpus
     from cmrp.registry import BACKBONES
-    from cmrp.training.peft import apply_finetune, load_merged_adapter
+    from cmrp.training.peft import apply_finetune
 
     adapter_cls = BACKBONES.get(card.adapter, where="backbone card `adapter`")
     if cfg.init_from:
         source = _checkpoint_dir(Path(cfg.init_from).expanduser())
         adapter = adapter_cls.from_pretrained(source / "backbone")
         if (source / "adapter").is_dir():
-            load_merged_adapter(adapter, source / "adapter")
+            merge_saved_adapter(adapter, source / "adapter")
     else:
         adapter = adapter_cls.build(card, corpus=character_corpus(character))
     adapter.max_text_tokens = cfg.data.max_text_tokens

@@ -13,7 +13,7 @@ import torch
 
 from cmrp.errors import ConfigError
 
-__all__ = ["apply_finetune", "base_name", "load_merged_adapter", "count_trainable", "freeze_to_groups", "is_peft", "save_adapter"]
+__all__ = ["apply_finetune", "base_name", "count_trainable", "freeze_to_groups", "is_peft", "save_adapter"]
 
 
 def _target_regex(adapter: Any, targets: Any) -> str:
@@ -126,14 +126,3 @@ def freeze_to_groups(adapter: Any, groups: list[str]) -> list[str]:
         )
     return trained
 
-
-def load_merged_adapter(adapter: Any, directory: str | Path) -> None:
-    """Fold a saved PEFT adapter into the backbone's base weights (a LoRA SFT result as a GRPO start)."""
-    from peft import PeftModel
-
-    from cmrp.errors import WeightsError
-
-    directory = Path(directory)
-    if not (directory / "adapter_config.json").is_file():
-        raise WeightsError(f"{directory}: no adapter_config.json; not a PEFT adapter saved by `cmrp fit`")
-    adapter.model = PeftModel.from_pretrained(adapter.model, str(directory)).merge_and_unload()
