@@ -1,4 +1,4 @@
-"""`cmrp` command line: fit | validate | ls | data | sandbox.
+"""`cmrp` command line: fit | validate | ls | data | sandbox | eval.
 
 Each area owns its sub-commands in a small `commands` module exposing `register(subparsers)`;
 this file only assembles them and turns a `CmrpError` into one clear message and exit status 2.
@@ -21,6 +21,7 @@ _COMMAND_MODULES = (
     "cmrp.config.commands",  # validate, ls
     "cmrp.data.commands",  # data validate
     "cmrp.sandbox.commands",  # sandbox make
+    "cmrp.evaluation.commands",  # eval
 )
 
 

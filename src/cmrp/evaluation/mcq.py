@@ -11,7 +11,7 @@ from typing import Any
 from cmrp.data.character import Character, MultipleChoice
 from cmrp.data.tasks import Segment, mcq_option_examples, system_prompt
 
-__all__ = ["knowledge_mcq_accuracy", "mcq_accuracy", "vqa_mcq_accuracy"]
+__all__ = ["knowledge_mcq_accuracy", "knowledge_mcq_items", "mcq_accuracy", "vqa_mcq_accuracy", "vqa_mcq_items"]
 
 
 def mcq_accuracy(backbone: Any, items: list[tuple[list[Segment], MultipleChoice]], task: str) -> float:
@@ -25,13 +25,17 @@ def mcq_accuracy(backbone: Any, items: list[tuple[list[Segment], MultipleChoice]
     return correct / len(items)
 
 
-def knowledge_mcq_accuracy(backbone: Any, character: Character, split: str = "test", max_items: int = 200) -> float:
+def knowledge_mcq_items(character: Character, split: str = "test",
+                        max_items: int = 200) -> list[tuple[list[Segment], MultipleChoice]]:
+    """Knowledge questions with their context (the system prompt), as both accuracies need them."""
     data = character.test if split == "test" else character.train
     prefix = [Segment("text", "system", system_prompt(character))]
-    return mcq_accuracy(backbone, [(prefix, m) for m in data.knowledge_mcq[:max_items]], "knowledge_qa")
+    return [(prefix, m) for m in data.knowledge_mcq[:max_items]]
 
 
-def vqa_mcq_accuracy(backbone: Any, character: Character, split: str = "test", max_items: int = 200) -> float:
+def vqa_mcq_items(character: Character, split: str = "test",
+                  max_items: int = 200) -> list[tuple[list[Segment], MultipleChoice]]:
+    """Questions about the split's images with the image as context; images that are missing are skipped."""
     data = character.test if split == "test" else character.train
     items = []
     for vqa in data.vqa:
@@ -39,4 +43,12 @@ def vqa_mcq_accuracy(backbone: Any, character: Character, split: str = "test", m
         if image is None:
             continue
         items += [([Segment("image", "user", image=image.path)], m) for m in vqa.mcq]
-    return mcq_accuracy(backbone, items[:max_items], "vqa")
+    return items[:max_items]
+
+
+def knowledge_mcq_accuracy(backbone: Any, character: Character, split: str = "test", max_items: int = 200) -> float:
+    return mcq_accuracy(backbone, knowledge_mcq_items(character, split, max_items), "knowledge_qa")
+
+
+def vqa_mcq_accuracy(backbone: Any, character: Character, split: str = "test", max_items: int = 200) -> float:
+    return mcq_accuracy(backbone, vqa_mcq_items(character, split, max_items), "vqa")

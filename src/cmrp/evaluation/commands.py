@@ -1,0 +1,181 @@
+"""`cmrp eval CHECKPOINT_OR_RUN_DIR`: evaluate a checkpoint against a baseline, write the report, log it."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register", "run_eval"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate a checkpoint (vs a baseline): role-play, T2I, QA; HTML + JSON report, logged to MLflow",
+        description="Evaluate the checkpoint of a `cmrp fit` run on its character's held-out split: text and "
+        "multimodal role-play, text-to-image (CLIP-I, CLIP-T, DINO, diversity), knowledge-QA and VQA "
+        "multiple choice, and optionally an LLM judge. Writes report.html and eval.json and logs both "
+        "to a new MLflow run in the run's database.",
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR", help="a `cmrp fit` output_dir (or its checkpoint/)")
+    p.add_argument("--baseline", default="base",
+                   help="`base` (default): the same architecture re-initialised from the run's backbone card; "
+                   "a run directory: another checkpoint; `none`: no baseline")
+    p.add_argument("--out", type=Path, default=None, help="report folder (default: <run>/eval)")
+    p.add_argument("--max-items", type=int, default=32, help="items per task (default 32)")
+    p.add_argument("--samples", type=int, default=4, help="images per T2I prompt (default 4)")
+    p.add_argument("--steps", type=int, default=20, help="flow sampling steps (default 20)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="length limit of generated replies (default 48)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--features", choices=("pixel", "pretrained"), default="pretrained",
+                   help="`pretrained`: open_clip CLIP, DINOv2, LPIPS from local caches; `pixel`: weight-free proxies")
+    p.add_argument("--device", default="cpu", help="torch device for the models and feature nets (default cpu)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: the run's own, sqlite:///<run>/mlflow.db)")
+    judge = p.add_argument_group("LLM judge (optional; any OpenAI-compatible endpoint)")
+    judge.add_argument("--judge-url", default=None, help="base URL, e.g. https://api.openai.com/v1")
+    judge.add_argument("--judge-model", default=None, help="model name, e.g. gpt-4o")
+    judge.add_argument("--judge-key-env", default=None,
+                       help="name of the environment variable holding the API key (the key is never written)")
+    judge.add_argument("--judge-concurrency", type=int, default=4, help="requests in flight (default 4)")
+    judge.add_argument("--judge-attempts", type=int, default=3,
+                       help="tries per item before a score is recorded as missing (default 3)")
+    judge.add_argument("--judge-templates", type=Path, default=None,
+                       help="folder of *.txt templates overriding the shipped ones (same names)")
+    p.set_defaults(handler=_eval)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    from cmrp.errors import ConfigError
+
+    for name in ("max_items", "samples", "steps", "max_new_tokens", "judge_concurrency", "judge_attempts"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if (args.judge_url is None) != (args.judge_model is None):
+        raise ConfigError("--judge-url and --judge-model go together: give both to use a judge, or neither")
+    if args.judge_templates is not None and not args.judge_templates.is_dir():
+        raise ConfigError(f"--judge-templates {args.judge_templates}: not a folder")
+
+
+def _visual_replies(items: list, model: Any, baseline: Any, task: str, k: int = 4) -> list[dict[str, Any]]:
+    """The first `k` held-out turns of a task with the model's and the baseline's replies, for the report."""
+    mine = model.replies.get(task, [])
+    theirs = baseline.replies.get(task, []) if baseline is not None else []
+    return [{"task": task, "context": it.history_text, "reference": it.reference,
+             "model": mine[i] if i < len(mine) else "",
+             "baseline": theirs[i] if i < len(theirs) else None}
+            for i, it in enumerate(items[:k])]
+
+
+def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything `cmrp eval` does; returns the report dictionary (also written to eval.json)."""
+    from cmrp.data.sources import load_recipe_character
+    from cmrp.evaluation.features import load_feature_set
+    from cmrp.evaluation.report import log_to_mlflow, write_html, write_json
+    from cmrp.evaluation.runner import (
+        EvalOptions,
+        evaluate_model,
+        find_checkpoint,
+        load_baseline,
+        load_checkpoint,
+        load_images,
+        load_recipe_of,
+        reference_numbers,
+        t2i_prompts,
+        turn_items,
+    )
+
+    _check_args(args)
+    t0 = time.perf_counter()
+    ckpt = find_checkpoint(args.checkpoint)
+    run_dir = ckpt.parent
+    cfg = load_recipe_of(ckpt)
+    character = load_recipe_character(cfg.data, run_dir)
+    out = (args.out or run_dir / "eval").expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    opts = EvalOptions(max_items=args.max_items, samples=args.samples, steps=args.steps,
+                       max_new_tokens=args.max_new_tokens, seed=args.seed)
+    feats = load_feature_set(args.features, device=args.device)
+    judge = None
+    if args.judge_url:
+        from cmrp.evaluation.judge import JudgeClient
+
+        judge = JudgeClient(args.judge_url, args.judge_model, api_key_env=args.judge_key_env,
+                            cache_dir=out / "judge-cache", templates_dir=args.judge_templates,
+                            concurrency=args.judge_concurrency, max_attempts=args.judge_attempts)
+
+    model = load_checkpoint(ckpt, cfg).to(args.device)
+    size = (model.image_size, model.image_size) if hasattr(model, "image_size") else (64, 64)
+    model_eval = evaluate_model(model, character, cfg, feats, opts, judge)
+    del model
+    baseline_eval, baseline_source = None, None
+    if args.baseline != "none":
+        baseline, baseline_source = load_baseline(args.baseline, cfg, character)
+        baseline_eval = evaluate_model(baseline.to(args.device), character, cfg, feats, opts, judge)
+        del baseline
+
+    settings = {"max_items": opts.max_items, "samples": opts.samples, "steps": opts.steps,
+                "max_new_tokens": opts.max_new_tokens, "seed": opts.seed}
+    report: dict[str, Any] = {
+        "checkpoint": str(ckpt),
+        "character": character.name,
+        "features": feats.name,
+        "baseline_source": baseline_source,
+        "settings": settings,
+        "judge_endpoint": f"{judge.url} ({judge.model})" if judge is not None else None,
+        "model": {"numbers": model_eval.numbers, "timings": model_eval.timings},
+        "baseline": {"numbers": baseline_eval.numbers, "timings": baseline_eval.timings} if baseline_eval else None,
+        "reference": reference_numbers(character, cfg, feats, opts, size),
+    }
+    prompts = t2i_prompts(character, cfg, opts.max_items)
+    images = {**character.train.images, **character.test.images}
+    refs = character.reference_images
+    fallback = refs[0] if refs else None
+    targets = [images.get(p.image_id) if p.image_id in images else fallback for p in prompts]
+    text_items, mm_items = turn_items(character, opts.max_items)
+    visuals = {
+        "references": list(load_images(refs[:8], size)),
+        "t2i_prompts": [p.prompt for p in prompts],
+        "t2i_targets": [(load_images([t], size)[0] if t is not None else None) for t in targets],
+        "t2i_model": model_eval.t2i_images,
+        "t2i_baseline": baseline_eval.t2i_images if baseline_eval else [],
+        "replies": _visual_replies(text_items, model_eval, baseline_eval, "text_roleplay")
+        + _visual_replies(mm_items, model_eval, baseline_eval, "multimodal_roleplay", k=2),
+    }
+    report["timings"] = {"total_s": time.perf_counter() - t0}
+    json_path = write_json(report, out / "eval.json")
+    html_path = write_html(report, visuals, out / "report.html")
+
+    from cmrp.tracking import default_tracking_uri
+
+    uri = args.tracking_uri or cfg.tracking.tracking_uri or default_tracking_uri(run_dir)
+    local = not uri.startswith(("http://", "https://", "databricks"))
+    run_id = log_to_mlflow(report, [json_path, html_path], uri, cfg.tracking.experiment,
+                           run_dir / "mlartifacts" if local else None)
+    report["mlflow"] = {"tracking_uri": uri, "run_id": run_id}
+    report["files"] = {"json": str(json_path), "html": str(html_path)}
+    return report
+
+
+def _eval(args: argparse.Namespace) -> int:
+    report = run_eval(args)
+    model = report["model"]["numbers"]
+    base = (report.get("baseline") or {}).get("numbers") or {}
+    print(f"character:   {report['character']}   (features: {report['features']})")
+    lines = [("knowledge_qa", "mcq_acc_likelihood"), ("vqa", "mcq_acc_likelihood"), ("t2i", "clip_i_references"),
+             ("t2i", "clip_t"), ("t2i", "dino_references"), ("t2i", "diversity"),
+             ("text_roleplay", "distinct_2"), ("multimodal_roleplay", "cross_modal_clip_t"),
+             ("judge", "mmrole_overall")]
+    for task, key in lines:
+        a = model.get(task, {}).get(key)
+        if not isinstance(a, int | float):
+            continue
+        b = base.get(task, {}).get(key)
+        tail = f"   (baseline {b:.3f})" if isinstance(b, int | float) and b == b else ""
+        print(f"{task + '/' + key + ':':<42}{a:.3f}{tail}")
+    print(f"report:      {report['files']['html']}")
+    print(f"numbers:     {report['files']['json']}")
+    print(f"MLflow run:  {report['mlflow']['run_id']} in {report['mlflow']['tracking_uri']}")
+    return 0

@@ -1,0 +1,426 @@
+"""`cmrp eval`'s work: load a checkpoint (and a baseline), run every task on the held-out split, collect numbers.
+
+Tasks, each on the character's test split (a native/RoleScape-20 held-out split, or MMRole test files):
+- text role-play: held-out dialogue turns with no image -> the model's replies -> persona statistics
+  (catchphrase / quirk usage, distinct-n, self-repetition, overlap with the reference reply);
+- multimodal role-play: turns where the user shares an image or the character shows one -> reply, and
+  for "show" turns an image drawn after the reply (chain decoding) -> CLIP-T of image vs reply
+  (cross-modal alignment), CLIP-I / DINO of the drawn image vs the reference;
+- T2I: held-out image prompts, `samples` images each -> CLIP-I (vs target and vs the reference
+  images), CLIP-T (vs prompt), DINO identity similarity, diversity within a prompt;
+- knowledge QA and VQA: multiple-choice accuracy by option likelihood and by generated answer;
+- with a judge: the paper's Memorization / Personality / Diversity and MMRole-Eval's eight ratios.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cmrp.data.character import Character, ImageRef
+from cmrp.data.tasks import Example, Segment, image_prompts, system_prompt
+from cmrp.errors import ConfigError, DataError
+from cmrp.evaluation import metrics as M
+from cmrp.evaluation.features import FeatureSet
+
+__all__ = ["EvalOptions", "ModelEval", "TurnItem", "evaluate_model", "find_checkpoint", "load_baseline",
+           "load_checkpoint", "load_images", "load_recipe_of", "reference_numbers",
+           "t2i_prompts", "turn_items"]
+
+NAN = float("nan")
+
+
+@dataclass
+class EvalOptions:
+    max_items: int = 32  # per task
+    samples: int = 2  # images per T2I prompt
+    steps: int = 20  # flow sampling steps
+    max_new_tokens: int = 48
+    seed: int = 0
+    batch_size: int = 8
+    max_references: int = 16  # reference images compared against (CLIP-I, DINO)
+
+
+@dataclass
+class TurnItem:
+    """A held-out character turn with what came before it."""
+
+    context: list[Segment]
+    reference: str
+    history_text: str
+    user_image: ImageRef | None = None
+    shown_image: ImageRef | None = None
+    instruction: str | None = None
+
+
+@dataclass
+class ModelEval:
+    """Numbers per task plus what the report shows (replies, sample images)."""
+
+    numbers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    replies: dict[str, list[str]] = field(default_factory=dict)
+    t2i_images: list[torch.Tensor] = field(default_factory=list)  # per prompt [n, 3, H, W]
+    shown_images: list[torch.Tensor] = field(default_factory=list)  # per multimodal "show" turn [3, H, W]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# -- loading ---------------------------------------------------------------------------------------------
+def find_checkpoint(path: Path) -> Path:
+    """The checkpoint folder of a `cmrp fit` output dir (or the checkpoint folder itself)."""
+    path = Path(path).expanduser().resolve()
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist; pass the output_dir of a `cmrp fit` run (or its checkpoint/)")
+    for candidate in (path, path / "checkpoint"):
+        if (candidate / "backbone").is_dir():
+            return candidate
+    raise ConfigError(f"{path} holds no cmrp checkpoint (expected {path}/checkpoint/backbone or {path}/backbone); "
+                      "pass the output_dir of a `cmrp fit` run")
+
+
+def load_recipe_of(ckpt: Path) -> Any:
+    """The resolved recipe a run saved beside its checkpoint (checkpoint/recipe.yaml)."""
+    from cmrp.config import load_recipe
+
+    recipe = ckpt / "recipe.yaml"
+    if not recipe.is_file():
+        raise ConfigError(f"{recipe} not found: `cmrp fit` writes it beside the checkpoint; without it the "
+                          "character and backbone card of the run are unknown")
+    return load_recipe(str(recipe), [])
+
+
+def load_checkpoint(ckpt: Path, cfg: Any | None = None) -> Any:
+    """The backbone of checkpoint/backbone (adapter named in its config.json), with checkpoint/adapter
+    (a PEFT LoRA adapter) merged in when present."""
+    import json
+
+    from cmrp.registry import BACKBONES
+
+    config_file = ckpt / "backbone" / "config.json"
+    try:
+        adapter_name = json.loads(config_file.read_text())["adapter"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{config_file}: cannot read the backbone's adapter name ({type(err).__name__}); "
+                          "the checkpoint is incomplete — re-run `cmrp fit` or pass another run") from None
+    adapter = BACKBONES.get(adapter_name, where=f"{config_file} key 'adapter'").from_pretrained(ckpt / "backbone")
+    if (ckpt / "adapter").is_dir():
+        from cmrp.backbones.loading import merge_saved_adapter
+
+        merge_saved_adapter(adapter, ckpt / "adapter")
+    if cfg is not None:
+        adapter.max_text_tokens = cfg.data.max_text_tokens
+    adapter.model.eval()
+    return adapter
+
+
+def load_baseline(spec: str, cfg: Any, character: Character) -> tuple[Any, str]:
+    """`base`: the run's architecture re-initialised from its backbone card exactly as `cmrp fit` did
+    (same seed, same tokenizer corpus) — or the card's pretrained weights when it names some.
+    Anything else: another run's output dir."""
+    if spec == "base":
+        import numpy as np
+
+        from cmrp.config import resolve_recipe_parts
+        from cmrp.data.tasks import character_corpus
+        from cmrp.registry import BACKBONES
+
+        card, _ = resolve_recipe_parts(cfg)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        adapter = BACKBONES.get(card.adapter, where="backbone card `adapter`").build(
+            card, corpus=character_corpus(character))
+        adapter.max_text_tokens = cfg.data.max_text_tokens
+        adapter.model.eval()
+        return adapter, f"base ({card.get('name') or cfg.backbone}, {'pretrained' if card.get('weights') else 'init'})"
+    ckpt = find_checkpoint(Path(spec))
+    return load_checkpoint(ckpt, cfg), str(ckpt.parent)
+
+
+# -- inputs ----------------------------------------------------------------------------------------------
+def turn_items(character: Character, max_items: int) -> tuple[list[TurnItem], list[TurnItem]]:
+    """Held-out character turns: (text-only turns, turns with an image), each capped at `max_items`."""
+    data = character.test
+    images = {**character.train.images, **data.images}
+    text_items: list[TurnItem] = []
+    mm_items: list[TurnItem] = []
+    for scene in data.scenes:
+        history: list[Segment] = [Segment("text", "system", system_prompt(character))]
+        lines: list[str] = []
+        last_user_image: ImageRef | None = None
+        for turn in scene.turns:
+            if turn.role == "character":
+                shown = images.get(turn.image_id) if turn.image_id else None
+                item = TurnItem(list(history), turn.text, "\n".join(lines[-6:]), last_user_image, shown,
+                                turn.generation_instruction)
+                target = mm_items if (shown is not None or last_user_image is not None) else text_items
+                if len(target) < max_items:
+                    target.append(item)
+                history.append(Segment("text", "character", turn.text))
+                lines.append(f"{character.name}: {turn.text}")
+                last_user_image = None
+            else:
+                user_image = images.get(turn.image_id) if turn.image_id else None
+                if user_image is not None:
+                    history.append(Segment("image", "user", image=user_image.path))
+                    lines.append(f"User: [shares an image{': ' + user_image.caption if user_image.caption else ''}]")
+                history.append(Segment("text", "user", turn.text))
+                lines.append(f"User: {turn.text}")
+                last_user_image = user_image
+        if len(text_items) >= max_items and len(mm_items) >= max_items:
+            break
+    return text_items, mm_items
+
+
+def load_images(refs: list[ImageRef], size: tuple[int, int]) -> torch.Tensor:
+    """[N, 3, H, W] in [0, 1] at the generated images' size, so every metric sees the same resolution."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    out = []
+    for ref in refs:
+        try:
+            with Image.open(ref.path) as img:
+                img = img.convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)
+                out.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1))
+        except (OSError, UnidentifiedImageError) as err:
+            raise DataError(f"{ref.path}: cannot read image ({type(err).__name__}); replace or remove it") from None
+    return torch.stack(out) if out else torch.zeros(0, 3, *size)
+
+
+def _generate(adapter: Any, contexts: list[Example], opts: EvalOptions) -> list[str]:
+    out: list[str] = []
+    for start in range(0, len(contexts), opts.batch_size):
+        out += adapter.generate_text(contexts[start:start + opts.batch_size], max_new_tokens=opts.max_new_tokens)
+    return out
+
+
+def _sample(adapter: Any, contexts: list[Example], n: int, opts: EvalOptions) -> torch.Tensor:
+    chunks = []
+    per_call = max(1, opts.batch_size // max(1, n))
+    for start in range(0, len(contexts), per_call):
+        rollout = adapter.sample_images(contexts[start:start + per_call], n=n, steps=opts.steps,
+                                        seed=opts.seed + start)
+        chunks.append(rollout.images.float().cpu().clamp(0, 1))
+    return torch.cat(chunks) if chunks else torch.zeros(0, 3, 1, 1)
+
+
+def _per_item_cosine(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    return torch.nn.functional.cosine_similarity(a.float().flatten(1), b.float().flatten(1), dim=-1).tolist()
+
+
+def _mean(values: list[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values else NAN
+
+
+# -- tasks -----------------------------------------------------------------------------------------------
+def _text_roleplay(adapter, character, items: list[TurnItem], opts, result: ModelEval) -> None:
+    replies = _generate(adapter, [Example("chat", it.context) for it in items], opts)
+    result.replies["text_roleplay"] = replies
+    stats = M.persona_stats(replies, character, [it.reference for it in items]) if items else {}
+    result.numbers["text_roleplay"] = {"items": len(items), **stats}
+
+
+def _multimodal_roleplay(adapter, character, items: list[TurnItem], feats: FeatureSet, refs: torch.Tensor,
+                         opts, result: ModelEval) -> None:
+    replies = _generate(adapter, [Example("chat", it.context) for it in items], opts)
+    result.replies["multimodal_roleplay"] = replies
+    numbers: dict[str, Any] = {"items": len(items)}
+    if items:
+        numbers.update(M.persona_stats(replies, character, [it.reference for it in items]))
+    cosines: list[float] = []
+    show = [(i, it) for i, it in enumerate(items) if it.shown_image is not None]
+    if show:
+        contexts = []
+        for i, it in show:
+            segs = [*it.context, Segment("text", "character", replies[i])]
+            if it.instruction:
+                segs.append(Segment("text", "character", it.instruction))
+            contexts.append(Example("t2i", segs))
+        drawn = _sample(adapter, contexts, 1, opts)
+        result.shown_images = list(drawn)
+        texts = [replies[i] for i, _ in show]
+        reply_cos = _per_item_cosine(feats.clip.encode_image(drawn), feats.clip.encode_text(texts))
+        cosines += reply_cos
+        targets = load_images([it.shown_image for _, it in show], tuple(drawn.shape[-2:]))
+        numbers["clip_t_reply_drawn"] = _mean(reply_cos)
+        numbers["clip_i_target"] = _mean(_per_item_cosine(feats.clip.encode_image(drawn),
+                                                          feats.clip.encode_image(targets)))
+        numbers["dino_references"] = M.dino_similarity(feats.dino, drawn, refs) if refs.shape[0] else NAN
+        numbers["show_turns"] = len(show)
+    seen = [(i, it) for i, it in enumerate(items) if it.user_image is not None]
+    if seen:
+        size = tuple(refs.shape[-2:]) if refs.shape[0] else (64, 64)
+        shared = load_images([it.user_image for _, it in seen], size)
+        seen_cos = _per_item_cosine(feats.clip.encode_image(shared),
+                                    feats.clip.encode_text([replies[i] for i, _ in seen]))
+        cosines += seen_cos
+        numbers["clip_t_reply_user_image"] = _mean(seen_cos)
+        numbers["user_image_turns"] = len(seen)
+    numbers["cross_modal_clip_t"] = _mean(cosines)
+    result.numbers["multimodal_roleplay"] = numbers
+
+
+def t2i_prompts(character: Character, cfg: Any, max_items: int):
+    """Held-out image prompts, each prompt text once (several dialogue turns may show the same image)."""
+    seen: set[str] = set()
+    prompts = []
+    for p in image_prompts(character, split="test", decoding=cfg.decoding):
+        if p.prompt not in seen:
+            seen.add(p.prompt)
+            prompts.append(p)
+    return prompts[:max_items]
+
+
+def _t2i(adapter, character, prompts, feats: FeatureSet, refs: torch.Tensor, opts, result: ModelEval) -> None:
+    numbers: dict[str, Any] = {"prompts": len(prompts), "samples_per_prompt": opts.samples}
+    if not prompts:
+        result.numbers["t2i"] = numbers
+        return
+    n = opts.samples
+    images = _sample(adapter, [p.context for p in prompts], n, opts)
+    result.t2i_images = [images[i * n:(i + 1) * n] for i in range(len(prompts))]
+    group_ids = torch.arange(len(prompts)).repeat_interleave(n)
+    texts = [p.prompt for p in prompts for _ in range(n)]
+    emb = feats.clip.encode_image(images)
+    numbers["clip_t"] = M.paired_cosine(emb, feats.clip.encode_text(texts))
+    numbers["clip_i_references"] = M.clip_i(feats.clip, images, refs)
+    numbers["dino_references"] = M.dino_similarity(feats.dino, images, refs)
+    numbers["diversity"] = M.within_prompt_diversity(feats.distance, images, group_ids)
+    all_images = {**character.train.images, **character.test.images}
+    with_target = [(i, all_images[p.image_id]) for i, p in enumerate(prompts) if p.image_id in all_images]
+    if with_target:
+        targets = load_images([ref for _, ref in with_target], tuple(images.shape[-2:]))
+        t_emb, t_dino = feats.clip.encode_image(targets), feats.dino(targets)
+        dino_all = feats.dino(images)
+        clip_target, dino_target = [], []
+        for k, (i, _) in enumerate(with_target):
+            clip_target.append(M.mean_cosine(emb[i * n:(i + 1) * n], t_emb[k:k + 1]))
+            dino_target.append(M.mean_cosine(dino_all[i * n:(i + 1) * n], t_dino[k:k + 1]))
+        numbers["clip_i_target"] = _mean(clip_target)
+        numbers["dino_target"] = _mean(dino_target)
+        numbers["prompts_with_target"] = len(with_target)
+    result.numbers["t2i"] = numbers
+
+
+def _mcq(adapter, character, opts, result: ModelEval) -> None:
+    from cmrp.evaluation.mcq import knowledge_mcq_items, vqa_mcq_items
+
+    for task, items in (("knowledge_qa", knowledge_mcq_items(character, "test", opts.max_items)),
+                        ("vqa", vqa_mcq_items(character, "test", opts.max_items))):
+        by_gen, parse_rate = M.mcq_accuracy_by_generation(adapter, items, task, batch_size=opts.batch_size)
+        result.numbers[task] = {
+            "items": len(items),
+            "mcq_acc_likelihood": M.mcq_accuracy_by_likelihood(adapter, items, task),
+            "mcq_acc_generated": by_gen,
+            "answer_parse_rate": parse_rate,
+        }
+
+
+def _judge(adapter, character, text_items: list[TurnItem], mm_items: list[TurnItem], judge: Any, opts,
+           result: ModelEval) -> None:
+    from cmrp.evaluation.judge import MMROLE_METRICS, JudgeRequest, ratio_scores
+
+    profile = character.profile.text
+    base = {"name": character.name, "profile": profile}
+    questions = character.test.judge_questions
+    numbers: dict[str, Any] = {}
+    answers: dict[str, list[tuple[str, str]]] = {}
+    for kind in ("memorization", "personality"):
+        qs = list(questions.get(kind, []))[:opts.max_items]
+        system = Segment("text", "system", system_prompt(character))
+        replies = _generate(adapter, [Example("chat", [system, Segment("text", "user", q)]) for q in qs], opts)
+        answers[kind] = list(zip(qs, replies, strict=True))
+        result.replies[f"judge_{kind}"] = replies
+    requests: list[JudgeRequest] = []
+    slots: list[tuple[str, int]] = []
+    for kind in ("memorization", "personality"):
+        for k, (q, reply) in enumerate(answers[kind]):
+            requests.append(JudgeRequest(kind, {**base, "question": q, "response": reply}))
+            slots.append((kind, k))
+    spread = answers["personality"] or answers["memorization"]
+    if len(spread) >= 2:
+        listing = "\n".join(f"{k + 1}. Q: {q}\n   A: {a}" for k, (q, a) in enumerate(spread))
+        requests.append(JudgeRequest("diversity", {**base, "responses": listing}))
+        slots.append(("diversity", 0))
+    turns = (text_items + mm_items)[:opts.max_items]
+    replies = result.replies.get("text_roleplay", []) + result.replies.get("multimodal_roleplay", [])
+    for k, it in enumerate(turns):
+        image = it.user_image or it.shown_image
+        fields = {**base, "image": (image.caption or image.id) if image else "none", "context": it.history_text,
+                  "response": replies[k] if k < len(replies) else "", "reference": it.reference}
+        requests.append(JudgeRequest("mmrole_pairwise", fields, kind="pairs"))
+        slots.append(("mmrole", k))
+    results = judge.score_many(requests)
+    scores: dict[str, list[float | None]] = {"memorization": [], "personality": [], "diversity": []}
+    pairs = []
+    for (kind, _), res in zip(slots, results, strict=True):
+        if kind == "mmrole":
+            pairs.append(res.value)
+        else:
+            scores[kind].append(res.value)
+    for kind, values in scores.items():
+        got = [v for v in values if v is not None]
+        numbers[kind] = sum(got) / len(got) if got else None
+        numbers[f"{kind}_missing"] = len(values) - len(got)
+    ratios = ratio_scores(pairs, MMROLE_METRICS)
+    numbers.update({f"mmrole_{k}": v for k, v in ratios.items()})
+    numbers["mmrole_items"] = len(pairs)
+    numbers["mmrole_missing"] = sum(p is None for p in pairs)
+    result.numbers["judge"] = numbers
+
+
+def evaluate_model(adapter: Any, character: Character, cfg: Any, feats: FeatureSet, opts: EvalOptions,
+                   judge: Any = None) -> ModelEval:
+    """Every task for one model; the same inputs and seeds for the model and its baseline."""
+    result = ModelEval()
+    adapter.model.eval()
+    text_items, mm_items = turn_items(character, opts.max_items)
+    prompts = t2i_prompts(character, cfg, opts.max_items)
+    size = (adapter.image_size, adapter.image_size) if hasattr(adapter, "image_size") else (64, 64)
+    refs = load_images(character.reference_images[:opts.max_references], size)
+    steps = [
+        ("text_roleplay", lambda: _text_roleplay(adapter, character, text_items, opts, result)),
+        ("multimodal_roleplay", lambda: _multimodal_roleplay(adapter, character, mm_items, feats, refs, opts,
+                                                             result)),
+        ("t2i", lambda: _t2i(adapter, character, prompts, feats, refs, opts, result)),
+        ("mcq", lambda: _mcq(adapter, character, opts, result)),
+    ]
+    if judge is not None:
+        steps.append(("judge", lambda: _judge(adapter, character, text_items, mm_items, judge, opts, result)))
+    with torch.no_grad():
+        for name, step in steps:
+            t = time.perf_counter()
+            step()
+            result.timings[f"{name}_s"] = time.perf_counter() - t
+    return result
+
+
+def reference_numbers(character: Character, cfg: Any, feats: FeatureSet, opts: EvalOptions,
+                      size: tuple[int, int]) -> dict[str, dict[str, Any]]:
+    """The same statistics on the reference data itself (the held-out replies and target images): what a
+    model that reproduced the data exactly would score, to read the other columns against."""
+    text_items, mm_items = turn_items(character, opts.max_items)
+    out: dict[str, dict[str, Any]] = {}
+    if text_items:
+        out["text_roleplay"] = M.persona_stats([it.reference for it in text_items], character)
+    if mm_items:
+        out["multimodal_roleplay"] = M.persona_stats([it.reference for it in mm_items], character)
+    prompts = t2i_prompts(character, cfg, opts.max_items)
+    images = {**character.train.images, **character.test.images}
+    with_target = [p for p in prompts if p.image_id in images]
+    refs = load_images(character.reference_images[:opts.max_references], size)
+    if with_target:
+        targets = load_images([images[p.image_id] for p in with_target], size)
+        out["t2i"] = {
+            "clip_t": M.clip_t(feats.clip, targets, [p.prompt for p in with_target]),
+            "clip_i_references": M.clip_i(feats.clip, targets, refs),
+            "dino_references": M.dino_similarity(feats.dino, targets, refs),
+        }
+    return out

@@ -1,0 +1,106 @@
+"""`cmrp eval` through the real console script on a quickstart checkpoint; report checked in headless Chromium.
+
+Making the checkpoint (`cmrp fit`, 2 steps) and evaluating it with a baseline takes about a minute of CPU;
+it is shared by the tests below and runs by default, because it is the acceptance check of `cmrp eval`
+(the judge's second evaluation is `slow`).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.unit.test_eval_report import needs_chromium, render_probe
+
+ROOT = Path(__file__).resolve().parents[2]
+CMRP = str(Path(sys.executable).parent / "cmrp")
+EVAL_ARGS = ["--features", "pixel", "--max-items", "8", "--samples", "2", "--steps", "3", "--max-new-tokens", "16"]
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([CMRP, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("eval") / "run"
+    proc = run_cli("fit", "recipes/quickstart.yaml", "trainer.max_steps=2", "data.batch_size=4", "eval.max_items=4",
+                   "eval.grid_prompts=1", "eval.images_per_prompt=1", "eval.sample_steps=2", f"output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_cli("eval", str(out), *EVAL_ARGS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "report:" in proc.stdout and "MLflow run:" in proc.stdout
+    return out
+
+
+def test_eval_numbers_for_model_and_baseline(evaluated):
+    report = json.loads((evaluated / "eval" / "eval.json").read_text())
+    assert report["features"] == "pixel" and report["baseline_source"].startswith("base")
+    for who in ("model", "baseline"):
+        numbers = report[who]["numbers"]
+        for task in ("knowledge_qa", "vqa"):
+            assert numbers[task]["items"] == 8
+            for key in ("mcq_acc_likelihood", "mcq_acc_generated", "answer_parse_rate"):
+                assert 0.0 <= numbers[task][key] <= 1.0
+        t2i = numbers["t2i"]
+        assert t2i["prompts"] >= 2 and t2i["samples_per_prompt"] == 2
+        for key in ("clip_t", "clip_i_references", "dino_references", "clip_i_target"):
+            assert -1.0 <= t2i[key] <= 1.0
+        assert 0.0 <= t2i["diversity"] <= 1.0
+        text = numbers["text_roleplay"]
+        assert text["items"] == 8
+        for key in ("distinct_1", "distinct_2", "self_repetition", "catchphrase_rate", "quirk_rate", "token_f1"):
+            assert 0.0 <= text[key] <= 1.0
+        mm = numbers["multimodal_roleplay"]
+        assert mm["show_turns"] >= 1 and -1.0 <= mm["cross_modal_clip_t"] <= 1.0
+    # the sandbox's own replies always show the persona's quirk
+    assert report["reference"]["text_roleplay"]["quirk_rate"] == 1.0
+
+
+def test_eval_logged_to_mlflow(evaluated):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{evaluated / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("cmrp")
+    runs = client.search_runs([experiment.experiment_id], "tags.`cmrp.kind` = 'eval'")
+    assert len(runs) == 1
+    run = runs[0]
+    metrics = run.data.metrics
+    assert {"eval/model/t2i/clip_i_references", "eval/baseline/vqa/mcq_acc_likelihood",
+            "eval/delta/knowledge_qa/mcq_acc_likelihood"} <= set(metrics)
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"eval.json", "report.html"}
+    assert run.info.status == "FINISHED"
+
+
+@needs_chromium
+def test_report_renders_in_headless_chromium(evaluated, tmp_path):
+    page = evaluated / "eval" / "report.html"
+    assert "https://" not in page.read_text()  # self-contained
+    counts, dom = render_probe(page, tmp_path)
+    assert counts["images"] >= 8 + 2 * 3  # reference strip + per prompt: target, 2 model and 2 baseline samples
+    assert counts["decoded"] == counts["images"]
+    assert counts["tables"] >= 6  # summary + one per task
+    assert "Text-to-image" in dom and "Knowledge QA" in dom
+
+
+@pytest.mark.slow
+def test_eval_with_judge(evaluated, tmp_path):
+    """The judge path end to end against a local fake endpoint: paper scores parsed, MMRole pairs parsed."""
+    from tests.unit.test_eval_judge import FakeJudge
+
+    fake = FakeJudge()
+    try:
+        proc = run_cli("eval", str(evaluated), "--features", "pixel", "--max-items", "2", "--samples", "2",
+                       "--steps", "2", "--max-new-tokens", "8", "--baseline", "none", "--out", str(tmp_path / "j"),
+                       "--judge-url", fake.url, "--judge-model", "fake")
+    finally:
+        fake.close()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    judge = json.loads((tmp_path / "j" / "eval.json").read_text())["model"]["numbers"]["judge"]
+    assert judge["memorization"] == 6.0 and judge["personality"] == 6.0 and judge["diversity"] == 6.0
+    assert judge["mmrole_items"] == 2 and judge["mmrole_missing"] == 2  # the fake gives no pairs: missing, not 0
+    assert judge["mmrole_overall"] is None
