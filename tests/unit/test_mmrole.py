@@ -16,6 +16,7 @@ from cmrp.data import load_character, read_character, validate_native, write_cha
 from cmrp.data.mmrole import inspect_mmrole
 from cmrp.data.validate import detect_format, errors_of
 from cmrp.errors import DataError
+from tests.unit.json_fuzz import mutate_json_file
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "mmrole"
 
@@ -115,16 +116,6 @@ values = st.recursive(
 )
 
 
-def _paths(value, prefix=()):
-    yield prefix
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield from _paths(v, (*prefix, k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from _paths(v, (*prefix, i))
-
-
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzz_never_raises_anything_but_a_data_problem(data):
@@ -132,22 +123,7 @@ def test_fuzz_never_raises_anything_but_a_data_problem(data):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(shutil.copytree(FIXTURE, Path(tmp) / "m"))
         path = root / file
-        doc = json.loads(path.read_text())
-        mode = data.draw(st.sampled_from(["replace", "delete", "whole", "bytes"]))
-        if mode == "bytes":
-            path.write_bytes(data.draw(st.binary(max_size=40)))
-        elif mode == "whole":
-            path.write_text(json.dumps(data.draw(values)))
-        else:
-            target = data.draw(st.sampled_from(list(_paths(doc))[1:]))
-            parent = doc
-            for key in target[:-1]:
-                parent = parent[key]
-            if mode == "delete":
-                del parent[target[-1]]
-            else:
-                parent[target[-1]] = data.draw(values)
-            path.write_text(json.dumps(doc))
+        mutate_json_file(data, path, values)
         try:
             character, problems = inspect_mmrole(root, "Captain Ada")
         except DataError as err:

@@ -19,6 +19,7 @@ from cmrp.data import load_character, read_character, validate_native, write_cha
 from cmrp.data.rolescape import inspect_rolescape, is_rolescape
 from cmrp.data.validate import detect_format, errors_of
 from cmrp.errors import DataError
+from tests.unit.json_fuzz import mutate_json_file
 
 SAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "rolescape20-sample"
 needs_sample = pytest.mark.skipif(not (SAMPLE / "train" / "Bo").is_dir(), reason=f"RoleScape-20 sample not at {SAMPLE}")
@@ -247,16 +248,6 @@ def _mini_release(root: Path) -> None:
         shutil.copy(src / name, dst / name)
 
 
-def _paths(value, prefix=()):
-    yield prefix
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield from _paths(v, (*prefix, k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from _paths(v, (*prefix, i))
-
-
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory) -> Path:
     if not (SAMPLE / "train" / "Bo").is_dir():
@@ -273,23 +264,7 @@ def test_fuzz_never_raises_anything_but_a_data_problem(mini, data):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(shutil.copytree(mini, Path(tmp) / "rs"))
         path = root / "train" / "Bo" / file
-        doc = json.loads(path.read_text())
-        mode = data.draw(st.sampled_from(["replace", "delete", "whole", "bytes"]))
-        if mode == "bytes":
-            path.write_bytes(data.draw(st.binary(max_size=40)))
-        elif mode == "whole":
-            path.write_text(json.dumps(data.draw(json_values)))
-        else:
-            target = data.draw(st.sampled_from(list(_paths(doc))[1:] or [()]))
-            if target:
-                parent = doc
-                for key in target[:-1]:
-                    parent = parent[key]
-                if mode == "delete":
-                    del parent[target[-1]]
-                else:
-                    parent[target[-1]] = data.draw(json_values)
-            path.write_text(json.dumps(doc))
+        mutate_json_file(data, path, json_values)
         try:
             character, problems = inspect_rolescape(root, "Bo")
         except DataError as err:
