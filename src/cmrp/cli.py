@@ -1,4 +1,4 @@
-"""`cmrp` command line: fit | validate | ls | data | sandbox | eval.
+"""`cmrp` command line: fit | validate | ls | data | sandbox | eval | chat | save-character.
 
 Each area owns its sub-commands in a small `commands` module exposing `register(subparsers)`;
 this file only assembles them and turns a `CmrpError` into one clear message and exit status 2.
@@ -22,6 +22,7 @@ _COMMAND_MODULES = (
     "cmrp.data.commands",  # data validate
     "cmrp.sandbox.commands",  # sandbox make
     "cmrp.evaluation.commands",  # eval
+    "cmrp.chat.commands",  # chat, save-character
 )
 
 
