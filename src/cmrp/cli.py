@@ -1,4 +1,4 @@
-"""`cmrp` command line: fit | validate | ls | data | sandbox | eval | chat | save-character.
+"""`cmrp` command line: fit | validate | ls | data | sandbox | eval | chat | save-character | demo.
 
 Each area owns its sub-commands in a small `commands` module exposing `register(subparsers)`;
 this file only assembles them and turns a `CmrpError` into one clear message and exit status 2.
@@ -23,6 +23,7 @@ _COMMAND_MODULES = (
     "cmrp.sandbox.commands",  # sandbox make
     "cmrp.evaluation.commands",  # eval
     "cmrp.chat.commands",  # chat, save-character
+    "cmrp.chat.demo",  # demo
 )
 
 

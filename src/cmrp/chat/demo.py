@@ -1,0 +1,129 @@
+"""`cmrp demo RUN_OR_CHARACTER_DIR`: a Gradio chat page with a character, images shown inline.
+
+Gradio is the optional `demo` extra and is imported only here, inside the functions. The page is served on
+127.0.0.1 unless `--host` says otherwise; a public share link is made only with `--share`. Each browser tab
+has its own conversation (a `ChatSession` on the one loaded backbone); requests are answered one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+from pathlib import Path
+from typing import Any
+
+from cmrp.errors import CmrpError, ConfigError
+
+__all__ = ["build_demo", "register"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="a local web chat page with a customized character (Gradio; pip install 'cmrp[demo]')",
+        description="Serve a Gradio chat page for the character of a `cmrp fit` run (output_dir or its "
+        "checkpoint/) or of a character artefact (`cmrp save-character`). Tick 'with image' to have the "
+        "character also draw an image, shown inline and saved as PNG under --out. Bound to 127.0.0.1 unless "
+        "--host says otherwise; no public link unless --share.",
+    )
+    p.add_argument("source", metavar="RUN_OR_CHARACTER_DIR", help="a `cmrp fit` output_dir, or a character artefact")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    p.add_argument("--out", type=Path, default=Path("chat"), help="folder for the images (default ./chat)")
+    p.add_argument("--decoding", choices=("chain", "joint"), default=None,
+                   help="chain: image conditioned on the reply; joint: on the history only (default: the character's)")
+    p.add_argument("--steps", type=int, default=20, help="image sampling steps (default 20)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=48, help="length limit of a reply (default 48)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy replies")
+    p.add_argument("--base", type=Path, default=None,
+                   help="character artefacts: the base backbone folder (default: the one its card names)")
+    p.set_defaults(handler=_demo)
+
+
+def _import_gradio() -> Any:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        import gradio
+    except ImportError:
+        raise CmrpError("`cmrp demo` needs Gradio: pip install 'cmrp[demo]'") from None
+    return gradio
+
+
+def build_demo(backbone: Any, info: Any, *, out_dir: str | Path = "chat", **session_kwargs: Any) -> Any:
+    """The Gradio Blocks app: a chatbot, a message box, a 'with image' checkbox, Send and Reset buttons.
+
+    `session_kwargs` go to every `ChatSession` (decoding, image_steps, seed, max_new_tokens, temperature).
+    """
+    gr = _import_gradio()
+    from cmrp.chat.session import ChatSession
+
+    sessions: dict[str, ChatSession] = {}
+
+    def session_for(request: Any) -> ChatSession:
+        key = str(getattr(request, "session_hash", None) or "default")
+        if key not in sessions:
+            sessions[key] = ChatSession(backbone, info, out_dir=out_dir, **session_kwargs)
+        return sessions[key]
+
+    def send(message: str, with_image: bool, history: list | None, request: gr.Request):
+        message = (message or "").strip()
+        history = list(history or [])
+        if not message:
+            return "", history
+        reply = session_for(request).reply(message, image=bool(with_image))
+        history.append({"role": "user", "content": message})
+        history.append({"role": "assistant", "content": reply.text})
+        if reply.image_path is not None:
+            history.append({"role": "assistant", "content": {"path": str(reply.image_path)}})
+        return "", history
+
+    def reset(request: gr.Request):
+        session_for(request).reset()
+        return "", []
+
+    for fn in (send, reset):  # real classes: with postponed annotations Gradio would see the string "gr.Request"
+        fn.__annotations__["request"] = gr.Request
+
+    chatbot_kwargs: dict[str, Any] = {"label": info.name, "height": 520}
+    if "type" in inspect.signature(gr.Chatbot.__init__).parameters:  # Gradio 4/5; 6 only has messages
+        chatbot_kwargs["type"] = "messages"
+    with gr.Blocks(title=f"cmrp: {info.name}", analytics_enabled=False) as app:
+        gr.Markdown(f"## Chat with {info.name}")
+        if info.profile:
+            gr.Markdown(info.profile)
+        chatbot = gr.Chatbot(elem_id="cmrp-chat", **chatbot_kwargs)
+        with gr.Row():
+            box = gr.Textbox(placeholder=f"Say something to {info.name}", show_label=False, scale=4,
+                             elem_id="cmrp-message")
+            with_image = gr.Checkbox(label="with image", value=False, elem_id="cmrp-with-image")
+        with gr.Row():
+            send_button = gr.Button("Send", variant="primary", elem_id="cmrp-send")
+            reset_button = gr.Button("Reset", elem_id="cmrp-reset")
+        send_button.click(send, [box, with_image, chatbot], [box, chatbot], concurrency_limit=1)
+        box.submit(send, [box, with_image, chatbot], [box, chatbot], concurrency_limit=1)
+        reset_button.click(reset, None, [box, chatbot], concurrency_limit=1)
+    return app
+
+
+def _demo(args: argparse.Namespace) -> int:
+    if args.steps < 1 or args.max_new_tokens < 1:
+        raise ConfigError("--steps and --max-new-tokens must be at least 1")
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port} is not a port number (0-65535)")
+    if not Path(args.source).expanduser().exists():
+        raise ConfigError(f"{args.source} does not exist; pass a `cmrp fit` output_dir or a character artefact")
+    _import_gradio()  # fail before loading the model
+    from cmrp.chat.artefact import load_chat_source
+
+    backbone, info = load_chat_source(args.source, args.base)
+    out = args.out.expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    app = build_demo(backbone, info, out_dir=out, decoding=args.decoding or info.decoding, image_steps=args.steps,
+                     seed=args.seed, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    print(f"serving a chat with {info.name} on http://{args.host}:{args.port} (Ctrl-C ends)", flush=True)
+    app.queue().launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[str(out)],
+                       inbrowser=False, show_error=True)
+    return 0
