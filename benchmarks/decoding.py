@@ -13,13 +13,16 @@ the reply text under the chosen features (`pixel`: weight-free colour-word proxy
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from grpo_rollout import emit  # noqa: E402
 
 
 def held_out_queries(character, limit: int) -> list[str]:
@@ -85,10 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     result = run(args.run_dir, turns=args.turns, steps=args.steps, features=args.features)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
     return result
 
 

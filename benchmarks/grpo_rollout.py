@@ -94,6 +94,14 @@ def train_cost(adapter, *, prompts: int, group: int, steps: int, window: int, re
     return {"iteration_s": seconds, "transitions_per_s": len(rollout) * rollout.num_steps / seconds}
 
 
+def emit(result: dict, out: Path | None) -> None:
+    """Print a benchmark's JSON, and write it to `out` when given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        out.write_text(text + "\n")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--card", default="bagel-tiny")
@@ -126,10 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
             "window2_vs_all_train_cost": window_all["iteration_s"] / window2["iteration_s"],
         },
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
     return result
 
 

@@ -17,7 +17,6 @@ The plot (needs matplotlib) shows the three scaling curves.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import resource
 import statistics
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grpo_rollout import PROMPT, build_adapter, rollout_rate, train_cost  # noqa: E402
+from grpo_rollout import PROMPT, build_adapter, emit, rollout_rate, train_cost  # noqa: E402
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -194,10 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
         "async_rewards_speedup": sync / asyn,
         "cfg_off_vs_on_rollout_speed": cached / cfg_on,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
     if args.plot:
         _plot(result, args.plot)
     return result

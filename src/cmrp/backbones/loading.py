@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cmrp.errors import WeightsError
+from cmrp.errors import ConfigError, WeightsError
 
-__all__ = ["merge_saved_adapter"]
+__all__ = ["find_checkpoint", "merge_saved_adapter"]
 
 
 def merge_saved_adapter(adapter: Any, directory: str | Path) -> None:
@@ -19,3 +19,15 @@ def merge_saved_adapter(adapter: Any, directory: str | Path) -> None:
     if not (directory / "adapter_config.json").is_file():
         raise WeightsError(f"{directory}: no adapter_config.json; not a PEFT adapter saved by `cmrp fit`")
     adapter.model = PeftModel.from_pretrained(adapter.model, str(directory)).merge_and_unload()
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder of a `cmrp fit` output dir (or the checkpoint folder itself)."""
+    path = Path(path).expanduser().resolve()
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist; pass the output_dir of a `cmrp fit` run (or its checkpoint/)")
+    for candidate in (path, path / "checkpoint"):
+        if (candidate / "backbone").is_dir():
+            return candidate
+    raise ConfigError(f"{path} holds no cmrp checkpoint (expected {path}/checkpoint/backbone or {path}/backbone); "
+                      "pass the output_dir of a `cmrp fit` run")

@@ -70,7 +70,8 @@ def _run_character(cfg: Any, run_dir: Path):
 
 
 def _run_parts(run: Path) -> tuple[Path, Any, Any]:
-    from cmrp.evaluation.runner import find_checkpoint, load_recipe_of
+    from cmrp.backbones.loading import find_checkpoint
+    from cmrp.evaluation.runner import load_recipe_of
 
     ckpt = find_checkpoint(run)
     cfg = load_recipe_of(ckpt)

@@ -16,6 +16,18 @@ HELP_TEXT = ("commands: /image MESSAGE (reply with an image), /reset (forget the
              "/save [FILE] (transcript as JSON), /quit; Ctrl-D also ends")
 
 
+def add_session_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of a chat session, shared by `cmrp chat` and `cmrp demo`."""
+    p.add_argument("--decoding", choices=("chain", "joint"), default=None,
+                   help="chain: image conditioned on the reply; joint: on the history only (default: the character's)")
+    p.add_argument("--steps", type=int, default=20, help="image sampling steps (default 20)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=48, help="length limit of a reply (default 48)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy replies")
+    p.add_argument("--base", type=Path, default=None,
+                   help="character artefacts: the base backbone folder (default: the one its card names)")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "chat",
@@ -28,14 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--once", metavar="MESSAGE", default=None, help="answer one message and exit (for scripts)")
     p.add_argument("--image", action="store_true", help="with --once: also draw an image")
     p.add_argument("--out", type=Path, default=Path("chat"), help="folder for images and transcripts (default ./chat)")
-    p.add_argument("--decoding", choices=("chain", "joint"), default=None,
-                   help="chain: image conditioned on the reply; joint: on the history only (default: the character's)")
-    p.add_argument("--steps", type=int, default=20, help="image sampling steps (default 20)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=48, help="length limit of a reply (default 48)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy replies")
-    p.add_argument("--base", type=Path, default=None,
-                   help="character artefacts: the base backbone folder (default: the one its card names)")
+    add_session_arguments(p)
     p.set_defaults(handler=_chat)
 
     s = subparsers.add_parser(

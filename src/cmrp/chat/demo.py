@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cmrp.chat.commands import add_session_arguments
 from cmrp.errors import CmrpError, ConfigError
 
 __all__ = ["build_demo", "register"]
@@ -32,14 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     p.add_argument("--out", type=Path, default=Path("chat"), help="folder for the images (default ./chat)")
-    p.add_argument("--decoding", choices=("chain", "joint"), default=None,
-                   help="chain: image conditioned on the reply; joint: on the history only (default: the character's)")
-    p.add_argument("--steps", type=int, default=20, help="image sampling steps (default 20)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=48, help="length limit of a reply (default 48)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy replies")
-    p.add_argument("--base", type=Path, default=None,
-                   help="character artefacts: the base backbone folder (default: the one its card names)")
+    add_session_arguments(p)
     p.set_defaults(handler=_demo)
 
 

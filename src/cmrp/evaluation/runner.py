@@ -23,9 +23,11 @@ from typing import Any
 
 import torch
 
+from cmrp.backbones.loading import find_checkpoint
 from cmrp.data.character import Character, ImageRef
+from cmrp.data.images import load_images
 from cmrp.data.tasks import Example, Segment, image_prompts, system_prompt
-from cmrp.errors import ConfigError, DataError
+from cmrp.errors import ConfigError
 from cmrp.evaluation import metrics as M
 from cmrp.evaluation.features import FeatureSet
 
@@ -71,18 +73,6 @@ class ModelEval:
 
 
 # -- loading ---------------------------------------------------------------------------------------------
-def find_checkpoint(path: Path) -> Path:
-    """The checkpoint folder of a `cmrp fit` output dir (or the checkpoint folder itself)."""
-    path = Path(path).expanduser().resolve()
-    if not path.exists():
-        raise ConfigError(f"{path} does not exist; pass the output_dir of a `cmrp fit` run (or its checkpoint/)")
-    for candidate in (path, path / "checkpoint"):
-        if (candidate / "backbone").is_dir():
-            return candidate
-    raise ConfigError(f"{path} holds no cmrp checkpoint (expected {path}/checkpoint/backbone or {path}/backbone); "
-                      "pass the output_dir of a `cmrp fit` run")
-
-
 def load_recipe_of(ckpt: Path) -> Any:
     """The resolved recipe a run saved beside its checkpoint (checkpoint/recipe.yaml)."""
     from cmrp.config import load_recipe
@@ -175,22 +165,6 @@ def turn_items(character: Character, max_items: int) -> tuple[list[TurnItem], li
         if len(text_items) >= max_items and len(mm_items) >= max_items:
             break
     return text_items, mm_items
-
-
-def load_images(refs: list[ImageRef], size: tuple[int, int]) -> torch.Tensor:
-    """[N, 3, H, W] in [0, 1] at the generated images' size, so every metric sees the same resolution."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    out = []
-    for ref in refs:
-        try:
-            with Image.open(ref.path) as img:
-                img = img.convert("RGB").resize((size[1], size[0]), Image.Resampling.BICUBIC)
-                out.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1))
-        except (OSError, UnidentifiedImageError) as err:
-            raise DataError(f"{ref.path}: cannot read image ({type(err).__name__}); replace or remove it") from None
-    return torch.stack(out) if out else torch.zeros(0, 3, *size)
 
 
 def _generate(adapter: Any, contexts: list[Example], opts: EvalOptions) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["group_advantages", "ppo_clipped_loss"]
+__all__ = ["group_advantages", "nan_mean", "nan_std", "ppo_clipped_loss"]
 
 
 def group_advantages(
@@ -54,3 +54,15 @@ def ppo_clipped_loss(
             "approx_kl": 0.5 * ((logprob - old_logprob) ** 2).mean(),
         }
     return loss, stats
+
+
+def nan_mean(x: torch.Tensor) -> float:
+    """Mean over the non-NaN entries (abstaining rewards); NaN when there are none."""
+    valid = x.float()[~torch.isnan(x.float())]
+    return float(valid.mean()) if valid.numel() else float("nan")
+
+
+def nan_std(x: torch.Tensor) -> float:
+    """Population std over the non-NaN entries; 0 with fewer than two."""
+    valid = x.float()[~torch.isnan(x.float())]
+    return float(valid.std(unbiased=False)) if valid.numel() > 1 else 0.0

@@ -145,13 +145,12 @@ def _build_backbone(cfg: Any, card: Any, character, ckpt_dir: Path):
 
 
 def _checkpoint_dir(path: Path) -> Path:
-    for candidate in (path, path / "checkpoint"):
-        if (candidate / "backbone").is_dir():
-            return candidate
-    raise ConfigError(
-        f"init_from: {path} holds no cmrp checkpoint (expected {path}/checkpoint/backbone or {path}/backbone); "
-        "pass the output_dir of an earlier `cmrp fit`"
-    )
+    from cmrp.backbones.loading import find_checkpoint
+
+    try:
+        return find_checkpoint(path)
+    except ConfigError as err:
+        raise ConfigError(f"init_from: {err}") from None
 
 
 def _run_sft(cfg: Any, adapter, character, logger, out: Path) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import torch
 
 from cmrp.data.tasks import ImagePrompt
 from cmrp.sampling.flow import sde_window
-from cmrp.training.advantages import group_advantages, ppo_clipped_loss
+from cmrp.training.advantages import group_advantages, nan_mean, nan_std, ppo_clipped_loss
 from cmrp.training.peft import freeze_to_groups, is_peft
 from cmrp.training.sft import build_optimizer
 
@@ -263,7 +263,7 @@ class CharacterGRPOModule(L.LightningModule):
 
     def _log_iteration(self, results, rewards, adv_stats, train_stats, timings) -> None:
         n = len(rewards)
-        log = {"reward/total_mean": _nanmean(rewards), "reward/total_std": _nanstd(rewards)}
+        log = {"reward/total_mean": nan_mean(rewards), "reward/total_std": nan_std(rewards)}
         terms: dict[str, list[torch.Tensor]] = {}
         for out, _ in results:
             for name, info in out.info.items():
@@ -271,20 +271,11 @@ class CharacterGRPOModule(L.LightningModule):
                     terms.setdefault(name, []).append(info["scores"].float().cpu())
         for name, parts in terms.items():
             scores = torch.cat(parts)
-            log[f"reward/{name}"] = _nanmean(scores)
-            log[f"reward/{name}_std"] = _nanstd(scores)
+            log[f"reward/{name}"] = nan_mean(scores)
+            log[f"reward/{name}_std"] = nan_std(scores)
         log["grpo/zero_std_ratio"] = adv_stats["zero_std_ratio"]
         log.update({f"grpo/{k}": v for k, v in train_stats.items()})
         log.update({f"grpo/time_{k}_s": v for k, v in timings.items()})
         self.log_dict(log, on_step=True, on_epoch=False, batch_size=n, sync_dist=True)
         self.last_log = log
 
-
-def _nanmean(x: torch.Tensor) -> float:
-    valid = x[~torch.isnan(x)]
-    return float(valid.mean()) if valid.numel() else float("nan")
-
-
-def _nanstd(x: torch.Tensor) -> float:
-    valid = x[~torch.isnan(x)]
-    return float(valid.std(unbiased=False)) if valid.numel() > 1 else 0.0

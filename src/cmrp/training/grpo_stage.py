@@ -12,6 +12,7 @@ import torch
 
 from cmrp.data.character import Character
 from cmrp.data.tasks import ImagePrompt, image_prompts
+from cmrp.training.advantages import nan_mean
 
 __all__ = ["character_questions", "heldout_reward", "reference_tensor", "run_grpo_stage"]
 
@@ -35,21 +36,11 @@ def character_questions(character: Character, split: str = "train"):
 
 
 def reference_tensor(character: Character, size: int = 64) -> torch.Tensor | None:
-    """The character's reference images as one [R, 3, size, size] tensor in [0, 1]."""
-    import numpy as np
-    from PIL import Image
+    """The character's reference images as one [R, 3, size, size] tensor in [0, 1] (None without any)."""
+    from cmrp.data.images import load_images
 
-    from cmrp.errors import DataError
-
-    tensors = []
-    for ref in character.reference_images:
-        try:
-            with Image.open(ref.path) as img:
-                arr = np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
-        except OSError as err:
-            raise DataError(f"{ref.path}: cannot read reference image ({err})") from None
-        tensors.append(torch.from_numpy(arr / 255.0).permute(2, 0, 1))
-    return torch.stack(tensors) if tensors else None
+    refs = character.reference_images
+    return load_images(refs, (size, size)) if refs else None
 
 
 @torch.no_grad()
@@ -69,17 +60,11 @@ def heldout_reward(adapter, reward, prompts: list[ImagePrompt], questions_for, r
     )
     out = reward(rollout.images, [p.prompt for p in prompts for _ in range(n)], group_ids=rollout.group_ids,
                  context=context)
-    result = {"total": _nanmean(out.scores)}
+    result = {"total": nan_mean(out.scores)}
     for name, info in out.info.items():
         if isinstance(info, dict) and isinstance(info.get("scores"), torch.Tensor):
-            result[name] = _nanmean(info["scores"])
+            result[name] = nan_mean(info["scores"])
     return result
-
-
-def _nanmean(x: torch.Tensor) -> float:
-    x = x.float()
-    valid = x[~torch.isnan(x)]
-    return float(valid.mean()) if valid.numel() else float("nan")
 
 
 def _prompt_loader(prompts: list[ImagePrompt], cfg: Any, seed: int, world: int = 1):
