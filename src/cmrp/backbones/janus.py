@@ -1,0 +1,730 @@
+"""The `janus` backbone adapter: Janus / Janus-Pro (transformers' `JanusForConditionalGeneration`).
+
+Janus decouples visual encoding: understood images go through a SigLIP ViT and `aligner` into a Llama
+language model; generated images are VQ-VAE codebook tokens, embedded by `generation_embeddings` +
+`generation_aligner` and predicted by `generation_head`. One causal sequence per example (Janus-Pro's
+chat format; consecutive segments of one role form one turn, their parts joined by a newline):
+
+    <bos>system\\n\\n<|User|>: <boi><image>*N<eoi>\\nquestion\\n\\n<|Assistant|>: answer<eos>
+    ...<|Assistant|>:<boi>code_1 ... code_N<eoi><eos>                  (a generated image)
+
+- text loss: CE of `lm_head` on the trained (response) tokens;
+- image loss: CE of `generation_head` on the VQ codes of the target image (teacher forcing);
+- image sampling: our own loop over the language model with a KV cache, classifier-free guidance
+  against Janus's unconditional prompt (every token but <bos>/<boi> replaced by padding), recording each
+  token's log-prob under the guided, tempered distribution (`cmrp.sampling.tokens`). For GRPO the N
+  positions are split into `steps` contiguous chunks; the chunks inside `window` are the stored steps.
+
+Real checkpoints load from a local folder or the Hugging Face cache in the official layout
+(config.json + *.safetensors + tokenizer files); never with remote code.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cmrp.backbones.bagel.packing import ImageLoader
+from cmrp.backbones.common import answer_questions, select_lora_targets
+from cmrp.data.tasks import Example, Segment
+from cmrp.errors import ConfigError, WeightsError
+from cmrp.registry import BACKBONES
+from cmrp.sampling.rollout import Rollout, TokenTrajectory
+from cmrp.sampling.tokens import guided_logits, sample_token_sequence, token_step
+
+__all__ = ["JanusAdapter", "JanusBatch", "JanusTokenizer"]
+
+IGNORE = -100
+EXTRAS_FILE = "cmrp.json"  # our settings beside the official files (sampling defaults, the card)
+DEFAULT_SAMPLING = {"temperature": 1.0, "cfg_scale": 5.0, "top_k": None}
+HEADERS = {"system": "", "user": "<|User|>:", "character": "<|Assistant|>:"}
+# Janus's special tokens (names as in the released tokenizer) when the tokenizer does not name them
+JANUS_TOKENS = {"image_token": "<image_placeholder>", "boi_token": "<begin_of_image>", "eoi_token": "<end_of_image>"}
+
+_LM_LINEAR = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+_GEN_LINEAR = r"model\.(generation_head\.(proj_out|vision_head)|generation_aligner\.(fc1|hidden_layers\.\d+))"
+_UND_LINEAR = r"model\.aligner\.(fc1|hidden_layers\.\d+)"
+DEFAULT_LORA_TARGETS = {
+    "default": [_LM_LINEAR, _GEN_LINEAR],
+    "generation": [_GEN_LINEAR],
+    "understanding": [_LM_LINEAR, _UND_LINEAR],
+}
+_GEN_PARAMS = r"model\.(generation_embeddings|generation_aligner|generation_head)\..*"
+_UND_PARAMS = r"(model\.(vision_model|aligner|language_model)\.|lm_head\.).*"
+
+
+class JanusTokenizer:
+    """A Hugging Face tokenizer plus the ids Janus needs (bos/eos/pad, image placeholder, begin/end of image)."""
+
+    def __init__(self, hf: Any):
+        self.hf = hf
+        self.image_id, self.boi_id, self.eoi_id = (self._special(attr) for attr in JANUS_TOKENS)
+        self.bos_id, self.eos_id = hf.bos_token_id, hf.eos_token_id
+        if self.bos_id is None or self.eos_id is None:
+            raise WeightsError("the Janus tokenizer defines no bos/eos token; use the checkpoint's own tokenizer files")
+        self.pad_id = hf.pad_token_id if hf.pad_token_id is not None else self.eos_id
+
+    def _special(self, attr: str) -> int:
+        token = getattr(self.hf, attr, None) or JANUS_TOKENS[attr]
+        tid = self.hf.convert_tokens_to_ids(token)
+        if tid is None or self.hf.convert_ids_to_tokens(tid) != token:
+            raise WeightsError(f"the tokenizer has no Janus token {token!r} ({attr}); use the checkpoint's own "
+                               "tokenizer files (tokenizer.json + tokenizer_config.json)")
+        return int(tid)
+
+    @classmethod
+    def train_bpe(cls, corpus: Sequence[str], vocab_size: int) -> JanusTokenizer:
+        """The byte-level BPE of tiny backbones (`tokenizer: train-bpe`) with Janus's image tokens added."""
+        from transformers import PreTrainedTokenizerFast
+
+        from cmrp.backbones.tokenizer import TextTokenizer
+
+        base = TextTokenizer.train_bpe(corpus, vocab_size=max(64, vocab_size - len(JANUS_TOKENS)))
+        base.backend.add_special_tokens(list(JANUS_TOKENS.values()))
+        hf = PreTrainedTokenizerFast(
+            tokenizer_object=base.backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
+            pad_token="<|endoftext|>", extra_special_tokens=dict(JANUS_TOKENS),
+        )
+        return cls(hf)
+
+    @classmethod
+    def load(cls, ref: str | Path) -> JanusTokenizer:
+        from transformers import AutoTokenizer
+
+        try:
+            hf = AutoTokenizer.from_pretrained(str(ref), trust_remote_code=False)
+        except (OSError, ValueError) as err:
+            raise WeightsError(
+                f"cannot load the Janus tokenizer from {str(ref)!r} ({err}). Point `tokenizer` (or `weights`) at a "
+                "folder with tokenizer.json + tokenizer_config.json, download the checkpoint into the Hugging Face "
+                "cache (`hf download deepseek-community/Janus-Pro-1B`), or use `tokenizer: train-bpe` for a tiny card."
+            ) from None
+        return cls(hf)
+
+    def save(self, directory: str | Path) -> None:
+        self.hf.save_pretrained(str(directory))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=False)) if text else []
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(ids, skip_special_tokens=True)
+
+
+@dataclass
+class JanusBatch:
+    """Right-padded sequences: ids, validity, next-token labels, image slots and pixels."""
+
+    input_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L] bool: real tokens
+    labels: torch.Tensor  # [B, L]: the text token position i predicts (IGNORE: none)
+    und_mask: torch.Tensor  # [B, L] bool: placeholder slots of understood images
+    gen_mask: torch.Tensor  # [B, L] bool: VQ-code slots of generated images
+    gen_pred_mask: torch.Tensor  # [B, L] bool: positions whose next token is a VQ code
+    und_pixels: torch.Tensor | None  # [n_und, 3, S, S] in [0, 1]
+    gen_pixels: torch.Tensor | None  # [n_gen, 3, S, S] in [0, 1]
+    task_ids: list[str] = field(default_factory=list)
+    gen_keys: list[str | None] = field(default_factory=list)  # image file of each generated image (code cache)
+
+    def to(self, device) -> JanusBatch:
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
+        return JanusBatch(**moved)
+
+
+@dataclass
+class _Seq:
+    ids: list[int] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)  # text | und | gen
+    trained: list[bool] = field(default_factory=list)  # this token is a text target
+    und: list[torch.Tensor] = field(default_factory=list)
+    gen: list[torch.Tensor] = field(default_factory=list)
+    gen_keys: list[str | None] = field(default_factory=list)
+
+    def add(self, ids: list[int], kind: str = "text", trained: bool = False) -> None:
+        self.ids += ids
+        self.kinds += [kind] * len(ids)
+        self.trained += [trained] * len(ids)
+
+
+@dataclass
+class _Prefix:
+    """Left-padded contexts ending where generation starts; rows [conditional | unconditional]."""
+
+    ids: torch.Tensor  # [R, P]
+    mask: torch.Tensor  # [R, P] bool
+    und_mask: torch.Tensor  # [R, P] bool
+    und_pixels: torch.Tensor | None
+    contexts: int  # number of conditional rows (C)
+
+
+@dataclass
+class _RolloutState:
+    prefix: _Prefix
+    n: int
+    cfg_scale: float
+    temperature: float
+    top_k: int | None
+
+
+@BACKBONES.register("janus")
+class JanusAdapter:
+    """Owns a `JanusForConditionalGeneration`, its tokenizer and its image pre-processing."""
+
+    image_head = "tokens"
+
+    def __init__(self, model: torch.nn.Module, tokenizer: JanusTokenizer, card: Any = None,
+                 extras: dict | None = None, max_text_tokens: int = 128):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.card = card
+        extras = dict(extras or {})
+        self.sampling = {**DEFAULT_SAMPLING, **(extras.get("sampling") or {})}
+        self.image_mean = torch.tensor(extras.get("image_mean", (0.5, 0.5, 0.5)), dtype=torch.float32)
+        self.image_std = torch.tensor(extras.get("image_std", (0.5, 0.5, 0.5)), dtype=torch.float32)
+        config = model.config
+        self.image_size = int(config.vision_config.image_size)
+        side = self.image_size // int(config.vision_config.patch_size)
+        self.und_tokens = side * side
+        self.gen_tokens = int(config.vq_config.num_patches) ** 2
+        self.max_text_tokens = max_text_tokens
+        self._load_image = ImageLoader(self.image_size)
+        self._code_cache: dict[str, torch.Tensor] = {}
+
+    @property
+    def extras(self) -> dict:
+        return {"sampling": dict(self.sampling), "image_mean": self.image_mean.tolist(),
+                "image_std": self.image_std.tolist()}
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def build(cls, card: Any, *, corpus: Sequence[str] = (), dtype: torch.dtype = torch.float32) -> JanusAdapter:
+        spec = _plain(card.get("architecture") or {})
+        if card.get("weights"):
+            adapter = cls.from_pretrained(card["weights"], dtype=dtype)
+            adapter.card = card
+            adapter.sampling.update(spec.get("sampling") or {})
+            return adapter
+        from transformers import JanusConfig, JanusForConditionalGeneration
+
+        name = card.get("name")
+        missing = [k for k in ("text_config", "vision_config", "vq_config") if k not in spec]
+        if missing:
+            raise ConfigError(f"backbone card {name!r}: architecture needs {missing} (or set `weights`)")
+        vocab = int(spec["text_config"].get("vocab_size", 1024))
+        tok_ref = card.get("tokenizer") or "train-bpe"
+        if tok_ref == "train-bpe":
+            if not corpus:
+                raise ConfigError("backbone card tokenizer 'train-bpe' needs a text corpus (the character's texts)")
+            tokenizer = JanusTokenizer.train_bpe(corpus, vocab)
+        else:
+            tokenizer = JanusTokenizer.load(tok_ref)
+        if tokenizer.vocab_size > vocab:
+            raise ConfigError(f"backbone card {name!r}: architecture.text_config.vocab_size={vocab} is smaller than "
+                              f"the tokenizer's {tokenizer.vocab_size} tokens; raise vocab_size")
+        text = {"model_type": "llama", **spec["text_config"]}
+        try:
+            config = JanusConfig(text_config=text, vision_config=spec["vision_config"], vq_config=spec["vq_config"],
+                                 image_token_id=tokenizer.image_id, tie_word_embeddings=False)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"backbone card {name!r}: bad architecture ({err})") from None
+        _check_geometry(config, f"backbone card {name!r}")
+        model = JanusForConditionalGeneration(config).to(dtype)
+        extras = {k: spec[k] for k in ("sampling", "image_mean", "image_std") if k in spec}
+        return cls(model, tokenizer, card, extras)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32) -> JanusAdapter:
+        """A local folder or a hub id (resolved in the Hugging Face cache) in the official layout."""
+        from transformers import JanusForConditionalGeneration
+
+        local = Path(path).expanduser()
+        ref = str(local) if local.exists() else str(path)
+        if local.exists() and not (local / "config.json").is_file():
+            raise WeightsError(f"{local / 'config.json'} not found: {local} is not a Janus checkpoint folder "
+                               "(config.json + model.safetensors + tokenizer files)")
+        try:
+            model, info = JanusForConditionalGeneration.from_pretrained(
+                ref, dtype=dtype, output_loading_info=True, trust_remote_code=False, use_safetensors=True)
+        except (OSError, ValueError) as err:
+            raise WeightsError(
+                f"cannot load Janus weights from {ref!r} ({str(err).splitlines()[0]}). Download them into the "
+                f"Hugging Face cache (`hf download {ref}`; set HF_HOME to move the cache) or set the card's "
+                "`weights` to a local folder with config.json + model.safetensors."
+            ) from None
+        problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if any(problems.values()):
+            lines = [f"{ref}: the weights do not match its config.json:"]
+            for title, items in problems.items():
+                if items:
+                    names = [str(i[0]) if isinstance(i, tuple) else str(i) for i in items]
+                    shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+                    lines.append(f"  {title.replace('_', ' ')}: {shown}")
+            raise WeightsError("\n".join(lines))
+        _check_geometry(model.config, ref)
+        tokenizer = JanusTokenizer.load(ref)
+        extras, card = {}, None
+        if (local / EXTRAS_FILE).is_file():
+            saved = json.loads((local / EXTRAS_FILE).read_text())
+            extras, card = saved.get("extras", {}), saved.get("card")
+        elif (local / "preprocessor_config.json").is_file():
+            pre = json.loads((local / "preprocessor_config.json").read_text())
+            extras = {k: pre[k] for k in ("image_mean", "image_std") if k in pre}
+        return cls(model.eval(), tokenizer, card, extras)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """The official layout (config.json, model.safetensors, tokenizer files) plus cmrp.json; written to a
+        temporary folder first, then moved into place."""
+        if hasattr(self.model, "get_base_model"):
+            raise ValueError("save the base model before wrapping it with PEFT, or merge the adapter first")
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(str(tmp), safe_serialization=True)
+        self.tokenizer.save(tmp)
+        (tmp / EXTRAS_FILE).write_text(json.dumps({"adapter": "janus", "extras": self.extras,
+                                                   "card": _plain(self.card)}, indent=2))
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+        return path
+
+    def to(self, device) -> JanusAdapter:
+        self.model.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def janus(self):
+        """The `JanusForConditionalGeneration`, through a PEFT wrapper if there is one."""
+        model = self.model
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        return model
+
+    # -- fine-tuning -----------------------------------------------------------------------------
+    def lora_targets(self, kind: str = "default") -> list[str]:
+        return select_lora_targets(DEFAULT_LORA_TARGETS, self.card, kind)
+
+    def trainable_groups(self) -> dict[str, list[str]]:
+        """generation: the image-token head, embeddings and aligner; understanding: the ViT, its aligner and
+        the language model (which Janus shares between both tasks: GRPO that should move more than the
+        head trains [generation, understanding])."""
+        return {"generation": [_GEN_PARAMS], "understanding": [_UND_PARAMS]}
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute each Llama decoder layer in backward (`finetune.gradient_checkpointing`; transformers
+        applies it in training mode)."""
+        lm = self.janus.model.language_model
+        if enabled:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_disable()
+
+    def fsdp_wrap_modules(self) -> set[type[torch.nn.Module]]:
+        """One FSDP unit per Llama decoder layer and per ViT encoder layer (`trainer.strategy: fsdp`)."""
+        from transformers.models.janus.modeling_janus import JanusVisionEncoderLayer
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        return {LlamaDecoderLayer, JanusVisionEncoderLayer}
+
+    # -- sequences -------------------------------------------------------------------------------
+    def _render(self, example: Example, stop: str | None = None) -> _Seq:
+        """One example as tokens. `stop="generate"`: end after the <boi> of the first generated image
+        (a sampling prefix); `stop="train"`: end before the first trained text (a text-generation prefix)."""
+        tok = self.tokenizer
+        seq = _Seq()
+        seq.add([tok.bos_id])
+        turns: list[tuple[str, list[Segment]]] = []
+        for seg in example.segments:
+            if turns and turns[-1][0] == seg.role:
+                turns[-1][1].append(seg)
+            else:
+                turns.append((seg.role, [seg]))
+        for role, segs in turns:
+            if HEADERS.get(role):
+                seq.add(tok.encode(HEADERS[role]))
+            for j, seg in enumerate(segs):
+                if j:
+                    seq.add(tok.encode("\n"))
+                if seg.kind == "text":
+                    if stop == "train" and seg.train:
+                        return seq
+                    body = tok.encode(seg.text if role == "system" else " " + seg.text)[: self.max_text_tokens]
+                    seq.add(body, trained=seg.train)
+                elif seg.generate:
+                    seq.add([tok.boi_id])
+                    if stop == "generate":
+                        return seq
+                    seq.gen.append(self._load_image(seg))
+                    seq.gen_keys.append(str(seg.image) if seg.pixels is None and seg.image is not None else None)
+                    seq.add([tok.pad_id] * self.gen_tokens, "gen")
+                    seq.add([tok.eoi_id])
+                else:
+                    seq.und.append(self._load_image(seg))
+                    seq.add([tok.boi_id])
+                    seq.add([tok.image_id] * self.und_tokens, "und")
+                    seq.add([tok.eoi_id])
+            if role == "character":
+                last = segs[-1]
+                seq.add([tok.eos_id], trained=last.kind == "text" and last.train)
+            else:
+                seq.add(tok.encode("\n\n"))
+        if stop is not None:
+            raise ValueError(f"context has no {'generated image' if stop == 'generate' else 'trained text'} to stop at")
+        return seq
+
+    def collate(self, examples: list[Example]) -> JanusBatch:
+        seqs = [self._render(ex) for ex in examples]
+        b, length = len(seqs), max(len(s.ids) for s in seqs)
+        ids = torch.full((b, length), self.tokenizer.pad_id, dtype=torch.long)
+        valid = torch.zeros((b, length), dtype=torch.bool)
+        labels = torch.full((b, length), IGNORE, dtype=torch.long)
+        und = torch.zeros_like(valid)
+        gen = torch.zeros_like(valid)
+        gen_pred = torch.zeros_like(valid)
+        und_images, gen_images, gen_keys = [], [], []
+        for i, s in enumerate(seqs):
+            n = len(s.ids)
+            ids[i, :n] = torch.tensor(s.ids)
+            valid[i, :n] = True
+            trained = torch.tensor(s.trained[1:] + [False])
+            nxt = torch.tensor(s.ids[1:] + [IGNORE])
+            labels[i, :n] = torch.where(trained, nxt, torch.full_like(nxt, IGNORE))
+            kinds = s.kinds
+            und[i, :n] = torch.tensor([k == "und" for k in kinds])
+            gen[i, :n] = torch.tensor([k == "gen" for k in kinds])
+            gen_pred[i, :n] = torch.tensor([k == "gen" for k in kinds[1:]] + [False])
+            und_images += s.und
+            gen_images += s.gen
+            gen_keys += s.gen_keys
+        return JanusBatch(ids, valid, labels, und, gen, gen_pred,
+                          torch.stack(und_images) if und_images else None,
+                          torch.stack(gen_images) if gen_images else None,
+                          [ex.task for ex in examples], gen_keys)
+
+    # -- model pieces ----------------------------------------------------------------------------
+    def _vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        mean = self.image_mean.to(pixels.device)[:, None, None]
+        std = self.image_std.to(pixels.device)[:, None, None]
+        dtype = self.janus.model.aligner.fc1.weight.dtype
+        return self.janus.model.get_image_features((pixels - mean) / std).pooler_output.to(dtype)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """VQ codes [N, gen_tokens] of images [N, 3, S, S] in [0, 1] (the frozen VQ-VAE encoder)."""
+        vq = self.janus.model.vqmodel
+        x = (pixels.to(self.device) * 2 - 1).to(vq.quant_conv.weight.dtype)
+        return vq.encode(x).image_tokens.reshape(pixels.shape[0], -1)
+
+    def _target_codes(self, batch: JanusBatch) -> torch.Tensor | None:
+        """VQ codes of a batch's generated images; codes of image files are cached (the VQ-VAE is frozen)."""
+        if batch.gen_pixels is None:
+            return None
+        keys = batch.gen_keys or [None] * len(batch.gen_pixels)
+        todo = [i for i, k in enumerate(keys) if k is None or k not in self._code_cache]
+        codes = torch.empty(len(keys), self.gen_tokens, dtype=torch.long, device=self.device)
+        if todo:
+            fresh = self.encode_images(batch.gen_pixels[todo])
+            codes[todo] = fresh
+            for i, c in zip(todo, fresh, strict=True):
+                if keys[i] is not None:
+                    self._code_cache[keys[i]] = c.cpu()
+        for i, k in enumerate(keys):
+            if i not in todo:
+                codes[i] = self._code_cache[k].to(self.device)
+        return codes
+
+    @torch.no_grad()
+    def decode_images(self, codes: torch.Tensor) -> torch.Tensor:
+        """Images [N, 3, S, S] in [0, 1] on the CPU from VQ codes [N, gen_tokens]."""
+        pixels = self.janus.model.vqmodel.decode(codes.to(self.device))
+        return ((pixels.float() + 1) / 2).clamp(0, 1).cpu()
+
+    def _gen_embeds(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.janus.prepare_embeddings_for_image_generation(codes)
+
+    def _embed(self, ids: torch.Tensor, und_mask: torch.Tensor, und_pixels, gen_mask=None, codes=None):
+        embeds = self.janus.get_input_embeddings()(ids)
+        if und_pixels is not None and bool(und_mask.any()):
+            feats = self._vision_features(und_pixels.to(ids.device))
+            embeds = embeds.masked_scatter(und_mask[..., None], feats.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
+        if codes is not None:
+            gen = self._gen_embeds(codes)
+            embeds = embeds.masked_scatter(gen_mask[..., None], gen.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
+        return embeds
+
+    def _lm(self, embeds, mask, positions=None, past=None, use_cache: bool = False):
+        out = self.janus.model.language_model(inputs_embeds=embeds, attention_mask=mask.long(),
+                                              position_ids=positions, past_key_values=past, use_cache=use_cache)
+        return out.last_hidden_state, out.past_key_values
+
+    # -- training --------------------------------------------------------------------------------
+    def losses(self, batch: JanusBatch, *, timestep_shift: float | None = None) -> dict[str, torch.Tensor]:
+        """{"ce": text CE, "mse": image-token CE} (the key names are the protocol's; `timestep_shift`
+        only matters to flow heads)."""
+        batch = batch.to(self.device)
+        codes = self._target_codes(batch)
+        embeds = self._embed(batch.input_ids, batch.und_mask, batch.und_pixels, batch.gen_mask, codes)
+        hidden, _ = self._lm(embeds, batch.attention_mask)
+        sel = batch.labels != IGNORE
+        if bool(sel.any()):
+            logits = self.janus.lm_head(hidden[sel])
+            ce = F.cross_entropy(logits.float(), batch.labels[sel])
+        else:
+            ce = hidden.sum() * 0.0
+        if codes is not None:
+            logits = self.janus.model.generation_head(hidden[batch.gen_pred_mask])
+            image = F.cross_entropy(logits.float(), codes.reshape(-1))
+        else:
+            image = hidden.sum() * 0.0
+        return {"ce": ce, "mse": image}
+
+    def text_loss(self, batch: JanusBatch) -> torch.Tensor:
+        return self.losses(batch)["ce"]
+
+    def image_loss(self, batch: JanusBatch) -> torch.Tensor:
+        return self.losses(batch)["mse"]
+
+    # -- inference -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def score_text(self, examples: list[Example]) -> torch.Tensor:
+        batch = self.collate(examples).to(self.device)
+        codes = self._target_codes(batch)
+        embeds = self._embed(batch.input_ids, batch.und_mask, batch.und_pixels, batch.gen_mask, codes)
+        hidden, _ = self._lm(embeds, batch.attention_mask)
+        sel = batch.labels != IGNORE
+        logp = torch.log_softmax(self.janus.lm_head(hidden[sel]).float(), dim=-1)
+        token_logp = logp.gather(-1, batch.labels[sel][:, None])[:, 0]
+        rows = sel.nonzero()[:, 0]
+        return torch.zeros(len(examples), device=hidden.device).index_add(0, rows, token_logp).cpu()
+
+    def _prefix(self, contexts: list[Example], stop: str, unconditional: bool) -> _Prefix:
+        """Left-padded prefixes (all rows end at the same column); with `unconditional`, Janus's
+        unconditional copies follow: every token but <bos>/<boi> replaced by padding, no image."""
+        tok = self.tokenizer
+        if stop == "generate":
+            seqs = [self._render(Example(c.task, [*c.segments, Segment("image", "character", generate=True)]), stop)
+                    for c in contexts]
+        else:
+            seqs = [self._render(Example(c.task, [*c.segments, Segment("text", "character", train=True)]), stop)
+                    for c in contexts]
+        c, length = len(seqs), max(len(s.ids) for s in seqs)
+        ids = torch.full((c, length), tok.pad_id, dtype=torch.long)
+        mask = torch.zeros((c, length), dtype=torch.bool)
+        und = torch.zeros_like(mask)
+        images = []
+        for i, s in enumerate(seqs):
+            n = len(s.ids)
+            ids[i, length - n:] = torch.tensor(s.ids)
+            mask[i, length - n:] = True
+            und[i, length - n:] = torch.tensor([k == "und" for k in s.kinds])
+            images += s.und
+        if unconditional:
+            keep = (ids == tok.bos_id) | (ids == tok.boi_id)
+            ids = torch.cat([ids, torch.where(keep, ids, torch.full_like(ids, tok.pad_id))])
+            mask = torch.cat([mask, mask])
+            und = torch.cat([und, torch.zeros_like(und)])
+        return _Prefix(ids, mask, und, torch.stack(images) if images else None, c)
+
+    def _encode(self, prefix: _Prefix, rows: torch.Tensor | None = None):
+        """Run a prefix (optionally some of its rows) through the language model with a cache."""
+        device = self.device
+        ids, mask, und = prefix.ids, prefix.mask, prefix.und_mask
+        pixels = prefix.und_pixels
+        if rows is not None:
+            if pixels is not None:  # the understood images of the selected rows, in row order
+                owner = torch.repeat_interleave(torch.arange(len(und)), und.sum(1) // self.und_tokens)
+                picked = torch.cat([(owner == r).nonzero()[:, 0] for r in rows.tolist()])
+                pixels = pixels[picked] if len(picked) else None
+            ids, mask, und = ids[rows], mask[rows], und[rows]
+        ids, mask, und = ids.to(device), mask.to(device), und.to(device)
+        embeds = self._embed(ids, und, pixels)
+        positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+        return embeds, mask, positions
+
+    @torch.no_grad()
+    def generate_text(self, contexts: list[Example], *, max_new_tokens: int = 64, temperature: float = 0.0,
+                      seed: int = 0) -> list[str]:
+        tok, device = self.tokenizer, self.device
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        embeds, mask, positions = self._encode(self._prefix(contexts, "train", False))
+        hidden, cache = self._lm(embeds, mask, positions, use_cache=True)
+        last, next_pos = hidden[:, -1], positions[:, -1] + 1
+        b = len(contexts)
+        out: list[list[int]] = [[] for _ in range(b)]
+        done = torch.zeros(b, dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            logits = self.janus.lm_head(last).float()
+            if temperature > 0:
+                token = torch.multinomial(torch.softmax(logits / temperature, -1).cpu(), 1, generator=gen)[:, 0]
+                token = token.to(device)
+            else:
+                token = logits.argmax(-1)
+            for i, t in enumerate(token.tolist()):
+                if not done[i]:
+                    if t == tok.eos_id:
+                        done[i] = True
+                    else:
+                        out[i].append(t)
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones(b, 1, dtype=torch.bool, device=device)], 1)
+            embeds = self.janus.get_input_embeddings()(token[:, None])
+            hidden, cache = self._lm(embeds, mask, next_pos[:, None], past=cache, use_cache=True)
+            last, next_pos = hidden[:, -1], next_pos + 1
+        return [tok.decode(ids).strip() for ids in out]
+
+    def _chunks(self, steps: int) -> list[torch.Tensor]:
+        if not 1 <= steps <= self.gen_tokens:
+            raise ValueError(f"steps={steps}: a Janus image has {self.gen_tokens} tokens; use 1..{self.gen_tokens} "
+                             "steps (each step is a chunk of consecutive image tokens)")
+        return list(torch.arange(self.gen_tokens).tensor_split(steps))
+
+    @torch.no_grad()
+    def sample_images(self, contexts: list[Example], *, n: int = 1, steps: int = 20, seed: int = 0,
+                      noise: float = 0.0, window: tuple[int, int] | None = None, sde: str = "sde",
+                      same_noise: bool = False, timestep_shift: float | None = None,
+                      cfg_scale: float | None = None, temperature: float | None = None,
+                      top_k: int | None = None) -> Rollout:
+        """`n` images per context, image tokens drawn one by one with a KV cache (the context is encoded
+        once and shared by its n samples). Token sampling is always stochastic, at `temperature` with
+        classifier-free guidance `cfg_scale` (defaults: the card's `sampling`); `noise`, `sde` and
+        `timestep_shift` belong to flow heads and are not used. The gen_tokens positions form `steps`
+        chunks; the chunks in `window` ([start, end)) are stored for `rollout_logprob`, each with the
+        mean log-prob of its tokens."""
+        if same_noise:
+            raise ValueError("same_noise has no meaning for a token head (Janus): set grpo.same_noise: false")
+        cfg = float(self.sampling["cfg_scale"] if cfg_scale is None else cfg_scale)
+        temp = float(self.sampling["temperature"] if temperature is None else temperature)
+        top_k = self.sampling.get("top_k") if top_k is None else top_k
+        chunks = self._chunks(steps)
+        start, end = window if window is not None else (0, 0)
+        if not 0 <= start <= end <= steps:
+            raise ValueError(f"window {window} outside 0..{steps}")
+        guided = cfg != 1.0
+        prefix = self._prefix(contexts, "generate", guided)
+        embeds, mask, positions = self._encode(prefix)
+        hidden, cache = self._lm(embeds, mask, positions, use_cache=True)
+        cache.batch_repeat_interleave(n)
+        b = len(contexts) * n
+        st = {"last": hidden[:, -1].repeat_interleave(n, 0), "cache": cache,
+              "mask": mask.repeat_interleave(n, 0), "pos": (positions[:, -1] + 1).repeat_interleave(n, 0)}
+
+        def next_logits(done: torch.Tensor):
+            if done.shape[1]:
+                token = done[:, -1]
+                token = torch.cat([token, token]) if guided else token
+                st["mask"] = torch.cat([st["mask"], st["mask"].new_ones(st["mask"].shape[0], 1)], 1)
+                h, st["cache"] = self._lm(self._gen_embeds(token[:, None]), st["mask"], st["pos"][:, None],
+                                          past=st["cache"], use_cache=True)
+                st["last"], st["pos"] = h[:, -1], st["pos"] + 1
+            logits = self.janus.model.generation_head(st["last"]).float()
+            return (logits[:b], logits[b:]) if guided else (logits, None)
+
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        sampled = sample_token_sequence(next_logits, b, self.gen_tokens, cfg_scale=cfg, temperature=temp,
+                                        top_k=top_k, generator=gen, device=self.device)
+        kept = chunks[start:end]
+        positions_mask = torch.zeros(b, len(kept), self.gen_tokens, dtype=torch.bool)
+        for k, chunk in enumerate(kept):
+            positions_mask[:, k, chunk] = True
+        logps = sampled.logprob.float().cpu()
+        step_logps = (logps[:, None, :] * positions_mask).sum(-1) / positions_mask.sum(-1).clamp(min=1)
+        trajectory = TokenTrajectory(sampled.tokens.cpu(), positions_mask, step_logps)
+        group_ids = torch.arange(len(contexts)).repeat_interleave(n)
+        state = _RolloutState(prefix, n, cfg, temp, top_k)
+        return Rollout(self.decode_images(sampled.tokens), group_ids, trajectory, 0.0, "tokens", state=state)
+
+    @torch.no_grad()
+    def think_and_sample(self, contexts: list[Example], *, max_think_tokens: int = 64, temperature: float = 0.0,
+                         text_seed: int = 0, **sample_kwargs) -> tuple[list[str], Rollout]:
+        """Think mode: per context a character text turn first (the thinking / plan), then images sampled
+        with it in the same context, exactly as if both had been given as one context (Janus's
+        unconditional prompt drops the thinking with the rest). Returns (texts, rollout)."""
+        texts = self.generate_text(contexts, max_new_tokens=max_think_tokens, temperature=temperature, seed=text_seed)
+        with_thinking = [Example(c.task, [*c.segments, Segment("text", "character", t)])
+                         for c, t in zip(contexts, texts, strict=True)]
+        return texts, self.sample_images(with_thinking, **sample_kwargs)
+
+    def rollout_logprob(self, rollout: Rollout, step: int, index: torch.Tensor | None = None,
+                        *, return_mean: bool = False):
+        """Mean log-prob [len(index)] of stored step `step`'s tokens under the current weights (with
+        gradients), by teacher forcing the sampled tokens in one pass. With `return_mean`: (logp,
+        per-token log-probs [len(index), gen_tokens] (0 off the step), the step's positions) for the KL."""
+        state: _RolloutState = rollout.state
+        traj = rollout.trajectory
+        if not isinstance(traj, TokenTrajectory) or not 0 <= step < traj.logprobs.shape[1]:
+            raise ValueError(f"rollout has no stored step {step}")
+        index = torch.arange(len(rollout)) if index is None else index.cpu()
+        positions = traj.steps[index, step]
+        end = int(positions.nonzero()[:, 1].max()) + 1
+        rows = index // state.n
+        guided = state.cfg_scale != 1.0
+        if guided:
+            rows = torch.cat([rows, rows + state.prefix.contexts])
+        embeds, mask, pos = self._encode(state.prefix, rows)
+        device = embeds.device
+        tokens = traj.tokens[index, :end].to(device)
+        inputs = torch.cat([tokens, tokens]) if guided else tokens
+        gen_embeds = self._gen_embeds(inputs[:, : end - 1])
+        embeds = torch.cat([embeds, gen_embeds.to(embeds.dtype)], 1)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], end - 1)], 1)
+        pos = torch.cat([pos, pos[:, -1:] + 1 + torch.arange(end - 1, device=device)[None]], 1)
+        hidden, _ = self._lm(embeds, mask, pos)
+        p = state.prefix.ids.shape[1]
+        logits = self.janus.model.generation_head(hidden[:, p - 1: p - 1 + end]).float()
+        b = len(index)
+        cond, uncond = (logits[:b], logits[b:]) if guided else (logits, None)
+        scored = token_step(guided_logits(cond, uncond, state.cfg_scale), temperature=state.temperature,
+                            top_k=state.top_k, tokens=tokens)
+        on = positions.to(device)
+        token_logp = F.pad(scored.logprob * on[:, :end], (0, self.gen_tokens - end))
+        logp = token_logp.sum(1) / on.sum(1).clamp(min=1)
+        return (logp, token_logp, on) if return_mean else logp
+
+    @torch.no_grad()
+    def answer(self, images: torch.Tensor, questions: list[str], options: list[list[str] | None]) -> list[str]:
+        """VQA: multiple choice by option likelihood, open questions by greedy decoding. `images`
+        [N, 3, H, W] in [0, 1]; returns the chosen option's text or the free answer."""
+        return answer_questions(self, images, questions, options, score_batch=64)
+
+
+def _check_geometry(config: Any, where: str) -> None:
+    """The VQ grid must have as many tokens as the generation head is asked to predict (image_size /
+    patch_size per side) and the embeddings must meet the language model's width."""
+    vision, vq, text = config.vision_config, config.vq_config, config.text_config
+    side = int(vision.image_size) // int(vision.patch_size)
+    down = 2 ** (len(vq.channel_multiplier) - 1)
+    if int(vision.image_size) // down != side:
+        raise ConfigError(f"{where}: the VQ-VAE downsamples {vision.image_size} px by {down} "
+                          f"(len(vq_config.channel_multiplier) - 1 halvings), but the image-token grid is "
+                          f"{side}x{side} (vision_config.image_size / patch_size); make them agree")
+    for key, value in (("vision_config.projection_dim", vision.projection_dim),
+                       ("vq_config.projection_dim", vq.projection_dim),
+                       ("vq_config.image_token_embed_dim", vq.image_token_embed_dim)):
+        if int(value) != int(text.hidden_size):
+            raise ConfigError(f"{where}: {key}={value} must equal text_config.hidden_size={text.hidden_size}")
+
+
+def _plain(value: Any) -> Any:
+    """A card section as plain Python containers (cards arrive as omegaconf DictConfigs)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
