@@ -1,8 +1,11 @@
 """Text tokenizers for backbones: a real tokenizer.json, or a byte-level BPE trained locally.
 
 Tiny backbones cannot download a tokenizer, so `train_bpe` builds one from a corpus in about a
-second (byte-level: any text still encodes). Real checkpoints ship a `tokenizer.json`, loaded with
-`load`. Either way the chat/vision special tokens BAGEL uses are present.
+second (byte-level: any text still encodes). Real checkpoints ship Hugging Face tokenizer files
+(BAGEL-7B-MoT: the Qwen2 tokenizer's `tokenizer.json`, `vocab.json`, `merges.txt`,
+`tokenizer_config.json`), loaded with `load`. Either way the chat/vision special tokens BAGEL uses are
+present: `<|im_start|>` (bos), `<|im_end|>` (eos), `<|vision_start|>` / `<|vision_end|>` (image
+markers) and `<|endoftext|>` (padding); Qwen2's vocabulary already has them, others get them added.
 """
 
 from __future__ import annotations
@@ -50,16 +53,41 @@ class TextTokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> TextTokenizer:
+        """A `tokenizer.json` file, or a folder of Hugging Face tokenizer files: its `tokenizer.json`, or
+        else `vocab.json` + `merges.txt` (+ `tokenizer_config.json`) read by transformers' AutoTokenizer
+        from the local folder only (never remote code)."""
         from tokenizers import Tokenizer
 
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
-        if not file.is_file():
+        if file.is_file():
+            return cls(Tokenizer.from_file(str(file)))
+        if path.is_dir() and (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+            return cls.from_hf_folder(path)
+        raise WeightsError(
+            f"tokenizer file {file} not found: point the backbone card's `tokenizer` at a folder with "
+            "tokenizer.json (or vocab.json + merges.txt), e.g. the checkpoint folder, or set it to "
+            "`train-bpe` to build one locally."
+        )
+
+    @classmethod
+    def from_hf_folder(cls, path: str | Path) -> TextTokenizer:
+        """A Hugging Face (fast) tokenizer from a local folder, e.g. Qwen2's vocab.json + merges.txt."""
+        from transformers import AutoTokenizer
+
+        try:
+            hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+        except (OSError, ValueError, KeyError) as err:
             raise WeightsError(
-                f"tokenizer file {file} not found: point the backbone card's `tokenizer` at a folder with "
-                "tokenizer.json (e.g. the checkpoint folder), or set it to `train-bpe` to build one locally."
-            )
-        return cls(Tokenizer.from_file(str(file)))
+                f"{path}: cannot load its Hugging Face tokenizer files ({err}); the folder needs tokenizer.json, "
+                "or vocab.json + merges.txt + tokenizer_config.json as in the official checkpoint"
+            ) from None
+        backend = getattr(hf, "backend_tokenizer", None) or getattr(hf, "_tokenizer", None)
+        if backend is None:
+            raise WeightsError(f"{path}: {type(hf).__name__} is not a fast tokenizer; add its tokenizer.json")
+        # vocab.json lists BAGEL's markers as ordinary tokens; make them special (kept ids, skipped in decode)
+        backend.add_special_tokens([t for t in SPECIAL_TOKENS if backend.token_to_id(t) is not None])
+        return cls(backend)
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
@@ -67,6 +95,11 @@ class TextTokenizer:
         out = directory / "tokenizer.json"
         self._tok.save(str(out))
         return out
+
+    @property
+    def backend(self):
+        """The wrapped `tokenizers.Tokenizer` (e.g. to add an adapter's own special tokens)."""
+        return self._tok
 
     @property
     def vocab_size(self) -> int:

@@ -56,8 +56,8 @@ class PositionEmbedding(nn.Module):
     def __init__(self, max_side: int, hidden: int):
         super().__init__()
         rows, cols = torch.meshgrid(torch.arange(max_side), torch.arange(max_side), indexing="ij")
-        # first half of the channels encodes the row, second half the column
-        table = torch.cat([_sincos_1d(hidden // 2, rows.flatten()), _sincos_1d(hidden // 2, cols.flatten())], dim=1)
+        # as in the official table: the first half of the channels encodes the column, the second the row
+        table = torch.cat([_sincos_1d(hidden // 2, cols.flatten()), _sincos_1d(hidden // 2, rows.flatten())], dim=1)
         self.pos_embed = nn.Parameter(table.float(), requires_grad=False)
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
@@ -126,15 +126,21 @@ class BagelBatch:
     is_gen: torch.Tensor  # [B, L] bool: noisy latent tokens (generation expert)
     is_vit: torch.Tensor  # [B, L] bool: understanding image tokens
     labels: torch.Tensor  # [B, L] next-token targets (-100 = no loss)
-    vit_pixels: torch.Tensor | None = None  # [Nu, 3, H, W] in [0, 1], order = appearance order
+    # [Nu, 3, H, W] in [0, 1], order = appearance order; a list of [3, Hi, Wi] when sizes differ
+    vit_pixels: torch.Tensor | list[torch.Tensor] | None = None
     gen_pixels: torch.Tensor | None = None  # [Ng, 3, H, W] in [0, 1]
     valid: torch.Tensor | None = None  # [B, L] bool: not padding
     task_ids: list[str] = field(default_factory=list)
 
     def to(self, device) -> BagelBatch:
-        moved = {
-            k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()
-        }
+        def move(v):
+            if isinstance(v, torch.Tensor):
+                return v.to(device)
+            if isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
+                return [t.to(device) for t in v]
+            return v
+
+        moved = {k: move(v) for k, v in self.__dict__.items()}
         return BagelBatch(**moved)
 
 
@@ -151,7 +157,10 @@ class Bagel(nn.Module):
             self.connector = MLPconnector(arch.vit.hidden_size, hidden)
             self.vit_pos_embed = PositionEmbedding(arch.vit_max_num_patch_per_side, hidden)
         if arch.visual_gen:
-            self.vae = build_autoencoder(arch.vae)  # parameter-free for the pixel space; not in state_dict
+            # frozen and kept outside this module's parameters (not in state_dict, never trained), as
+            # BAGEL keeps its VAE apart from the model; `.to()` still moves it (see `_apply`)
+            vae = build_autoencoder(arch.vae).requires_grad_(False).eval()
+            self._vae_holder = [vae]
             p = arch.latent_patch_size
             self.patch_latent_dim = p * p * self.vae.z_channels
             self.time_embedder = TimestepEmbedder(hidden)
@@ -162,17 +171,49 @@ class Bagel(nn.Module):
             nn.init.zeros_(self.llm2vae.weight)
             nn.init.zeros_(self.llm2vae.bias)
 
+    @property
+    def vae(self):
+        """The image autoencoder (pixel space or FLUX); not a submodule, so not in `state_dict`."""
+        return self._vae_holder[0]
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if hasattr(self, "_vae_holder"):
+            self._vae_holder[0]._apply(fn, *args, **kwargs)
+        return self
+
     # -- token embeddings per kind ------------------------------------------------------------
-    def vit_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] in [0, 1] -> [N, P, hidden] understanding tokens."""
+    def vit_token_count(self, image_hw: tuple[int, int]) -> int:
+        """Number of ViT tokens of an image of size image_hw (both multiples of the patch size)."""
+        p = self.arch.vit.patch_size
+        return (image_hw[0] // p) * (image_hw[1] // p)
+
+    def vit_tokens(self, pixels: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """Understanding tokens of images in [0, 1]: [N, 3, H, W] -> [N, P, hidden]; a list of
+        [3, Hi, Wi] images of different sizes -> [sum Pi, hidden], packed in order (each image attends
+        only to itself). Position ids are flattened over the grid, row * side + col: over the ViT's own
+        `num_patches_per_side` for its position embedding, over `vit_max_num_patch_per_side` for the
+        LLM-side sin-cos table (the same ids in the official model, where both sides are 70)."""
+        if isinstance(pixels, torch.Tensor):
+            return self.vit_tokens(list(pixels)).view(pixels.shape[0], -1, self.arch.llm.hidden_size)
         cfg = self.arch.vit
         p = cfg.patch_size
-        side_h, side_w = pixels.shape[-2] // p, pixels.shape[-1] // p
-        patches = patchify(pixels * 2.0 - 1.0, p)
-        vit_pos = grid_position_ids(side_h, side_w, cfg.num_patches_per_side, pixels.device)
-        feats = self.connector(self.vit_model(patches.to(self.connector.fc1.weight.dtype), vit_pos))
-        llm_pos = grid_position_ids(side_h, side_w, self.arch.vit_max_num_patch_per_side, pixels.device)
-        return feats + self.vit_pos_embed(llm_pos).to(feats.dtype)
+        chunks, vit_pos, llm_pos, seqlens = [], [], [], []
+        for img in pixels:
+            h, w = img.shape[-2:]
+            if h % p or w % p or h // p > cfg.num_patches_per_side or w // p > cfg.num_patches_per_side:
+                raise ValueError(
+                    f"understanding image of size {h}x{w}: sides must be multiples of the ViT patch size {p} "
+                    f"and at most architecture.vit.image_size={cfg.image_size}"
+                )
+            chunks.append(patchify(img[None] * 2.0 - 1.0, p)[0])
+            vit_pos.append(grid_position_ids(h // p, w // p, cfg.num_patches_per_side, img.device))
+            llm_pos.append(grid_position_ids(h // p, w // p, self.arch.vit_max_num_patch_per_side, img.device))
+            seqlens.append(chunks[-1].shape[0])
+        dtype = self.connector.fc1.weight.dtype
+        feats = self.vit_model(torch.cat(chunks).to(dtype), torch.cat(vit_pos), seqlens)
+        feats = self.connector(feats)
+        return feats + self.vit_pos_embed(torch.cat(llm_pos)).to(feats.dtype)
 
     def latent_shape(self, image_hw: tuple[int, int]) -> tuple[int, int, int]:
         """(channels, h, w) of the latent of an image of size image_hw."""
@@ -189,7 +230,7 @@ class Bagel(nn.Module):
     def embed(self, batch: BagelBatch, gen_tokens: torch.Tensor | None) -> torch.Tensor:
         emb = self.language_model.model.embed_tokens(batch.input_ids)
         if batch.vit_pixels is not None and bool(batch.is_vit.any()):
-            vit = self.vit_tokens(batch.vit_pixels)
+            vit = self.vit_tokens(batch.vit_pixels)  # a stacked tensor, or a list of variable-size images
             emb = emb.masked_scatter(batch.is_vit[..., None], vit.reshape(-1, vit.shape[-1]).to(emb.dtype))
         if gen_tokens is not None:
             emb = emb.masked_scatter(batch.is_gen[..., None], gen_tokens.reshape(-1, gen_tokens.shape[-1]).to(emb.dtype))

@@ -9,6 +9,7 @@ Every token of an image split shares one rope position; text advances it by one 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,11 +25,26 @@ IGNORE = -100
 
 
 class ImageLoader:
-    """Loads images as [3, S, S] float tensors in [0, 1], resized to the backbone's size; cached."""
+    """Loads images as [3, S, S] float tensors in [0, 1], resized to the backbone's size; cached.
 
-    def __init__(self, size: int):
+    With `variable=(min_side, max_side, stride)` images keep their aspect ratio instead (BAGEL's
+    understanding transform): scaled so the long side is at most `max_side` and the short side at least
+    `min_side`, each side rounded to a multiple of `stride` (the ViT patch size)."""
+
+    def __init__(self, size: int, variable: tuple[int, int, int] | None = None):
         self.size = size
+        self.variable = variable
         self._cache: dict[Path, torch.Tensor] = {}
+
+    def target_size(self, h: int, w: int) -> tuple[int, int]:
+        """(height, width) an image of size h x w is resized to."""
+        if self.variable is None:
+            return self.size, self.size
+        lo, hi, stride = self.variable
+        scale = min(hi / max(h, w), 1.0)
+        scale = max(scale, lo / min(h, w))
+        h2, w2 = (max(stride, int(round(side * scale / stride)) * stride) for side in (h, w))
+        return min(h2, hi // stride * stride), min(w2, hi // stride * stride)
 
     def __call__(self, source: Path | Segment) -> torch.Tensor:
         """An image from a path, or a segment's in-memory pixels (e.g. a generated image)."""
@@ -45,7 +61,8 @@ class ImageLoader:
 
         try:
             with Image.open(path) as img:
-                img = img.convert("RGB").resize((self.size, self.size), Image.Resampling.BICUBIC)
+                th, tw = self.target_size(img.height, img.width)
+                img = img.convert("RGB").resize((tw, th), Image.Resampling.BICUBIC)
                 arr = np.asarray(img, dtype=np.float32) / 255.0
         except (OSError, UnidentifiedImageError) as err:
             raise DataError(f"{path}: cannot read image ({err}); replace or remove the file") from None
@@ -55,9 +72,10 @@ class ImageLoader:
 
     def _resize(self, pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.detach().float().cpu().clamp(0, 1)
-        if pixels.shape[-2:] != (self.size, self.size):
+        target = self.target_size(*pixels.shape[-2:])
+        if tuple(pixels.shape[-2:]) != target:
             pixels = torch.nn.functional.interpolate(
-                pixels[None], size=(self.size, self.size), mode="bicubic", align_corners=False
+                pixels[None], size=target, mode="bicubic", align_corners=False
             )[0].clamp(0, 1)
         return pixels
 
@@ -128,7 +146,7 @@ def build_sequence(
     tok: TextTokenizer,
     load_image,
     *,
-    vit_tokens: int,
+    vit_tokens: int | Callable[[torch.Tensor], int],
     gen_tokens: int,
     max_text_tokens: int,
 ) -> SequenceBuilder:
@@ -143,8 +161,10 @@ def build_sequence(
             seq.gen_images.append(load_image(seg))
             seq.add_image(gen_tokens, "gen", (tok.start_of_image, tok.end_of_image), tok.pad_id)
         else:
-            seq.vit_images.append(load_image(seg))
-            seq.add_image(vit_tokens, "vit", (tok.start_of_image, tok.end_of_image), tok.pad_id)
+            image = load_image(seg)
+            seq.vit_images.append(image)
+            n = vit_tokens(image) if callable(vit_tokens) else vit_tokens
+            seq.add_image(n, "vit", (tok.start_of_image, tok.end_of_image), tok.pad_id)
     return seq
 
 
@@ -153,10 +173,13 @@ def collate(
     tok: TextTokenizer,
     load_image,
     *,
-    vit_tokens: int,
+    vit_tokens: int | Callable[[torch.Tensor], int],
     gen_tokens: int,
     max_text_tokens: int,
 ):
+    """Pad examples into a `BagelBatch`. `vit_tokens`: ViT tokens per understood image, or a function
+    of the loaded image (variable-size images: `Bagel.vit_token_count`); images of different sizes
+    come as a list in `vit_pixels`."""
     from cmrp.backbones.bagel.model import BagelBatch
 
     seqs = [
@@ -194,8 +217,16 @@ def collate(
         is_gen=is_gen,
         is_vit=is_vit,
         labels=labels,
-        vit_pixels=torch.stack(vit_images) if vit_images else None,
+        vit_pixels=_stack_or_list(vit_images),
         gen_pixels=torch.stack(gen_images) if gen_images else None,
         valid=valid,
         task_ids=[ex.task for ex in examples],
     )
+
+
+def _stack_or_list(images: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor] | None:
+    if not images:
+        return None
+    if all(img.shape == images[0].shape for img in images):
+        return torch.stack(images)
+    return images
