@@ -10,7 +10,7 @@ from cmrp.sampling.flow import (
     sampling_timesteps,
     sde_window,
 )
-from cmrp.sampling.rollout import Rollout
+from cmrp.sampling.rollout import Rollout, TokenTrajectory
 from cmrp.sampling.tokens import TokenStep, guided_logits, sample_token_sequence, token_step
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "FlowTrajectory",
     "Rollout",
     "TokenStep",
+    "TokenTrajectory",
     "flow_step",
     "gaussian_logprob",
     "guided_logits",

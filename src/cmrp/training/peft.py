@@ -1,11 +1,16 @@
 """Fine-tuning modes: LoRA / QLoRA adapters through `peft`, or full fine-tuning.
 
-The adapter decides which modules LoRA targets (`Backbone.lora_targets`); this module only wraps.
-LoRA adapters are saved in PEFT's own format so `peft.PeftModel.from_pretrained` loads them.
+The adapter decides which modules LoRA targets (`Backbone.lora_targets`: `generation`,
+`understanding` or `default` = both experts); this module only wraps. QLoRA first swaps the base's
+Linear layers for frozen bitsandbytes NF4 layers (`replace_linears` + `linear_4bit`; CUDA only, checked
+up front by `check_finetune_runtime`). `finetune.gradient_checkpointing` switches per-layer activation
+recomputation through the adapter. LoRA adapters are saved in PEFT's own format so
+`peft.PeftModel.from_pretrained` loads them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +18,18 @@ import torch
 
 from cmrp.errors import ConfigError
 
-__all__ = ["apply_finetune", "base_name", "count_trainable", "freeze_to_groups", "is_peft", "save_adapter"]
+__all__ = [
+    "apply_finetune",
+    "base_name",
+    "check_finetune_runtime",
+    "count_trainable",
+    "freeze_to_groups",
+    "is_peft",
+    "linear_4bit",
+    "quantize_base_4bit",
+    "replace_linears",
+    "save_adapter",
+]
 
 
 def _target_regex(adapter: Any, targets: Any) -> str:
@@ -26,35 +42,75 @@ def _target_regex(adapter: Any, targets: Any) -> str:
     return "(?:" + "|".join(f"(?:{p})" for p in patterns) + ")"
 
 
-def _quantize_linears_4bit(model: torch.nn.Module, regex: str) -> None:
-    """Replace the targeted Linear layers with bitsandbytes 4-bit (NF4) layers: the QLoRA base."""
-    import re
-
+def check_finetune_runtime(finetune: Any) -> None:
+    """Fail before anything is built when this machine cannot run the fine-tuning mode: QLoRA's 4-bit base
+    needs bitsandbytes and a CUDA GPU."""
+    if finetune.mode != "qlora":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "finetune.mode: qlora quantises the base model to 4 bits with bitsandbytes, which needs a CUDA GPU, "
+            "and none is visible here. Use finetune.mode: lora (the same adapters on a full-precision base) or "
+            "run on a CUDA machine."
+        )
     try:
-        import bitsandbytes as bnb
+        import bitsandbytes  # noqa: F401
     except ImportError:
         raise ConfigError(
-            "finetune.mode: qlora needs bitsandbytes: pip install 'cmrp[qlora]' (and a CUDA GPU)"
+            "finetune.mode: qlora needs bitsandbytes: pip install 'cmrp[qlora]' (or use finetune.mode: lora)"
         ) from None
-    if not torch.cuda.is_available():
-        raise ConfigError("finetune.mode: qlora needs a CUDA GPU (4-bit bitsandbytes layers); use lora on CPU")
+
+
+def replace_linears(model: torch.nn.Module, regex: str, make: Callable[[torch.nn.Linear], torch.nn.Module]) -> list[str]:
+    """Swap every `nn.Linear` whose qualified name matches `regex` for `make(linear)` in place (same
+    name, so state-dict keys and LoRA target patterns still match). Returns the replaced names."""
+    import re
+
+    pattern = re.compile(regex)
+    replaced = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, torch.nn.Linear) and re.fullmatch(regex, name):
-            q = bnb.nn.Linear4bit(
-                module.in_features, module.out_features, bias=module.bias is not None,
-                compute_dtype=torch.bfloat16, quant_type="nf4",
-            )
-            q.weight = bnb.nn.Params4bit(module.weight.data.cpu(), requires_grad=False, quant_type="nf4")
-            if module.bias is not None:
-                q.bias = torch.nn.Parameter(module.bias.data, requires_grad=False)
+        if type(module) is torch.nn.Linear and pattern.fullmatch(name):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, q.cuda())
+            setattr(parent, child, make(module))
+            replaced.append(name)
+    return replaced
+
+
+def linear_4bit(module: torch.nn.Linear, compute_dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """A bitsandbytes NF4 copy of a Linear layer (frozen), on the GPU: QLoRA's base layer."""
+    import bitsandbytes as bnb
+
+    q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                          compute_dtype=compute_dtype, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(module.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+    if module.bias is not None:
+        q.bias = torch.nn.Parameter(module.bias.data.cpu(), requires_grad=False)
+    return q.cuda()  # quantisation happens on the move to the GPU
+
+
+def quantize_base_4bit(adapter: Any, targets_regex: str,
+                       make: Callable[[torch.nn.Linear], torch.nn.Module] = linear_4bit) -> list[str]:
+    """QLoRA's base: every Linear of the adapter's default LoRA set (both experts' projections) and of the
+    chosen targets becomes 4-bit and frozen; embeddings, norms and heads stay as they are."""
+    regex = "(?:" + "|".join([_target_regex(adapter, "default"), targets_regex]) + ")"
+    replaced = replace_linears(adapter.model, regex, make)
+    if not replaced:
+        raise ConfigError("finetune.mode: qlora found no Linear layer to quantise among finetune.targets")
+    for p in adapter.model.parameters():
+        p.requires_grad_(False)
+    return replaced
 
 
 def apply_finetune(adapter: Any, finetune: Any) -> None:
     """Make the adapter's model trainable according to `finetune` (a recipe's `finetune:` section)."""
     mode = finetune.mode
+    checkpointing = finetune.get("gradient_checkpointing") if hasattr(finetune, "get") else None
+    if checkpointing is not None:
+        if not hasattr(adapter, "set_gradient_checkpointing"):
+            raise ConfigError(f"finetune.gradient_checkpointing: {type(adapter).__name__} cannot switch it; "
+                              "remove the key")
+        adapter.set_gradient_checkpointing(bool(checkpointing))
     if mode == "full":
         for p in adapter.model.parameters():
             p.requires_grad_(True)
@@ -66,7 +122,8 @@ def apply_finetune(adapter: Any, finetune: Any) -> None:
 
     regex = _target_regex(adapter, finetune.targets)
     if mode == "qlora":
-        _quantize_linears_4bit(adapter.model, regex)
+        check_finetune_runtime(finetune)
+        quantize_base_4bit(adapter, regex)
     config = LoraConfig(r=finetune.r, lora_alpha=finetune.alpha, lora_dropout=finetune.dropout, target_modules=regex)
     adapter.model = get_peft_model(adapter.model, config)
 

@@ -14,14 +14,16 @@ import torch.nn.functional as F
 from cmrp.backbones.bagel.model import Bagel, BagelArch, BagelBatch, flow_timesteps, patchify, unpatchify
 from cmrp.backbones.bagel.packing import IGNORE, ImageLoader, collate
 from cmrp.backbones.bagel.qwen2_mot import KVCache
+from cmrp.backbones.common import answer_questions, select_lora_targets
 from cmrp.backbones.tokenizer import TextTokenizer
 from cmrp.data.tasks import Example, Segment
 from cmrp.errors import ConfigError, WeightsError
 from cmrp.registry import BACKBONES
 from cmrp.sampling.flow import flow_step, sample_flow, sampling_timesteps
+from cmrp.sampling.guidance import Guidance, combine_guidance
 from cmrp.sampling.rollout import Rollout
 
-__all__ = ["BagelAdapter"]
+__all__ = ["BagelAdapter", "resolve_weights"]
 
 _LAYERS = r"language_model\.model\.layers\.\d+\."
 _UND_LINEAR = _LAYERS + r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -35,6 +37,30 @@ _GEN_PARAMS = r"(.*_moe_gen.*|time_embedder\..*|vae2llm\..*|llm2vae\..*|latent_p
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+AE_WEIGHTS_FILE = "ae.safetensors"  # the FLUX autoencoder (original key naming), when the backbone has one
+
+
+def resolve_weights(ref: str, card_name: Any = None) -> Path:
+    """A card's `weights`: a local folder, or a Hugging Face hub id (owner/name) found in the local cache.
+    Never downloads: an id that is not cached raises WeightsError saying how to fetch it."""
+    where = f"backbone card {card_name!r}, key 'weights'" if card_name else "weights"
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path
+    looks_like_id = ref.count("/") == 1 and not ref.startswith((".", "/", "~")) and not path.exists()
+    if not looks_like_id:
+        raise WeightsError(f"{where}: {ref} does not exist; point it at a checkpoint folder or a hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id=ref, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError) as err:
+        raise WeightsError(
+            f"{where}: {ref} is not in the local Hugging Face cache ({type(err).__name__}); cmrp never downloads "
+            f"weights itself. Fetch them once with `hf download {ref}` (HF_HOME chooses the cache), "
+            f"or download to a folder (`--local-dir DIR`) and set weights: DIR"
+        ) from None
 
 
 @BACKBONES.register("bagel")
@@ -60,8 +86,11 @@ class BagelAdapter:
     # -- construction ----------------------------------------------------------------------------
     @classmethod
     def build(cls, card: Any, *, corpus: Sequence[str] = (), dtype: torch.dtype = torch.float32) -> BagelAdapter:
+        """Random init from the card's `architecture`, or load `card.weights`: a folder (the official
+        layout or one saved by cmrp) or a hub id already in the local Hugging Face cache."""
         if card.get("weights"):
-            return cls.from_pretrained(card["weights"], dtype=dtype)
+            folder = resolve_weights(str(card["weights"]), card.get("name"))
+            return cls.from_pretrained(folder, dtype=dtype, card=card)
         spec = _plain(card.get("architecture") or {})
         vocab = int(spec.get("llm", {}).get("vocab_size", 1024))
         tok_ref = card.get("tokenizer") or "train-bpe"
@@ -84,22 +113,52 @@ class BagelAdapter:
         return cls(model, tokenizer, card)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32) -> BagelAdapter:
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32, card: Any = None) -> BagelAdapter:
+        """Load a folder in the official BAGEL layout (llm_config.json, vit_config.json, ema.safetensors,
+        ae.safetensors, tokenizer files) or in cmrp's own (config.json, model.safetensors, tokenizer.json,
+        ae.safetensors for a FLUX autoencoder). With the official layout, `card` (when given) supplies the
+        settings no file carries (timestep_shift, ...); sizes come from the folder."""
         from safetensors.torch import load_file
 
+        from cmrp.backbones.bagel.official import is_official_layout, load_official
+
         path = Path(path)
+        if not path.is_dir():
+            raise WeightsError(f"{path} not found (or not a folder): pass an official BAGEL checkpoint folder "
+                               "or a backbone saved by cmrp")
+        if is_official_layout(path):
+            settings = _plain(card.get("architecture") or {}) if card is not None else {}
+            model, tokenizer = load_official(path, settings=settings, dtype=dtype)
+            card = card if card is not None else {"name": path.name, "adapter": "bagel", "weights": str(path)}
+            return cls(model, tokenizer, card)
         config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
         for needed in (config_file, weights_file, path / "tokenizer.json"):
             if not needed.is_file():
                 raise WeightsError(
-                    f"{needed} not found: {path} is not a saved cmrp BAGEL backbone. Pass a folder written by "
-                    "`cmrp fit` (output_dir/checkpoint/backbone) or by BagelAdapter.save_pretrained."
+                    f"{needed} not found: {path} is neither an official BAGEL checkpoint (llm_config.json, "
+                    "vit_config.json, ema.safetensors, ae.safetensors) nor a saved cmrp BAGEL backbone. Pass a "
+                    "folder written by `cmrp fit` (output_dir/checkpoint/backbone) or BagelAdapter.save_pretrained, "
+                    "or the official checkpoint folder."
                 )
         config = json.loads(config_file.read_text())
         model = Bagel(BagelArch.from_dict(config["architecture"]))
         state = load_file(str(weights_file))
         _load_state(model, state, str(weights_file))
+        if model.arch.visual_gen and any(True for _ in model.vae.parameters()):
+            ae_file = path / AE_WEIGHTS_FILE
+            if not ae_file.is_file():
+                raise WeightsError(f"{ae_file} not found: the backbone's FLUX autoencoder weights are missing; "
+                                   "save the backbone again with BagelAdapter.save_pretrained")
+            _load_state(model.vae, load_file(str(ae_file)), str(ae_file))
         return cls(model.to(dtype), TextTokenizer.load(path), config.get("card"))
+
+    def save_official(self, path: str | Path) -> Path:
+        """Write the backbone in the official BAGEL layout (what `from_pretrained` reads back)."""
+        from cmrp.backbones.bagel.official import save_official
+
+        if hasattr(self.model, "get_base_model"):
+            raise ValueError("save the base model before wrapping it with PEFT, or merge the adapter first")
+        return save_official(self.bagel, self.tokenizer, path)
 
     def save_pretrained(self, path: str | Path) -> Path:
         from cmrp.checkpoint import save_safetensors_atomic
@@ -107,6 +166,9 @@ class BagelAdapter:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_safetensors_atomic(_base_state_dict(self.model), path / WEIGHTS_FILE)
+        if self.arch.visual_gen and any(True for _ in self.bagel.vae.parameters()):
+            vae_state = {k: v.detach().contiguous() for k, v in self.bagel.vae.state_dict().items()}
+            save_safetensors_atomic(vae_state, path / AE_WEIGHTS_FILE)
         card = _plain(self.card)
         config = {"adapter": "bagel", "architecture": asdict(self.arch), "card": card}
         (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
@@ -131,15 +193,23 @@ class BagelAdapter:
 
     # -- fine-tuning -----------------------------------------------------------------------------
     def lora_targets(self, kind: str = "default") -> list[str]:
-        targets = dict(DEFAULT_LORA_TARGETS)
-        if self.card is not None and self.card.get("lora_targets"):
-            targets.update({k: list(v) for k, v in self.card["lora_targets"].items()})
-        if kind not in targets:
-            raise ConfigError(f"finetune.targets: unknown LoRA target set {kind!r}; known: {sorted(targets)}")
-        return targets[kind]
+        return select_lora_targets(DEFAULT_LORA_TARGETS, self.card, kind)
 
     def trainable_groups(self) -> dict[str, list[str]]:
         return {"generation": [_GEN_PARAMS], "understanding": [r"(?!" + _GEN_PARAMS + r"$).*"]}
+
+    def fsdp_wrap_modules(self) -> set[type[torch.nn.Module]]:
+        """Module classes that become one FSDP unit each (`trainer.strategy: fsdp`): the MoT decoder layer
+        (both experts together, as one attention mixes them) and the SigLIP encoder layer."""
+        from cmrp.backbones.bagel.qwen2_mot import Qwen2MoTDecoderLayer
+        from cmrp.backbones.bagel.siglip import _EncoderLayer
+
+        return {Qwen2MoTDecoderLayer, _EncoderLayer}
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute each decoder layer in the backward pass instead of keeping its activations
+        (`finetune.gradient_checkpointing`, or the card's `architecture.gradient_checkpointing`)."""
+        self.bagel.arch.gradient_checkpointing = bool(enabled)
 
     # -- training --------------------------------------------------------------------------------
     def collate(self, examples: list[Example]) -> BagelBatch:
@@ -223,11 +293,15 @@ class BagelAdapter:
     @torch.no_grad()
     def generate_text(self, contexts: list[Example], *, max_new_tokens: int = 64, temperature: float = 0.0,
                       seed: int = 0) -> list[str]:
+        ids = self._generate_ids(self._encode_prefix(contexts), max_new_tokens, temperature, seed)
+        return [self.tokenizer.decode(x).strip() for x in ids]
+
+    def _generate_ids(self, cache: KVCache, max_new_tokens: int, temperature: float, seed: int) -> list[list[int]]:
+        """A character turn's token ids after each cached prefix (the prefix cache is left as it was)."""
         tok, device = self.tokenizer, self.device
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        cache = self._encode_prefix(contexts)
         header = [tok.bos_id, *tok.encode("character\n")]
-        b = len(contexts)
+        b = cache.valid.shape[0]
         new = torch.tensor(header, device=device)[None].expand(b, -1)
         positions = cache.next_position[:, None] + torch.arange(len(header), device=device)[None]
         causal = torch.ones(len(header), len(header), dtype=torch.bool, device=device).tril()[None]
@@ -255,7 +329,29 @@ class BagelAdapter:
                 break
             hidden, cache = self._decode_new(cache, embed(token[:, None]), None, one, next_pos[:, None])
             next_pos = next_pos + 1
-        return [tok.decode(ids).strip() for ids in out]
+        return out
+
+    def _extend_with_text(self, cache: KVCache, texts: list[str], role: str = "character") -> KVCache:
+        """The prefix cache continued by one text segment per sample (tokenised exactly as `collate` does:
+        bos, role header, body, eos), so an image sampled on it sees that text in the same context."""
+        tok, device = self.tokenizer, self.device
+        rows = [[tok.bos_id, *tok.encode(f"{role}\n"), *tok.encode(t)[: self.max_text_tokens], tok.eos_id]
+                for t in texts]
+        b, n = len(rows), max(len(r) for r in rows)
+        ids = torch.full((b, n), tok.pad_id, dtype=torch.long, device=device)
+        new_valid = torch.zeros(b, n, dtype=torch.bool, device=device)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, device=device)
+            new_valid[i, : len(r)] = True
+        positions = cache.next_position[:, None] + torch.arange(n, device=device)[None]
+        causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()[None] & new_valid[:, None, :]
+        causal = causal | torch.eye(n, dtype=torch.bool, device=device)[None]  # padding rows see themselves
+        mask = torch.cat([cache.valid[:, None, :].expand(b, n, cache.valid.shape[1]), causal], dim=2)
+        embeds = self.bagel.language_model.model.embed_tokens(ids)
+        _, presents = self.bagel.decode_hidden(embeds, None, positions, mask, past=cache, use_cache=True)
+        lengths = new_valid.sum(dim=1)
+        return KVCache([k for k, _ in presents], [v for _, v in presents],
+                       torch.cat([cache.valid, new_valid], dim=1), cache.next_position + lengths)
 
     def _gen_block(self, b: int, positions_from: torch.Tensor):
         """Ids, generation mask, positions and full attention of one image block per sample."""
@@ -282,25 +378,58 @@ class BagelAdapter:
 
         return velocity
 
-    def _guided_velocity_fn(self, cache: KVCache, uncond: KVCache | None, scale: float):
-        """Text classifier-free guidance: v_u + s·(v_c − v_u), v_u without the context (BAGEL's text CFG,
-        no renorm). Both branches run as one batch; s = 1 or no unconditional prefix: plain v_c."""
-        if uncond is None or scale == 1.0:
-            return self._velocity_fn(cache)
+    def _guided_velocity_fn(self, cache: KVCache, uncond: KVCache | None, scale: float = 1.0, *,
+                            img_uncond: KVCache | None = None, img_scale: torch.Tensor | float = 1.0,
+                            guidance: Guidance | None = None):
+        """Classifier-free guidance at BAGEL's fidelity (`cmrp.sampling.guidance`): `uncond` is the
+        context without its text, `img_uncond` without its input images (per-sample `img_scale`, 1 for
+        samples without any). Without `guidance`: plain text CFG v_u + s·(v_c − v_u), no renorm.
+        Outside the guidance interval only the conditional branch runs; inside it the needed branches
+        run as one batch. Caches with one sample are broadcast to the batch."""
+        if guidance is None:
+            guidance = Guidance(text_scale=scale, renorm_type="none")
         b = cache.valid.shape[0]
-        both = _concat_caches(cache, uncond.expand(b))
-        joint = self._velocity_fn(both)
+        text_on = uncond is not None and guidance.text_scale != 1.0
+        img_scale_t = torch.as_tensor(img_scale, dtype=torch.float32).expand(b).clone()
+        img_on = img_uncond is not None and bool((img_scale_t != 1.0).any())
+        if not text_on and not img_on:
+            return self._velocity_fn(cache)
+        branches = [cache]
+        if text_on:
+            branches.append(_broadcast(uncond, b))
+        if img_on:
+            branches.append(_broadcast(img_uncond, b))
+        plain = self._velocity_fn(cache)
+        joint = self._velocity_fn(_concat_caches(*branches))
+        k = len(branches)
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            v = joint(torch.cat([x, x]), torch.cat([t, t]))
-            v_cond, v_uncond = v[:b], v[b:]
-            return v_uncond + scale * (v_cond - v_uncond)
+            if not guidance.active(float(t.reshape(-1)[0])):
+                return plain(x, t)
+            v = joint(torch.cat([x] * k), torch.cat([t] * k)).split(b)
+            v_text = v[1] if text_on else None
+            v_img = v[-1] if img_on else None
+            return combine_guidance(v[0], v_text, v_img, guidance.text_scale if text_on else 1.0,
+                                    img_scale_t.to(v[0].device) if img_on else 1.0,
+                                    guidance.renorm_type, guidance.renorm_min)
 
         return velocity
 
     def _unconditional_prefix(self) -> KVCache:
         """The empty context (no character, no prompt) the guidance pushes away from."""
         return self._encode_prefix([Example("t2i", [Segment("text", "user", "")])])
+
+    def _guidance_prefixes(self, contexts: list[Example], guidance: Guidance, grad: bool = False):
+        """Prefixes of the unconditional branches, one per context: without the text (images kept), and
+        without the input images (text kept), plus the per-context image scale (1 where no image)."""
+        text_free = img_free = None
+        has_img = torch.tensor([_has_input_images(c) for c in contexts])
+        img_scale = torch.where(has_img, guidance.img_scale, 1.0)
+        if guidance.text_scale != 1.0:
+            text_free = self._encode_prefix([_without(c, "text") for c in contexts], grad=grad)
+        if guidance.img_scale != 1.0 and bool(has_img.any()):
+            img_free = self._encode_prefix([_without(c, "image") for c in contexts], grad=grad)
+        return text_free, img_free, img_scale
 
     def _uncached_velocity_fn(self, contexts: list[Example], n: int):
         repeated = [c for c in contexts for _ in range(n)]
@@ -318,19 +447,61 @@ class BagelAdapter:
     def sample_images(self, contexts: list[Example], *, n: int = 1, steps: int = 20, seed: int = 0,
                       noise: float = 0.0, window: tuple[int, int] | None = None, sde: str = "sde",
                       same_noise: bool = False, timestep_shift: float | None = None,
-                      reuse_prefix: bool = True, cfg_scale: float = 1.0) -> Rollout:
+                      reuse_prefix: bool = True, cfg_scale: float = 1.0, cfg_img_scale: float = 1.0,
+                      cfg_interval: tuple[float, float] = (0.0, 1.0), cfg_renorm_type: str = "global",
+                      cfg_renorm_min: float = 0.0) -> Rollout:
         """`n` samples per context by Euler integration of the flow head.
 
         The prefix (character + prompt) is encoded once per context and shared by its n samples.
         ODE steps everywhere, except SDE steps with noise level `noise` inside `window` ([start, end)
         step indices), whose transitions are stored for `rollout_logprob`. `same_noise`: the n
-        samples of a context start from the same initial noise. `cfg_scale` > 1: text classifier-free
-        guidance (the guided velocity is the policy, so log-probs use it too). `reuse_prefix=False` re-encodes the
-        prefix for every sample at every step (the naive baseline the benchmarks compare against).
+        samples of a context start from the same initial noise. Times follow `sampling_timesteps`
+        with `timestep_shift` (null: the card's). Guidance (`cmrp.sampling.guidance`): `cfg_scale`
+        text scale (context without its text), `cfg_img_scale` image scale (context without its input
+        images; contexts without images are not image-guided), applied for t in `cfg_interval`
+        (lo, hi], renormalised per `cfg_renorm_type` / `cfg_renorm_min`; the guided velocity is the
+        policy, so log-probs use it too. `reuse_prefix=False` re-encodes the prefix for every sample at
+        every step (the naive baseline the benchmarks compare against).
         """
-        model, device = self.bagel, self.device
+        guidance = Guidance(cfg_scale, cfg_img_scale, tuple(cfg_interval), cfg_renorm_type, cfg_renorm_min)
+        if not reuse_prefix:
+            if guidance.enabled:
+                raise ValueError("reuse_prefix=False (a benchmark baseline) does not support guidance")
+            return self._sample(contexts, contexts, None, n=n, steps=steps, seed=seed, noise=noise,
+                                window=window, sde=sde, same_noise=same_noise, timestep_shift=timestep_shift,
+                                guidance=guidance, uncached=True)
+        return self._sample(contexts, contexts, self._encode_prefix(contexts), n=n, steps=steps, seed=seed,
+                            noise=noise, window=window, sde=sde, same_noise=same_noise,
+                            timestep_shift=timestep_shift, guidance=guidance)
+
+    @torch.no_grad()
+    def think_and_sample(self, contexts: list[Example], *, max_think_tokens: int = 64, temperature: float = 0.0,
+                         text_seed: int = 0, **sample_kwargs) -> tuple[list[str], Rollout]:
+        """Think mode (BAGEL's "think"): per context, first a character text turn (the thinking / plan),
+        then `n` images sampled with that text in the same context. The prefix is encoded once; the
+        text is decoded on its cache and then appended to it (tokenised as a character text segment),
+        so the image sees context + thinking exactly as if both had been given as one context. As in
+        official BAGEL, the guidance branches leave the generated thinking out. `sample_kwargs` are
+        those of `sample_images`. Returns (texts, rollout)."""
+        guidance = Guidance(sample_kwargs.pop("cfg_scale", 1.0), sample_kwargs.pop("cfg_img_scale", 1.0),
+                            tuple(sample_kwargs.pop("cfg_interval", (0.0, 1.0))),
+                            sample_kwargs.pop("cfg_renorm_type", "global"), sample_kwargs.pop("cfg_renorm_min", 0.0))
         prefix = self._encode_prefix(contexts)
-        cache = prefix.expand(n)
+        ids = self._generate_ids(prefix, max_think_tokens, temperature, text_seed)
+        texts = [self.tokenizer.decode(x).strip() for x in ids]
+        thought = self._extend_with_text(prefix, texts)
+        with_thinking = [Example(c.task, [*c.segments, Segment("text", "character", t)])
+                         for c, t in zip(contexts, texts, strict=True)]
+        rollout = self._sample(with_thinking, contexts, thought, guidance=guidance, **sample_kwargs)
+        return texts, rollout
+
+    def _sample(self, contexts: list[Example], guide_contexts: list[Example], prefix: KVCache | None, *,
+                n: int = 1, steps: int = 20, seed: int = 0, noise: float = 0.0,
+                window: tuple[int, int] | None = None, sde: str = "sde", same_noise: bool = False,
+                timestep_shift: float | None = None, guidance: Guidance | None = None,
+                uncached: bool = False) -> Rollout:
+        model, device = self.bagel, self.device
+        guidance = guidance or Guidance()
         b = len(contexts) * n
         c = self._latent_chw[0]
         p = model.arch.latent_patch_size
@@ -341,39 +512,49 @@ class BagelAdapter:
             x = x.expand(-1, n, -1, -1).reshape(b, self.gen_tokens, p * p * c)
         shift = model.arch.timestep_shift if timestep_shift is None else timestep_shift
         ts = sampling_timesteps(steps, shift, device)
-        uncond = self._unconditional_prefix() if cfg_scale != 1.0 else None
-        if reuse_prefix:
-            velocity = self._guided_velocity_fn(cache, uncond, cfg_scale)
-        else:
-            if cfg_scale != 1.0:
-                raise ValueError("reuse_prefix=False (a benchmark baseline) does not support cfg_scale")
+        text_free, img_free, img_scale = self._guidance_prefixes(guide_contexts, guidance)
+        if uncached:
             velocity = self._uncached_velocity_fn(contexts, n)
+        else:
+            velocity = self._guided_velocity_fn(
+                prefix.expand(n), None if text_free is None else text_free.expand(n), guidance.text_scale,
+                img_uncond=None if img_free is None else img_free.expand(n),
+                img_scale=img_scale.repeat_interleave(n), guidance=guidance)
         traj = sample_flow(velocity, x.to(device), ts, window=window, eta=noise, kind=sde, generator=gen)
         group_ids = torch.arange(len(contexts)).repeat_interleave(n)
         t_cap = float(ts[1]) if steps > 1 else 0.99
-        return Rollout(self._decode_latents(traj.final), group_ids, traj, noise, sde, t_cap,
-                       state=_RolloutState(contexts, n, prefix, uncond, cfg_scale))
+        state = _RolloutState(contexts, n, prefix, text_free, guidance.text_scale, guide_contexts, img_free,
+                              img_scale, guidance)
+        return Rollout(self._decode_latents(traj.final), group_ids, traj, noise, sde, t_cap, state=state)
 
     def rollout_logprob(self, rollout: Rollout, step: int, index: torch.Tensor | None = None,
                         *, return_mean: bool = False):
         """Log-prob [len(index)] of window transition `step` of samples `index` under the current
-        weights (with gradients). The cached prefix is reused when the understanding expert is frozen
-        (its keys/values cannot have changed); otherwise it is re-encoded with gradients."""
+        weights (with gradients), with the same guidance the rollout was sampled with (so the ratio is
+        1 on-policy). The cached prefixes are reused when the understanding expert is frozen (their
+        keys/values cannot have changed); otherwise they are re-encoded with gradients."""
         state: _RolloutState = rollout.state
         traj = rollout.trajectory
         if traj is None or not 0 <= step < traj.times.shape[0]:
             raise ValueError(f"rollout has no stored transition {step}")
         index = torch.arange(len(rollout)) if index is None else index.cpu()
+        guidance = state.guidance or Guidance(state.cfg_scale, renorm_type="none")
         if self._understanding_trainable():
             prefix = self._encode_prefix(state.contexts, grad=True)
+            text_free, img_free, _ = self._guidance_prefixes(state.guide_contexts or state.contexts, guidance,
+                                                             grad=True)
         else:
-            prefix = state.prefix
-        cache = prefix.select((index // state.n).to(prefix.valid.device))
+            prefix, text_free, img_free = state.prefix, state.uncond, state.img_uncond
+        rows = (index // state.n).to(prefix.valid.device)
         device = self.device
+        img_scale = state.img_scale[index // state.n] if state.img_scale is not None else 1.0
+        velocity = self._guided_velocity_fn(
+            prefix.select(rows), None if text_free is None else _rows(text_free, rows), guidance.text_scale,
+            img_uncond=None if img_free is None else _rows(img_free, rows), img_scale=img_scale,
+            guidance=guidance)
         x = traj.states[index, step].to(device)
         t, t_next = (float(v) for v in traj.times[step])
-        v = self._guided_velocity_fn(cache, state.uncond, state.cfg_scale)(
-            x, torch.full((len(index),), t, device=device))
+        v = velocity(x, torch.full((len(index),), t, device=device))
         out = flow_step(x, v, t, t_next, eta=rollout.eta, kind=rollout.kind,
                         next_sample=traj.next_states[index, step].to(device), t_cap=rollout.t_cap)
         if out.logprob is None:
@@ -393,61 +574,64 @@ class BagelAdapter:
     def answer(self, images: torch.Tensor, questions: list[str], options: list[list[str] | None]) -> list[str]:
         """VQA on generated images: multiple choice by option likelihood, open questions by greedy
         decoding. `images` [N, 3, H, W] in [0, 1]; returns the chosen option text or the answer."""
-        from cmrp.data.character import MultipleChoice
-        from cmrp.data.tasks import mcq_option_examples
-
-        answers: list[str] = [""] * len(questions)
-        mcq_examples, spans, open_idx = [], [], []
-        for i, (q, opts) in enumerate(zip(questions, options, strict=True)):
-            image = Segment("image", "user", pixels=images[i])
-            if opts:
-                item = MultipleChoice(q, list(opts), 0)
-                spans.append((i, len(mcq_examples), len(opts)))
-                mcq_examples += mcq_option_examples([image], item, "vqa")
-            else:
-                open_idx.append(i)
-        if mcq_examples:
-            scores = torch.cat([self.score_text(mcq_examples[k:k + 64]) for k in range(0, len(mcq_examples), 64)])
-            for i, first, count in spans:
-                answers[i] = options[i][int(scores[first:first + count].argmax())]
-        if open_idx:
-            contexts = [Example("vqa", [Segment("image", "user", pixels=images[i]),
-                                        Segment("text", "user", text=questions[i])])
-                        for i in open_idx]
-            for i, text in zip(open_idx, self.generate_text(contexts, max_new_tokens=24), strict=True):
-                answers[i] = text
-        return answers
+        return answer_questions(self, images, questions, options, score_batch=64)
 
 
 @dataclass
 class _RolloutState:
-    contexts: list[Example]
+    """What `rollout_logprob` needs to replay a rollout's velocity: per context (not per sample) the
+    conditional prefix and the guidance branches' prefixes, and the guidance settings."""
+
+    contexts: list[Example]  # what the image saw (in think mode: context + generated thinking)
     n: int
     prefix: KVCache
-    uncond: KVCache | None = None
+    uncond: KVCache | None = None  # the contexts without their text
     cfg_scale: float = 1.0
+    guide_contexts: list[Example] | None = None  # the contexts the guidance branches are built from
+    img_uncond: KVCache | None = None  # the contexts without their input images
+    img_scale: torch.Tensor | None = None  # [contexts] image scale (1 where a context has no image)
+    guidance: Guidance | None = None
 
 
-def _concat_caches(a: KVCache, b: KVCache) -> KVCache:
-    """Stack two prefixes' caches along the batch, padding the shorter on the right (masked out)."""
-    la, lb = a.valid.shape[1], b.valid.shape[1]
-    length = max(la, lb)
+def _has_input_images(example: Example) -> bool:
+    return any(s.kind == "image" and not s.generate for s in example.segments)
 
-    def pad(t: torch.Tensor, current: int) -> torch.Tensor:
-        if current == length:
+
+def _without(example: Example, kind: str) -> Example:
+    """The example without its text segments (kind "text") or its input images (kind "image"); an empty
+    result becomes one empty user turn (the unconditional context)."""
+    kept = [s for s in example.segments if not (s.kind == kind and not s.generate)]
+    return Example(example.task, kept or [Segment("text", "user", "")])
+
+
+def _broadcast(cache: KVCache, b: int) -> KVCache:
+    return cache.expand(b) if cache.valid.shape[0] == 1 and b > 1 else cache
+
+
+def _rows(cache: KVCache, rows: torch.Tensor) -> KVCache:
+    return cache.select(rows.to(cache.valid.device))
+
+
+def _concat_caches(*caches: KVCache) -> KVCache:
+    """Stack prefixes' caches along the batch, padding the shorter ones on the right (masked out)."""
+    length = max(c.valid.shape[1] for c in caches)
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        if t.shape[2] == length:
             return t
         shape = list(t.shape)
-        shape[2] = length - current
+        shape[2] = length - t.shape[2]
         return torch.cat([t, t.new_zeros(shape)], dim=2)
 
     def pad_valid(v: torch.Tensor) -> torch.Tensor:
         return torch.cat([v, v.new_zeros(v.shape[0], length - v.shape[1])], dim=1)
 
+    layers = range(len(caches[0].keys))
     return KVCache(
-        [torch.cat([pad(x, la), pad(y, lb)]) for x, y in zip(a.keys, b.keys, strict=True)],
-        [torch.cat([pad(x, la), pad(y, lb)]) for x, y in zip(a.values, b.values, strict=True)],
-        torch.cat([pad_valid(a.valid), pad_valid(b.valid)]),
-        torch.cat([a.next_position, b.next_position]),
+        [torch.cat([pad(c.keys[i]) for c in caches]) for i in layers],
+        [torch.cat([pad(c.values[i]) for c in caches]) for i in layers],
+        torch.cat([pad_valid(c.valid) for c in caches]),
+        torch.cat([c.next_position for c in caches]),
     )
 
 

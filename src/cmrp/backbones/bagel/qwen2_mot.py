@@ -237,8 +237,10 @@ class Qwen2Model(nn.Module):
         presents = []
         for i, layer in enumerate(self.layers):
             layer_past = (past.keys[i], past.values[i]) if past is not None else None
-            if checkpoint and self.training and layer_past is None:
-                x, present = torch.utils.checkpoint.checkpoint(layer, x, is_gen, rope, mask, use_reentrant=False)
+            if checkpoint and torch.is_grad_enabled():
+                # activations are recomputed in backward (training mode or not: GRPO keeps eval mode)
+                x, present = torch.utils.checkpoint.checkpoint(layer, x, is_gen, rope, mask, layer_past,
+                                                               use_reentrant=False)
             else:
                 x, present = layer(x, is_gen, rope, mask, layer_past)
             if use_cache:

@@ -1,0 +1,161 @@
+"""Classifier-free guidance of a flow velocity at BAGEL's fidelity: text and image guidance, a guidance
+interval and renormalisation.
+
+Three velocities are predicted for the same noisy latents:
+- `v_c`: the full context;
+- `v_t`: the context without its text (text guidance pushes away from it);
+- `v_i`: the context without its input images (image guidance pushes away from it).
+
+Text guidance first, then image guidance on top of it:
+    v_text = v_t + s_text · (v_c − v_t)
+    v_cfg  = v_i + s_img · (v_text − v_i)
+then the result is rescaled so its norm never exceeds the conditional one's:
+- `global`: one factor per sample, norms over all of its tokens and channels;
+- `channel`: one factor per token (norm over the latent channels);
+- `text_channel`: only the text-guided velocity is rescaled (per token), before image guidance;
+- `none`: no rescaling (plain CFG).
+The factor is clamp(‖v_c‖ / ‖v‖, renorm_min, 1) (renorm_min = 1 turns renorm off too).
+Guidance applies only at times t with lo < t ≤ hi (`interval`, t = 1 is pure noise); elsewhere the
+velocity is `v_c` and the unconditional branches need not be computed at all.
+
+Departure from the official sampler (which skips all guidance unless the text scale is > 1): image
+guidance also applies with a text scale of 1 (then v_text = v_c). Per-sample scales are allowed so a
+batch can mix contexts with and without input images (image scale 1 for those without).
+
+Pure tensor maths, shared by every flow-head adapter, so sampling and GRPO's log-prob recomputation
+combine the branches identically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["RENORM_TYPES", "Guidance", "combine_guidance", "guidance_active", "recipe_sampling_kwargs"]
+
+RENORM_TYPES = ("global", "channel", "text_channel", "none")
+_EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Guidance settings of one sampling call (the recipe's `grpo.cfg_*` keys)."""
+
+    text_scale: float = 1.0
+    img_scale: float = 1.0
+    interval: tuple[float, float] = (0.0, 1.0)
+    renorm_type: str = "global"
+    renorm_min: float = 0.0
+
+    def __post_init__(self):
+        if self.renorm_type not in RENORM_TYPES:
+            raise ValueError(f"cfg_renorm_type {self.renorm_type!r}: use one of {', '.join(RENORM_TYPES)}")
+        lo, hi = self.interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"cfg_interval {list(self.interval)}: must be [lo, hi] with 0 <= lo <= hi <= 1")
+        if self.text_scale < 1.0 or self.img_scale < 1.0:
+            raise ValueError(f"guidance scales must be >= 1 (1 = off); got text {self.text_scale}, "
+                             f"image {self.img_scale}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.text_scale != 1.0 or self.img_scale != 1.0
+
+    def active(self, t: float) -> bool:
+        """Whether guidance applies at time t (lo < t <= hi) and does anything."""
+        return self.enabled and guidance_active(t, self.interval)
+
+    @classmethod
+    def from_config(cls, cfg) -> Guidance:
+        """From a recipe section holding cfg_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min."""
+        return cls(float(cfg.cfg_scale), float(cfg.cfg_img_scale), tuple(float(v) for v in cfg.cfg_interval),
+                   str(cfg.cfg_renorm_type), float(cfg.cfg_renorm_min))
+
+    def as_kwargs(self) -> dict:
+        """The keyword arguments of a flow adapter's `sample_images` ({} when guidance is off)."""
+        if not self.enabled:
+            return {}
+        default = Guidance()
+        out: dict = {"cfg_scale": self.text_scale}
+        for key, value, base in (("cfg_img_scale", self.img_scale, default.img_scale),
+                                 ("cfg_interval", tuple(self.interval), default.interval),
+                                 ("cfg_renorm_type", self.renorm_type, default.renorm_type),
+                                 ("cfg_renorm_min", self.renorm_min, default.renorm_min)):
+            if value != base:  # only what differs, so an adapter with text guidance alone still fits
+                out[key] = value
+        return out
+
+
+def recipe_sampling_kwargs(grpo_section) -> dict:
+    """`sample_images` keyword arguments from a recipe's `grpo:` section (guidance and timestep shift), so
+    evaluation, the fit's sample grid and chat sample images the way the policy was trained to."""
+    out = Guidance.from_config(grpo_section).as_kwargs()
+    if grpo_section.get("timestep_shift") is not None:
+        out["timestep_shift"] = float(grpo_section.timestep_shift)
+    return out
+
+
+def guidance_active(t: float, interval: tuple[float, float]) -> bool:
+    """BAGEL's interval test: guidance at times lo < t <= hi."""
+    lo, hi = interval
+    return lo < float(t) <= hi
+
+
+def _per_sample(scale, ref: torch.Tensor) -> torch.Tensor:
+    """A float or [B] scale as a tensor broadcastable against ref [B, ...]."""
+    s = torch.as_tensor(scale, dtype=ref.dtype, device=ref.device)
+    if s.dim() == 0:
+        return s
+    return s.reshape(-1, *([1] * (ref.dim() - 1)))
+
+
+def _norm(v: torch.Tensor, per_token: bool) -> torch.Tensor:
+    if per_token:
+        return torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+    return torch.linalg.vector_norm(v.flatten(1), dim=1).reshape(-1, *([1] * (v.dim() - 1)))
+
+
+def _rescale(v: torch.Tensor, ref: torch.Tensor, per_token: bool, renorm_min: float) -> torch.Tensor:
+    factor = (_norm(ref, per_token) / (_norm(v, per_token) + _EPS)).clamp(min=renorm_min, max=1.0)
+    return v * factor
+
+
+def combine_guidance(
+    v_cond: torch.Tensor,
+    v_text_uncond: torch.Tensor | None,
+    v_img_uncond: torch.Tensor | None,
+    text_scale: float | torch.Tensor = 1.0,
+    img_scale: float | torch.Tensor = 1.0,
+    renorm_type: str = "global",
+    renorm_min: float = 0.0,
+) -> torch.Tensor:
+    """The guided velocity of [B, tokens, channels] predictions (see the module docstring).
+
+    A branch may be None only when its scale is 1 everywhere; scales are floats or [B] tensors.
+    """
+    if renorm_type not in RENORM_TYPES:
+        raise ValueError(f"unknown renorm type {renorm_type!r}; use one of {', '.join(RENORM_TYPES)}")
+    v_cond = v_cond.float()
+    s_text, s_img = _per_sample(text_scale, v_cond), _per_sample(img_scale, v_cond)
+    text_on = bool((s_text != 1.0).any())
+    img_on = bool((s_img != 1.0).any())
+    if not text_on and not img_on:
+        return v_cond
+    if text_on:
+        if v_text_uncond is None:
+            raise ValueError("text guidance needs the text-unconditional velocity")
+        v_text = v_text_uncond.float() + s_text * (v_cond - v_text_uncond.float())
+    else:
+        v_text = v_cond
+    if renorm_type == "text_channel":
+        v_text = _rescale(v_text, v_cond, per_token=True, renorm_min=renorm_min)
+    if img_on:
+        if v_img_uncond is None:
+            raise ValueError("image guidance needs the image-unconditional velocity")
+        v = v_img_uncond.float() + s_img * (v_text - v_img_uncond.float())
+    else:
+        v = v_text
+    if renorm_type in ("global", "channel"):
+        v = _rescale(v, v_cond, per_token=renorm_type == "channel", renorm_min=renorm_min)
+    return v
