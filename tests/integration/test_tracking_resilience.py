@@ -1,0 +1,201 @@
+"""Bad conditions never lose a run: NaN losses are skipped and counted, an unreachable or dying tracking
+server leaves a local record that `cmrp tracking sync` uploads later, and secrets never reach disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.integration.test_cli_fit import CMRP, ROOT, run_cli
+
+TINY = ["recipes/quickstart.yaml", "data.batch_size=2", "data.max_text_tokens=32", "eval.max_items=4",
+        "eval.grid_prompts=1", "eval.images_per_prompt=1", "eval.sample_steps=2", "checkpoint.every_n_steps=0"]
+WARNING = "cmrp: tracking: cannot log to"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metric_history(uri: str, run_id: str, key: str) -> dict[int, float]:
+    from mlflow.tracking import MlflowClient
+
+    return {m.step: m.value for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, key)}
+
+
+def pending_records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "tracking" / "pending.jsonl").read_text().splitlines()]
+
+
+def test_nan_losses_are_skipped_and_an_unreachable_server_defers_logging(tmp_path, monkeypatch, capsys):
+    """In-process run: the backbone's loss is NaN at two steps; the tracking URI points at a closed port."""
+    from cmrp.backbones.bagel import BagelAdapter
+    from cmrp.config import load_recipe
+    from cmrp.tracking import sync_pending
+    from cmrp.training.fit import run_fit
+
+    real_losses = BagelAdapter.losses
+    calls = {"n": 0}
+
+    def losses(self, batch, **kwargs):
+        out = real_losses(self, batch, **kwargs)
+        calls["n"] += 1
+        if calls["n"] in (3, 4):  # steps 3 and 4: a NaN loss
+            out = {**out, "ce": out["ce"] * float("nan")}
+        return out
+
+    monkeypatch.setattr(BagelAdapter, "losses", losses)
+    out = tmp_path / "run"
+    uri = f"http://127.0.0.1:{free_port()}"
+    cfg = load_recipe(TINY[0], [*TINY[1:], "trainer.max_steps=8", "trainer.log_every_n_steps=1",
+                                "nonfinite_stop_after=3", f"tracking.tracking_uri={uri}", f"output_dir={out}"])
+    result = run_fit(cfg)
+    printed = capsys.readouterr()
+    assert printed.err.count(WARNING) == 1 and "cmrp tracking sync" in printed.err
+    assert printed.out.count("non-finite loss or gradients, update skipped") == 2
+    assert result.tracking_pending == out / "tracking" / "pending.jsonl" and result.run_id == ""
+    records = pending_records(out)
+    assert records[0]["op"] == "run" and records[-1] == {"op": "status", "status": "FINISHED"}
+    steps = {r["step"]: r["metrics"] for r in records if r["op"] == "metrics" and "train/loss" in r["metrics"]}
+    assert sorted(steps) == list(range(8))
+    assert [s for s, m in steps.items() if m["train/loss"] != m["train/loss"]] == [2, 3]  # NaN at steps 3, 4
+    assert steps[7]["train/nonfinite_steps"] == 2
+    assert {Path(r["path"]).name for r in records if r["op"] == "artifact"} == {"recipe.yaml", "metrics.json",
+                                                                                "samples.png"}
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out / "checkpoint" / "backbone" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+    # later: upload to a tracking store (here a sqlite database)
+    target = f"sqlite:///{tmp_path / 'later.db'}"
+    done = sync_pending(out, target)
+    assert done["metrics"] >= 8 * 3 and done["artifacts"] == 3 and done["status"] == "FINISHED"
+    assert set(metric_history(target, done["run_id"], "train/loss")) == set(range(8))
+    assert metric_history(target, done["run_id"], "train/nonfinite_steps")[7] == 2
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=target).get_run(done["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["trainer.max_steps"] == "8"
+    assert not (out / "tracking" / "pending.jsonl").exists()  # archived: a second sync has nothing to send
+    proc = run_cli("tracking", "sync", str(out), "--tracking-uri", target)
+    assert proc.returncode == 2 and "nothing waiting to be uploaded" in proc.stderr
+
+
+def test_diverging_run_stops_with_a_clear_message(tmp_path):
+    proc = run_cli("fit", *TINY, "trainer.max_steps=30", "sft.optimizer.lr=1e30", "sft.optimizer.warmup_steps=0",
+                   "trainer.gradient_clip_val=null", "nonfinite_stop_after=3", f"output_dir={tmp_path / 'run'}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "sft: 3 steps in a row" in proc.stderr and "nonfinite_stop_after: 3" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _start_server(db: Path, port: int, cwd: Path) -> subprocess.Popen:
+    mlflow = str(Path(sys.executable).parent / "mlflow")
+    proc = subprocess.Popen([mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{db}"], cwd=cwd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    import urllib.request
+
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)  # noqa: S310 - local test server
+            return proc
+        except OSError:
+            assert proc.poll() is None, "mlflow server exited"
+            assert time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)  # the server and its workers (its own session, started above)
+        proc.wait(30)
+
+
+@pytest.mark.slow
+def test_tracking_server_killed_mid_run_then_synced_to_a_restarted_server(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    db, port = tmp_path / "server.db", free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _start_server(db, port, tmp_path)
+    out = tmp_path / "run"
+    try:
+        fit = subprocess.Popen([CMRP, "fit", *TINY, "trainer.max_steps=60", "trainer.log_every_n_steps=1",
+                                f"tracking.tracking_uri={uri}", f"output_dir={out}"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        client = MlflowClient(tracking_uri=uri)
+        deadline = time.monotonic() + 300
+        while True:  # kill the server once it has a few steps of train/loss
+            assert fit.poll() is None, "the run ended before the server was killed"
+            assert time.monotonic() < deadline
+            exp = client.get_experiment_by_name("cmrp")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            if runs and len(client.get_metric_history(runs[0].info.run_id, "train/loss")) >= 3:
+                break
+            time.sleep(0.2)
+        run_id = runs[0].info.run_id
+        _stop(server)
+        stdout, stderr = fit.communicate(timeout=600)
+    finally:
+        _stop(server)
+    assert fit.returncode == 0, stderr[-3000:]
+    assert stderr.count(WARNING) == 1
+    assert "not logged:" in stdout and f"cmrp tracking sync {out}" in stdout
+    records = pending_records(out)
+    assert records[0]["run_id"] == run_id
+    offline_steps = {r["step"] for r in records if r["op"] == "metrics" and "train/loss" in r["metrics"]}
+    assert offline_steps and max(offline_steps) == 59
+
+    server = _start_server(db, port, tmp_path)  # the server is back (same database)
+    try:
+        proc = run_cli("tracking", "sync", str(out))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert f"uploaded to run {run_id}" in proc.stdout
+        history = metric_history(uri, run_id, "train/loss")
+        assert set(history) == set(range(60))  # online steps + uploaded ones: nothing lost
+        run = MlflowClient(tracking_uri=uri).get_run(run_id)
+        assert run.info.status == "FINISHED" and "eval/after/vqa_mcq_acc" in run.data.metrics
+    finally:
+        _stop(server)
+
+
+def test_secrets_in_the_environment_never_reach_mlflow_or_the_output_dir(tmp_path):
+    secrets = {"OPENAI_API_KEY": "sk-test-0123456789abcdefSECRET", "CMRP_JUDGE_API_KEY": "judge-key-9876543210xyz",
+               "HF_TOKEN": "hf_tokenvalue_ABCDEFGHIJ"}
+    out = tmp_path / "run"
+    env = {**os.environ, **secrets}
+    # the key used by the run: interpolated from the environment into recipe values
+    proc = subprocess.run(
+        [CMRP, "fit", *TINY, "trainer.max_steps=2", "checkpoint.every_n_steps=1",
+         "tracking.run_name=run-${oc.env:OPENAI_API_KEY}", "name=n-${oc.env:CMRP_JUDGE_API_KEY}",
+         f"output_dir={out}"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.name == "mlflow.db" for p in files) and any(p.name == "manifest.json" for p in files)
+    for path in files:
+        data = path.read_bytes()
+        for name, value in secrets.items():
+            assert value.encode() not in data, f"{name} found in {path}"
+    for value in secrets.values():
+        assert value not in proc.stdout and value not in proc.stderr
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("cmrp").experiment_id])[0]
+    assert run.data.tags["mlflow.runName"] == "run-***" and run.data.params["name"] == "n-***"
