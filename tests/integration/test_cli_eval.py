@@ -76,6 +76,40 @@ def test_eval_logged_to_mlflow(evaluated):
     assert run.info.status == "FINISHED"
 
 
+def test_eval_reports_sandbox_oracle_numbers(evaluated):
+    """A sandbox character: the attribute probe scores identity fidelity and prompt faithfulness."""
+    report = json.loads((evaluated / "eval" / "eval.json").read_text())
+    oracle = report["oracle"]
+    assert 0.1 < oracle["chance_identity_fidelity"] < 0.3 and 0.1 < oracle["chance_prompt_faithfulness"] < 0.3
+    assert min(oracle["probe_heldout_accuracy"].values()) >= 0.95
+    for who in ("model", "baseline"):
+        numbers = report[who]["numbers"]
+        for task in ("t2i", "multimodal_roleplay"):
+            for key in ("identity_fidelity", "prompt_faithfulness"):
+                assert 0.0 <= numbers[task][key] <= 1.0, (who, task, key)
+    reference = report["reference"]["t2i"]  # the held-out target images themselves are read back
+    assert reference["identity_fidelity"] >= 0.9 and reference["prompt_faithfulness"] >= 0.9
+    base = report["baseline"]["numbers"]["t2i"]["identity_fidelity"]  # a random-init model draws noise
+    assert base < reference["identity_fidelity"] - 0.3
+    page = (evaluated / "eval" / "report.html").read_text()
+    assert "identity_fidelity" in page and "Sandbox oracle" in page
+
+
+@pytest.mark.slow
+def test_eval_with_sandbox_feature_models(evaluated, tmp_path):
+    """`--features sandbox` end to end (a second evaluation; the feature set itself is unit-tested)."""
+    proc = run_cli("eval", str(evaluated), "--features", "sandbox", "--max-items", "2", "--samples", "2",
+                   "--steps", "2", "--max-new-tokens", "8", "--baseline", "none", "--out", str(tmp_path / "s"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "t2i/identity_fidelity:" in proc.stdout
+    report = json.loads((tmp_path / "s" / "eval.json").read_text())
+    assert report["features"] == "sandbox"
+    # the sandbox CLIP matches the held-out target images to their prompts
+    assert report["reference"]["t2i"]["clip_t"] > 0.6
+    t2i = report["model"]["numbers"]["t2i"]
+    assert -1.0 <= t2i["clip_t"] <= 1.0 and -1.0 <= t2i["dino_references"] <= 1.0
+
+
 @needs_chromium
 def test_report_renders_in_headless_chromium(evaluated, tmp_path):
     page = evaluated / "eval" / "report.html"

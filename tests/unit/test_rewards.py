@@ -466,7 +466,9 @@ def test_every_shipped_preset_builds_without_loading_weights():
 
 
 def test_sandbox_preset_scores_without_downloads():
-    reward = build_reward(load_reward_preset("sandbox"), term_kwargs=small_nets())
+    # clip_similarity and trainset_penalty load the sandbox models shipped in the package, by name
+    nets = small_nets()
+    reward = build_reward(load_reward_preset("sandbox"), term_kwargs={"vqa_consistency": nets["vqa_consistency"]})
     torch.manual_seed(0)
     context = RewardContext(reference_images=torch.rand(2, 3, 16, 16), questions=[[YES], [OPEN]])
     out = reward(torch.rand(2, 3, 16, 16), ["", ""], group_ids=ids(0, 0), context=context)

@@ -16,8 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="evaluate a checkpoint (vs a baseline): role-play, T2I, QA; HTML + JSON report, logged to MLflow",
         description="Evaluate the checkpoint of a `cmrp fit` run on its character's held-out split: text and "
         "multimodal role-play, text-to-image (CLIP-I, CLIP-T, DINO, diversity), knowledge-QA and VQA "
-        "multiple choice, and optionally an LLM judge. Writes report.html and eval.json and logs both "
-        "to a new MLflow run in the run's database.",
+        "multiple choice, and optionally an LLM judge. For sandbox characters the shipped attribute probe "
+        "also scores images for identity fidelity and prompt faithfulness. Writes report.html and "
+        "eval.json and logs both to a new MLflow run in the run's database.",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR", help="a `cmrp fit` output_dir (or its checkpoint/)")
     p.add_argument("--baseline", default="base",
@@ -29,8 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=20, help="flow sampling steps (default 20)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="length limit of generated replies (default 48)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--features", choices=("pixel", "pretrained"), default="pretrained",
-                   help="`pretrained`: open_clip CLIP, DINOv2, LPIPS from local caches; `pixel`: weight-free proxies")
+    p.add_argument("--features", choices=("pixel", "sandbox", "pretrained"), default="pretrained",
+                   help="`pretrained`: open_clip CLIP, DINOv2, LPIPS from local caches; `sandbox`: the small "
+                   "CLIP and image-feature models trained on sandbox renders (shipped); `pixel`: weight-free proxies")
     p.add_argument("--device", default="cpu", help="torch device for the models and feature nets (default cpu)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: the run's own, sqlite:///<run>/mlflow.db)")
@@ -73,6 +75,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Everything `cmrp eval` does; returns the report dictionary (also written to eval.json)."""
     from cmrp.data.sources import load_recipe_character
     from cmrp.evaluation.features import load_feature_set
+    from cmrp.evaluation.oracle import chance_levels, prompt_attributes
     from cmrp.evaluation.report import log_to_mlflow, write_html, write_json
     from cmrp.evaluation.runner import (
         EvalOptions,
@@ -131,6 +134,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     }
     prompts = t2i_prompts(character, cfg, opts.max_items)
     images = {**character.train.images, **character.test.images}
+    report["oracle"] = chance_levels(character, [prompt_attributes(p.prompt, images.get(p.image_id))
+                                                 for p in prompts])  # None unless a sandbox character
     refs = character.reference_images
     fallback = refs[0] if refs else None
     targets = [images.get(p.image_id) if p.image_id in images else fallback for p in prompts]
@@ -165,7 +170,8 @@ def _eval(args: argparse.Namespace) -> int:
     base = (report.get("baseline") or {}).get("numbers") or {}
     print(f"character:   {report['character']}   (features: {report['features']})")
     lines = [("knowledge_qa", "mcq_acc_likelihood"), ("vqa", "mcq_acc_likelihood"), ("t2i", "clip_i_references"),
-             ("t2i", "clip_t"), ("t2i", "dino_references"), ("t2i", "diversity"),
+             ("t2i", "clip_t"), ("t2i", "dino_references"), ("t2i", "diversity"), ("t2i", "identity_fidelity"),
+             ("t2i", "prompt_faithfulness"),
              ("text_roleplay", "distinct_2"), ("multimodal_roleplay", "cross_modal_clip_t"),
              ("judge", "mmrole_overall")]
     for task, key in lines:

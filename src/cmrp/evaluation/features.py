@@ -5,6 +5,10 @@
 a colour-word encoder — an image is its share of pixels per basic colour, a text the colour words it
 names — so CLIP-T still asks "does the image show the colours the text says?". Proxy numbers are only
 comparable with other proxy numbers; the report says which set was used.
+
+`sandbox` uses the small models the project trains on sandbox renders and ships in the package
+(`cmrp.sandbox.features`): CLIP is the sandbox CLIP-style dual encoder, DINO the attribute probe's
+image features, LPIPS stays the pixel distance. Meaningful for sandbox characters only.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from cmrp.errors import WeightsError
 
 __all__ = ["FEATURE_SETS", "ColourWordClip", "FeatureSet", "load_feature_set"]
 
-FEATURE_SETS = ("pixel", "pretrained")
+FEATURE_SETS = ("pixel", "sandbox", "pretrained")
 
 # basic colour terms with a typical sRGB value each (0-255)
 _PALETTE: dict[str, tuple[int, int, int]] = {
@@ -75,13 +79,17 @@ class FeatureSet:
 def load_feature_set(name: str, *, clip_model: str = "ViT-B-32", clip_pretrained: str = "openai",
                      dino_model: str = "dinov2-small", lpips_net: str = "alex",
                      device: str | torch.device = "cpu") -> FeatureSet:
-    """`pixel`: weight-free proxies. `pretrained`: open_clip CLIP, DINOv2 and LPIPS from local caches;
+    """`pixel`: weight-free proxies. `sandbox`: the shipped sandbox CLIP and probe features. `pretrained`: open_clip CLIP, DINOv2 and LPIPS from local caches;
     a missing weight raises WeightsError naming it, how to provide it, and `--features pixel`."""
     from cmrp.rewards.diversity import pixel_distance
     from cmrp.rewards.trainset import pixel_features
 
     if name == "pixel":
         return FeatureSet("pixel", ColourWordClip(), pixel_features, pixel_distance)
+    if name == "sandbox":
+        from cmrp.sandbox.features import sandbox_clip, sandbox_image_features
+
+        return FeatureSet("sandbox", sandbox_clip(), sandbox_image_features(), pixel_distance)
     if name != "pretrained":
         raise WeightsError(f"--features {name!r}: choose one of {', '.join(FEATURE_SETS)}")
     from cmrp.rewards.clip import load_open_clip

@@ -147,7 +147,9 @@ def _summary_table(report: dict[str, Any]) -> str:
     """One headline number per task, model vs baseline."""
     headline = [("text_roleplay", "token_f1"), ("text_roleplay", "distinct_2"),
                 ("text_roleplay", "catchphrase_rate"), ("multimodal_roleplay", "cross_modal_clip_t"),
+                ("multimodal_roleplay", "identity_fidelity"),
                 ("t2i", "clip_i_references"), ("t2i", "clip_t"), ("t2i", "dino_references"), ("t2i", "diversity"),
+                ("t2i", "identity_fidelity"), ("t2i", "prompt_faithfulness"),
                 ("knowledge_qa", "mcq_acc_likelihood"), ("vqa", "mcq_acc_likelihood"),
                 ("judge", "personality"), ("judge", "mmrole_overall")]
     model = report["model"]["numbers"]
@@ -206,6 +208,21 @@ def _replies_section(visuals: dict[str, Any]) -> str:
     return f"<h2>Sample replies</h2><table class='replies'>{''.join(rows)}</table>"
 
 
+def _oracle_note(report: dict[str, Any]) -> str:
+    """For sandbox characters: what identity_fidelity / prompt_faithfulness measure, and their chance levels."""
+    oracle = report.get("oracle")
+    if not oracle:
+        return ""
+    accuracy = oracle.get("probe_heldout_accuracy") or {}
+    worst = min(accuracy.values()) if accuracy else None
+    return ("<p class='meta oracle'>Sandbox oracle: <code>identity_fidelity</code> is the share of the character's "
+            "identity attributes (body shape and colour, eyes, accessory and its colour) that the shipped "
+            "attribute probe reads in each generated image; <code>prompt_faithfulness</code> the share of the "
+            "attributes the prompt asks for. Chance (uniformly random attributes): identity "
+            f"{_fmt(oracle.get('chance_identity_fidelity'))}, prompt {_fmt(oracle.get('chance_prompt_faithfulness'))}"
+            f"; probe accuracy on held-out clean renders ≥ {_fmt(worst)} per attribute.</p>")
+
+
 def write_html(report: dict[str, Any], visuals: dict[str, Any], path: Path) -> Path:
     """The report page: summary, per-task tables (model vs baseline with deltas), image grids, replies."""
     title = f"cmrp eval — {report.get('character', '')}"
@@ -218,7 +235,7 @@ def write_html(report: dict[str, Any], visuals: dict[str, Any], path: Path) -> P
         meta += f" · judge {html.escape(judge)}"
     body = [
         f"<h1>{html.escape(title)}</h1><div class='meta'>{meta}</div>",
-        "<h2>Summary</h2>", _summary_table(report),
+        "<h2>Summary</h2>", _summary_table(report), _oracle_note(report),
         "<h2>Per-task breakdown</h2>", _metric_tables(report),
         "<h2>Images</h2>", _image_section(report, visuals),
         _replies_section(visuals),

@@ -30,6 +30,7 @@ from cmrp.data.tasks import Example, Segment, image_prompts, system_prompt
 from cmrp.errors import ConfigError
 from cmrp.evaluation import metrics as M
 from cmrp.evaluation.features import FeatureSet
+from cmrp.evaluation.oracle import image_oracle_numbers, prompt_attributes
 
 __all__ = ["EvalOptions", "ModelEval", "TurnItem", "evaluate_model", "find_checkpoint", "load_baseline",
            "load_checkpoint", "load_images", "load_recipe_of", "reference_numbers",
@@ -47,6 +48,8 @@ class EvalOptions:
     seed: int = 0
     batch_size: int = 8
     max_references: int = 16  # reference images compared against (CLIP-I, DINO)
+    think: bool = False  # think decoding: "show" turns write the character's thinking before the image
+    image_kwargs: dict[str, Any] = field(default_factory=dict)  # guidance / timestep shift for sample_images
 
 
 @dataclass
@@ -179,9 +182,21 @@ def _sample(adapter: Any, contexts: list[Example], n: int, opts: EvalOptions) ->
     per_call = max(1, opts.batch_size // max(1, n))
     for start in range(0, len(contexts), per_call):
         rollout = adapter.sample_images(contexts[start:start + per_call], n=n, steps=opts.steps,
-                                        seed=opts.seed + start)
+                                        seed=opts.seed + start, **opts.image_kwargs)
         chunks.append(rollout.images.float().cpu().clamp(0, 1))
     return torch.cat(chunks) if chunks else torch.zeros(0, 3, 1, 1)
+
+
+def _think_sample(adapter: Any, contexts: list[Example], opts: EvalOptions) -> tuple[list[str], torch.Tensor]:
+    """Think mode: per context the character's thinking, then one image with it in the same context."""
+    thoughts, chunks = [], []
+    for start in range(0, len(contexts), opts.batch_size):
+        texts, rollout = adapter.think_and_sample(contexts[start:start + opts.batch_size], n=1, steps=opts.steps,
+                                                  seed=opts.seed + start, max_think_tokens=opts.max_new_tokens,
+                                                  text_seed=opts.seed + start, **opts.image_kwargs)
+        thoughts += texts
+        chunks.append(rollout.images.float().cpu().clamp(0, 1))
+    return thoughts, (torch.cat(chunks) if chunks else torch.zeros(0, 3, 1, 1))
 
 
 def _per_item_cosine(a: torch.Tensor, b: torch.Tensor) -> list[float]:
@@ -214,10 +229,13 @@ def _multimodal_roleplay(adapter, character, items: list[TurnItem], feats: Featu
         contexts = []
         for i, it in show:
             segs = [*it.context, Segment("text", "character", replies[i])]
-            if it.instruction:
+            if it.instruction and not opts.think:  # think mode writes its own plan instead
                 segs.append(Segment("text", "character", it.instruction))
             contexts.append(Example("t2i", segs))
-        drawn = _sample(adapter, contexts, 1, opts)
+        if opts.think:
+            result.replies["multimodal_thinking"], drawn = _think_sample(adapter, contexts, opts)
+        else:
+            drawn = _sample(adapter, contexts, 1, opts)
         result.shown_images = list(drawn)
         texts = [replies[i] for i, _ in show]
         reply_cos = _per_item_cosine(feats.clip.encode_image(drawn), feats.clip.encode_text(texts))
@@ -228,6 +246,8 @@ def _multimodal_roleplay(adapter, character, items: list[TurnItem], feats: Featu
                                                           feats.clip.encode_image(targets)))
         numbers["dino_references"] = M.dino_similarity(feats.dino, drawn, refs) if refs.shape[0] else NAN
         numbers["show_turns"] = len(show)
+        numbers.update(image_oracle_numbers(  # sandbox characters: the attribute probe reads the drawn images
+            character, drawn, [prompt_attributes(it.instruction or "", it.shown_image) for _, it in show]))
     seen = [(i, it) for i, it in enumerate(items) if it.user_image is not None]
     if seen:
         size = tuple(refs.shape[-2:]) if refs.shape[0] else (64, 64)
@@ -258,6 +278,7 @@ def _t2i(adapter, character, prompts, feats: FeatureSet, refs: torch.Tensor, opt
         result.numbers["t2i"] = numbers
         return
     n = opts.samples
+    all_images = {**character.train.images, **character.test.images}
     images = _sample(adapter, [p.context for p in prompts], n, opts)
     result.t2i_images = [images[i * n:(i + 1) * n] for i in range(len(prompts))]
     group_ids = torch.arange(len(prompts)).repeat_interleave(n)
@@ -267,7 +288,8 @@ def _t2i(adapter, character, prompts, feats: FeatureSet, refs: torch.Tensor, opt
     numbers["clip_i_references"] = M.clip_i(feats.clip, images, refs)
     numbers["dino_references"] = M.dino_similarity(feats.dino, images, refs)
     numbers["diversity"] = M.within_prompt_diversity(feats.distance, images, group_ids)
-    all_images = {**character.train.images, **character.test.images}
+    numbers.update(image_oracle_numbers(  # sandbox characters: the attribute probe reads the samples
+        character, images, [prompt_attributes(p.prompt, all_images.get(p.image_id)) for p in prompts for _ in range(n)]))
     with_target = [(i, all_images[p.image_id]) for i, p in enumerate(prompts) if p.image_id in all_images]
     if with_target:
         targets = load_images([ref for _, ref in with_target], tuple(images.shape[-2:]))
@@ -352,7 +374,15 @@ def _judge(adapter, character, text_items: list[TurnItem], mm_items: list[TurnIt
 
 def evaluate_model(adapter: Any, character: Character, cfg: Any, feats: FeatureSet, opts: EvalOptions,
                    judge: Any = None) -> ModelEval:
-    """Every task for one model; the same inputs and seeds for the model and its baseline."""
+    """Every task for one model; the same inputs and seeds for the model and its baseline. Images are
+    sampled as the recipe says: its decoding (think mode) and its `grpo:` guidance and timestep shift."""
+    import dataclasses
+
+    from cmrp.sampling.decoding import get_strategy
+    from cmrp.sampling.guidance import recipe_sampling_kwargs
+
+    opts = dataclasses.replace(opts, think=opts.think or get_strategy(cfg.decoding).think,
+                               image_kwargs={**recipe_sampling_kwargs(cfg.grpo), **opts.image_kwargs})
     result = ModelEval()
     adapter.model.eval()
     text_items, mm_items = turn_items(character, opts.max_items)
@@ -396,5 +426,7 @@ def reference_numbers(character: Character, cfg: Any, feats: FeatureSet, opts: E
             "clip_t": M.clip_t(feats.clip, targets, [p.prompt for p in with_target]),
             "clip_i_references": M.clip_i(feats.clip, targets, refs),
             "dino_references": M.dino_similarity(feats.dino, targets, refs),
+            **image_oracle_numbers(character, targets, [prompt_attributes(p.prompt, images[p.image_id])
+                                                        for p in with_target]),
         }
     return out

@@ -16,6 +16,7 @@ __all__ = [
     "cosine_matrix",
     "fit_square",
     "module_device",
+    "named_feature_model",
     "nan_stats",
     "normalise",
     "reason",
@@ -26,6 +27,15 @@ def reason(err: BaseException) -> str:
     """`Type: first line of the message` without a trailing full stop, to embed in a sentence."""
     text = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else ""
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def named_feature_model(name: str, term: str, kwarg: str) -> Callable[[], Any]:
+    """The loader of the feature net registered as `name` in `cmrp.registry.FEATURE_MODELS` (e.g.
+    `sandbox-clip`): a term's `kwarg` may be such a name instead of an object. An unknown name raises
+    ConfigError (with the closest known name) when the term is built, before any weights load."""
+    from cmrp.registry import FEATURE_MODELS
+
+    return FEATURE_MODELS.get(name, where=f"{term} kwarg `{kwarg}`")
 
 
 def check_images(images: torch.Tensor, term: str) -> torch.Tensor:

@@ -17,6 +17,7 @@ from cmrp.rewards._ops import (
     cosine_matrix,
     fit_square,
     module_device,
+    named_feature_model,
     normalise,
     reason,
 )
@@ -125,8 +126,9 @@ class ClipSimilarity:
     Defaults: `scale=1`, `offset=0`, `reference_weight=0` (raw CLIP cosine, about 0.2-0.35 for a match).
 
     `encoder`: any object with `encode_image(Tensor[B,3,H,W] in [0,1]) -> [B,D]` and
-    `encode_text(list[str]) -> [B,D]`; by default open_clip's `model` with `pretrained` (a tag such as
-    `openai`, or a local weights file), loaded on the first call.
+    `encode_text(list[str]) -> [B,D]`, or the name of one registered in `cmrp.registry.FEATURE_MODELS`
+    (`sandbox-clip`: the sandbox's trained dual encoder; usable from a preset YAML); by default open_clip's
+    `model` with `pretrained` (a tag such as `openai`, or a local weights file), loaded on the first call.
     """
 
     def __init__(
@@ -149,11 +151,16 @@ class ClipSimilarity:
         self.scale, self.offset, self.reference_weight = float(scale), float(offset), float(reference_weight)
         self.device = device
         self.encoder = encoder
+        self._named = named_feature_model(encoder, "clip_similarity", "encoder") if isinstance(encoder, str) else None
+        if self._named is not None:
+            self.encoder = None
         self._lock = threading.Lock()
         self._ref_cache = IdentityCache()
 
     def _encoder(self, device: torch.device) -> Any:
         with self._lock:
+            if self.encoder is None and self._named is not None:
+                self.encoder = self._named()
             if self.encoder is None:
                 self.encoder = load_open_clip(self.model, self.pretrained, self.cache_dir).to(
                     self.device or device

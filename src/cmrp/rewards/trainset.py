@@ -19,6 +19,7 @@ from cmrp.rewards._ops import (
     cosine_matrix,
     fit_square,
     module_device,
+    named_feature_model,
     normalise,
     reason,
 )
@@ -126,7 +127,9 @@ class TrainsetPenalty:
     (a near copy of a training image). Defaults tau_low 0.5, tau_high 0.9, penalty_scale 1.0.
     `info["max_similarity"]` holds the raw `s` per sample.
 
-    `features`: any callable `images [B,3,H,W] in [0,1] -> [B,D]`. Otherwise `model`: `dinov2-small`
+    `features`: any callable `images [B,3,H,W] in [0,1] -> [B,D]`, or the name of one registered in
+    `cmrp.registry.FEATURE_MODELS` (`sandbox-image`: the sandbox attribute probe's features; usable from a
+    preset YAML). Otherwise `model`: `dinov2-small`
     (default; also `dinov2-base`..., a hub id or a local directory) — transformers' `Dinov2Model`, CLS
     token of the last hidden state at `image_size` px with ImageNet normalisation; or `pixel` — 16x16
     mean-centred pixels, a weight-free proxy. Reference features are cached per reference tensor.
@@ -143,7 +146,7 @@ class TrainsetPenalty:
         cache_dir: str | None = None,
         local_files_only: bool | None = None,
         device: str | None = None,
-        features: Features | None = None,
+        features: Features | str | None = None,
     ):
         if not tau_low <= tau_high:
             raise ConfigError(f"trainset_penalty: tau_low ({tau_low}) must not exceed tau_high ({tau_high})")
@@ -156,12 +159,17 @@ class TrainsetPenalty:
         )
         self.model, self.image_size, self.cache_dir = model, int(image_size), cache_dir
         self.local_files_only, self.device = local_files_only, device
-        self.features: Features | None = pixel_features if features is None and model == "pixel" else features
+        self.features: Any = pixel_features if features is None and model == "pixel" else features
+        self._named = named_feature_model(features, "trainset_penalty", "features") if isinstance(features, str) else None
+        if self._named is not None:
+            self.features = None
         self._lock = threading.Lock()
         self._ref_cache = IdentityCache()
 
     def _features(self, device: torch.device) -> Features:
         with self._lock:
+            if self.features is None and self._named is not None:
+                self.features = self._named()
             if self.features is None:
                 self.features = load_dinov2(
                     self.model,

@@ -1,4 +1,6 @@
-"""`cmrp sandbox make --seed N OUT`: write a procedurally generated character in the native format."""
+"""`cmrp sandbox make --seed N OUT`: write a procedurally generated character in the native format.
+`cmrp sandbox train-probe --out DIR` / `train-features --out DIR`: retrain the sandbox's small models
+(attribute probe; CLIP-style dual encoder) on renders; the package ships trained copies of both."""
 
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ def _positive_int(text: str) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     group = subparsers.add_parser(
         "sandbox",
-        help="generate procedural characters with exact ground truth",
-        description="The sandbox world: characters whose images and facts are generated, so every answer is known.",
+        help="generate procedural characters with exact ground truth; retrain the sandbox's small models",
+        description="The sandbox world: characters whose images and facts are generated, so every answer is known; "
+        "and the small models trained on its renders (attribute probe, CLIP-style encoder) that the package ships.",
     )
     commands = group.add_subparsers(dest="sandbox_command", metavar="SUBCOMMAND")
     commands.required = True
@@ -37,6 +40,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--scenes", type=_positive_int, default=160, help="train dialogue scenes (default: 160)")
     p.add_argument("--image-size", type=_positive_int, default=32, help="image side in pixels (default: 32)")
     p.set_defaults(handler=_make)
+
+    for name, file, what in (
+            ("train-probe", "probe", "the attribute probe (evaluation oracle; its features are the DINO stand-in)"),
+            ("train-features", "clip", "the CLIP-style image/text dual encoder (sandbox rewards and CLIP-I/T)")):
+        t = commands.add_parser(
+            name,
+            help=f"train {what.split(' (')[0]} on sandbox renders",
+            description=f"Train {what} on renders of random attribute combinations (drawn on the fly from "
+            f"--seed) and write {file}.safetensors + {file}.json (manifest with held-out accuracy) into --out. "
+            "Point CMRP_SANDBOX_MODELS at that folder to use them, or write into src/cmrp/sandbox/assets to "
+            "replace the shipped copies.",
+        )
+        t.add_argument("--out", required=True, type=Path, help="output folder (created)")
+        t.add_argument("--seed", type=int, default=0, help="training RNG seed (default: 0)")
+        t.add_argument("--steps", type=_positive_int, default=None,
+                       help="optimiser steps (default: 2000 probe, 700 CLIP)")
+        t.add_argument("--batch-size", type=_positive_int, default=128, help="renders per step (default: 128)")
+        t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 0.003)")
+        t.add_argument("--heldout", type=_positive_int, default=None,
+                       help="fresh renders for the held-out accuracy in the manifest (default: 2000 probe, 1024 CLIP)")
+        if name == "train-features":
+            t.add_argument("--probe", default="shipped",
+                           help="start the image tower from this probe: `shipped` (default), a train-probe "
+                           "folder, or `none` (random init)")
+        t.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+        t.set_defaults(handler=_train, which=name)
 
 
 def _make(args: argparse.Namespace) -> int:
@@ -57,4 +86,42 @@ def _make(args: argparse.Namespace) -> int:
     )
     character = read_character(path)
     print(f"sandbox character {character.name} (seed {args.seed}): {path}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from cmrp.errors import ConfigError
+
+    if not args.lr > 0:
+        raise ConfigError(f"--lr {args.lr}: must be positive")
+    if args.out.is_file():
+        raise ConfigError(f"--out {args.out}: is a file; give a folder")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    kwargs = {"seed": args.seed, "batch_size": args.batch_size, "lr": args.lr}
+    if args.steps:
+        kwargs["steps"] = args.steps
+    if args.heldout:
+        kwargs["eval_n"] = args.heldout
+    if args.which == "train-probe":
+        from cmrp.sandbox.probe import train_probe
+
+        _, manifest = train_probe(args.out, **kwargs)
+        accuracy = manifest["heldout"]["accuracy_clean"]
+        print("held-out accuracy (clean renders): " + json.dumps({k: round(v, 4) for k, v in accuracy.items()}))
+        print(f"probe: {args.out / 'probe.safetensors'} + probe.json")
+    else:
+        from cmrp.sandbox.clip import train_clip
+
+        init = None if args.probe == "none" else args.probe
+        _, manifest = train_clip(args.out, image_init=init, **kwargs)
+        held = manifest["heldout"]
+        print(f"held-out retrieval top-1 among {held['candidates']}: text->image {held['text_to_image_top1']:.3f}, "
+              f"image->text {held['image_to_text_top1']:.3f}; cosine matched {held['matched_cosine_mean']:.3f} "
+              f"vs mismatched {held['mismatched_cosine_mean']:.3f}")
+        print(f"sandbox CLIP: {args.out / 'clip.safetensors'} + clip.json")
     return 0

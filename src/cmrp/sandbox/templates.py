@@ -6,6 +6,7 @@ questions a model has not seen, so answering them requires the fact, not the sen
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ __all__ = [
     "a_or_an",
     "attribute_phrase",
     "describe",
+    "read_description",
 ]
 
 # how each attribute value is said in captions, replies and VQA options
@@ -77,6 +79,50 @@ def describe(attrs: dict[str, Any], *, identity_only: bool = False) -> str:
         return text
     parts = [text, attrs["expression"], attribute_phrase("scene", attrs["scene"]), attribute_phrase("pose", attrs["pose"])]
     return ", ".join(parts)
+
+
+def _alternatives(words) -> str:
+    return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+
+
+def _caption_pattern() -> re.Pattern[str]:
+    from cmrp.sandbox.renderer import ATTRIBUTE_VALUES
+
+    def group(name: str, phrases: dict[str, str]) -> str:
+        return f"(?P<{name}>{_alternatives(phrases.values())})"
+
+    colors = {c: c for c in ATTRIBUTE_VALUES["body_color"]}
+    accessory_colors = {c: c for c in ATTRIBUTE_VALUES["accessory_color"]}
+    worn = {a: a for a in ATTRIBUTE_VALUES["accessory"] if a not in ("none", "glasses")}
+    identity = (rf"\b(?:a|an) {group('body_color', colors)} {group('body_shape', _SHAPE_ADJECTIVES)} creature with "
+                rf"{group('eyes', ATTRIBUTE_PHRASES['eyes'])}"
+                rf"(?: and (?:(?P<glasses_color>{_alternatives(accessory_colors)}) glasses|a "
+                rf"(?P<accessory_color>{_alternatives(accessory_colors)}) {group('accessory', worn)}))?")
+    rest = (rf"(?:, {group('expression', ATTRIBUTE_PHRASES['expression'])}, {group('scene', ATTRIBUTE_PHRASES['scene'])}"
+            rf", {group('pose', ATTRIBUTE_PHRASES['pose'])})?")
+    return re.compile(identity + rest, re.IGNORECASE)
+
+
+def read_description(text: str) -> dict[str, str]:
+    """The attributes a `describe` caption in `text` names (its inverse): the five identity attributes,
+    plus expression, scene and pose when the caption has them; {} when `text` holds no such caption.
+    A caption without an accessory gives `accessory: none` and no accessory colour."""
+    match = _caption_pattern().search(text)
+    if match is None:
+        return {}
+    found = {k: v.lower() for k, v in match.groupdict().items() if v is not None}
+    reverse = {key: {phrase: value for value, phrase in table.items()} for key, table in ATTRIBUTE_PHRASES.items()}
+    reverse["body_shape"] = {adj: shape for shape, adj in _SHAPE_ADJECTIVES.items()}
+    out: dict[str, str] = {}
+    for key, value in found.items():
+        if key == "glasses_color":
+            out["accessory"], out["accessory_color"] = "glasses", value
+        elif key in reverse and key != "accessory":
+            out[key] = reverse[key][value]
+        else:
+            out[key] = value
+    out.setdefault("accessory", "none")
+    return out
 
 
 @dataclass(frozen=True)

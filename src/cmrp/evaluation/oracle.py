@@ -1,0 +1,92 @@
+"""Ground-truth oracle numbers for sandbox characters: identity fidelity and prompt faithfulness.
+
+A sandbox character's profile carries its identity attributes (`profile.fields["identity"]`), and its
+images carry their full attributes; image prompts are sandbox captions, so what a prompt asks for is
+known (the target image's attributes, or the caption read back with `read_description`). The sandbox's
+attribute probe (`cmrp.sandbox.probe`) reads generated images, independently of the reward models:
+
+- `identity_fidelity`: per image, the share of the character's identity attributes the probe sees;
+- `prompt_faithfulness`: per image, the share of the attributes its prompt asks for that the probe sees.
+
+For any other character these functions return nothing, so the report simply has no such rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from cmrp.data.character import Character, ImageRef
+
+__all__ = ["chance_levels", "image_oracle_numbers", "prompt_attributes", "sandbox_identity"]
+
+
+def sandbox_identity(character: Character) -> dict[str, str] | None:
+    """The identity attributes of a sandbox character (profile field `identity`), or None for any other."""
+    from cmrp.sandbox.renderer import ATTRIBUTE_VALUES, IDENTITY_ATTRIBUTES
+
+    identity = character.profile.fields.get("identity")
+    if not isinstance(identity, dict):
+        return None
+    if any(identity.get(k) not in ATTRIBUTE_VALUES[k] for k in IDENTITY_ATTRIBUTES):
+        return None
+    return {k: identity[k] for k in IDENTITY_ATTRIBUTES}
+
+
+def prompt_attributes(prompt: str, image: ImageRef | None = None) -> dict[str, str]:
+    """What an image prompt asks for: the target image's ground-truth attributes when it has them, else the
+    attributes of the sandbox caption in the prompt text ({} when it holds none)."""
+    from cmrp.sandbox.renderer import ATTRIBUTE_VALUES
+    from cmrp.sandbox.templates import read_description
+
+    if image is not None and image.attributes and all(
+            image.attributes.get(k) in v for k, v in ATTRIBUTE_VALUES.items()):
+        return {k: str(image.attributes[k]) for k in ATTRIBUTE_VALUES}
+    return read_description(prompt or "")
+
+
+def _probe():
+    from cmrp.sandbox.features import models_dir
+    from cmrp.sandbox.probe import load_probe
+
+    return load_probe(models_dir())
+
+
+def image_oracle_numbers(character: Character, images: torch.Tensor,
+                         prompt_attrs: Sequence[dict[str, str]]) -> dict[str, float]:
+    """`identity_fidelity` and `prompt_faithfulness` of `images` [N,3,H,W] (one attribute set per image;
+    an empty set leaves that image out of prompt faithfulness); {} for a non-sandbox character."""
+    from cmrp.sandbox.probe import identity_fidelity, prompt_faithfulness
+
+    identity = sandbox_identity(character)
+    if identity is None or images.shape[0] == 0:
+        return {}
+    probe = _probe()
+    out = {"identity_fidelity": identity_fidelity(images, identity, probe)}
+    keep = [i for i, attrs in enumerate(prompt_attrs) if attrs]
+    out["prompt_faithfulness"] = (prompt_faithfulness(images[keep], [prompt_attrs[i] for i in keep], probe)
+                                  if keep else math.nan)
+    return out
+
+
+def chance_levels(character: Character, prompt_attrs: Sequence[dict[str, str]]) -> dict[str, Any] | None:
+    """What images of uniformly random attributes would score, and how well the probe reads clean renders
+    (its held-out accuracy), for the report; None for a non-sandbox character."""
+    from cmrp.sandbox.probe import chance_identity_fidelity, chance_prompt_faithfulness
+
+    identity = sandbox_identity(character)
+    if identity is None:
+        return None
+    probe = _probe()
+    manifest = getattr(probe, "manifest", {})
+    attrs = [a for a in prompt_attrs if a]
+    return {
+        "identity": identity,
+        "chance_identity_fidelity": chance_identity_fidelity(identity),
+        "chance_prompt_faithfulness": chance_prompt_faithfulness(attrs) if attrs else None,
+        "probe_heldout_accuracy": manifest.get("heldout", {}).get("accuracy_clean"),
+        "probe_commit": manifest.get("git_commit"),
+    }
