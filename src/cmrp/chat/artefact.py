@@ -81,7 +81,11 @@ def _run_parts(run: Path) -> tuple[Path, Any, Any]:
 def _info(character: Any, cfg: Any, fallback: str) -> CharacterInfo:
     name = character.name if character is not None else fallback
     profile = character.profile.text if character is not None else ""
-    return CharacterInfo(name=name, profile=profile, decoding=str(cfg.decoding))
+    from cmrp.sampling.guidance import recipe_sampling_kwargs
+
+    # images are drawn with the run's guidance and timestep shift (its `grpo:` section)
+    return CharacterInfo(name=name, profile=profile, decoding=str(cfg.decoding),
+                         extra={"image_kwargs": recipe_sampling_kwargs(cfg.grpo)})
 
 
 # -- saving --------------------------------------------------------------------------------------------
@@ -121,6 +125,7 @@ def save_character(run_dir: str | Path, out_dir: str | Path, *, max_thumbnails: 
         "thumbnails": thumbs,
         "source_run": str(ckpt.parent.resolve()),
         "finetune": {"mode": str(cfg.finetune.mode), "r": cfg.finetune.get("r"), "alpha": cfg.finetune.get("alpha")},
+        "sampling": info.extra["image_kwargs"],  # guidance / timestep shift the images are drawn with
     }
     (staging / CARD_FILE).write_text(json.dumps(card, indent=2, ensure_ascii=False))
     if out.exists():
@@ -191,7 +196,8 @@ def load_character(artefact_dir: str | Path, base: str | Path | None = None, *, 
     folder = Path(artefact_dir).expanduser()
     card = read_card(folder)
     info = CharacterInfo(name=card.get("name") or folder.name, profile=card.get("profile") or "",
-                         decoding=card.get("decoding") or "chain", extra={"card": card, "artefact": str(folder)})
+                         decoding=card.get("decoding") or "chain", extra={"card": card, "artefact": str(folder),
+                                                                          "image_kwargs": card.get("sampling") or {}})
     if card.get("kind") == "full":
         return _load_backbone_folder(folder / "backbone"), info
     backbone = _load_backbone_folder(_base_folder(card, base, folder))
@@ -217,21 +223,24 @@ def load_chat_source(path: str | Path, base: str | Path | None = None):
 
 # -- several characters on one base -------------------------------------------------------------------
 class _AdapterView:
-    """The pool's backbone with one named adapter switched on for every generation call."""
+    """The pool's backbone with one named adapter switched on for every call that runs the model."""
+
+    # the protocol's inference methods: each call switches the pool to this view's adapter first
+    _MODEL_CALLS = frozenset({"generate_text", "sample_images", "think_and_sample", "score_text", "answer"})
 
     def __init__(self, pool: CharacterPool, name: str):
         self._pool, self._name = pool, name
 
     def __getattr__(self, attr: str) -> Any:
-        return getattr(self._pool.backbone, attr)
+        value = getattr(self._pool.backbone, attr)
+        if attr not in self._MODEL_CALLS:
+            return value
 
-    def generate_text(self, contexts, **kwargs):
-        self._pool.activate(self._name)
-        return self._pool.backbone.generate_text(contexts, **kwargs)
+        def as_this_character(*args: Any, **kwargs: Any) -> Any:
+            self._pool.activate(self._name)
+            return getattr(self._pool.backbone, attr)(*args, **kwargs)
 
-    def sample_images(self, contexts, **kwargs):
-        self._pool.activate(self._name)
-        return self._pool.backbone.sample_images(contexts, **kwargs)
+        return as_this_character
 
 
 class CharacterPool:
@@ -269,7 +278,8 @@ class CharacterPool:
         self.backbone.model.eval()
         self.active = None
         self.characters[name] = CharacterInfo(name=card.get("name") or name, profile=card.get("profile") or "",
-                                              decoding=card.get("decoding") or "chain", extra={"card": card})
+                                              decoding=card.get("decoding") or "chain",
+                                              extra={"card": card, "image_kwargs": card.get("sampling") or {}})
         return name
 
     def activate(self, name: str) -> None:

@@ -18,8 +18,9 @@ HELP_TEXT = ("commands: /image MESSAGE (reply with an image), /reset (forget the
 
 def add_session_arguments(p: argparse.ArgumentParser) -> None:
     """The options of a chat session, shared by `cmrp chat` and `cmrp demo`."""
-    p.add_argument("--decoding", choices=("chain", "joint"), default=None,
-                   help="chain: image conditioned on the reply; joint: on the history only (default: the character's)")
+    p.add_argument("--decoding", choices=("chain", "joint", "think"), default=None,
+                   help="chain: image conditioned on the reply; joint: on the history only; think: reply, then the "
+                        "character's thinking, then the image (default: the character's)")
     p.add_argument("--steps", type=int, default=20, help="image sampling steps (default 20)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=48, help="length limit of a reply (default 48)")

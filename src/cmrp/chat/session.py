@@ -3,7 +3,8 @@
 The history is kept as model-agnostic `Segment`s (system prompt, user turns, character turns), the same
 shape the training examples and the evaluation use. An image turn follows the decoding strategy:
 `chain` draws the image from the history plus the reply just written (p(I|Q,T)), `joint` from the
-history alone (p(I|Q)).
+history alone (p(I|Q)), `think` writes the character's thinking after the reply and draws the image
+with both in the same context (the backbone's `think_and_sample`; the thinking is kept in the turn).
 """
 
 from __future__ import annotations
@@ -50,12 +51,20 @@ class ChatSession:
 
     def __init__(self, backbone: Any, character: CharacterInfo, decoding: str = "chain", image_steps: int = 20,
                  seed: int = 0, *, out_dir: str | Path = "chat", max_new_tokens: int = 48,
-                 temperature: float = 0.0, max_history_turns: int = 8):
+                 temperature: float = 0.0, max_history_turns: int = 8,
+                 image_kwargs: dict[str, Any] | None = None):
+        from cmrp.errors import ConfigError
         from cmrp.sampling.decoding import get_strategy
 
         self.backbone = backbone
         self.character = character
         self.strategy = get_strategy(decoding)
+        if self.strategy.think and not hasattr(backbone, "think_and_sample"):
+            raise ConfigError(f"decoding 'think' needs a backbone with think_and_sample ({type(backbone).__name__} "
+                              "has none); use --decoding chain")
+        # sample_images extras, e.g. guidance (cfg_scale, cfg_img_scale, cfg_interval ...); default: the run's
+        self.image_kwargs = dict(image_kwargs if image_kwargs is not None
+                                 else (character.extra or {}).get("image_kwargs") or {})
         self.image_steps = image_steps
         self.seed = seed
         self.out_dir = Path(out_dir)
@@ -90,14 +99,21 @@ class ChatSession:
             kwargs["seed"] = self.seed + turn
         with torch.no_grad():
             text = self.backbone.generate_text([Example("chat", history)], **kwargs)[0]
-        path = None
+        path = thinking = None
         if image:
             context = [*history, Segment("text", "character", text)] if self.strategy.image_sees_reply else history
+            sample = {"n": 1, "steps": self.image_steps, "seed": self.seed + turn, **self.image_kwargs}
             with torch.no_grad():
-                rollout = self.backbone.sample_images([Example("t2i", context)], n=1, steps=self.image_steps,
-                                                      seed=self.seed + turn)
+                if self.strategy.think:
+                    thoughts, rollout = self.backbone.think_and_sample(
+                        [Example("t2i", context)], max_think_tokens=self.max_new_tokens,
+                        temperature=self.temperature, text_seed=self.seed + turn, **sample)
+                    thinking = thoughts[0]
+                else:
+                    rollout = self.backbone.sample_images([Example("t2i", context)], **sample)
             path = self._save_image(rollout.images[0])
-        self.turns.append({"role": "character", "text": text, "image": str(path) if path else None})
+        self.turns.append({"role": "character", "text": text, "image": str(path) if path else None,
+                           **({"thinking": thinking} if thinking is not None else {})})
         return Reply(text, path)
 
     def _save_image(self, pixels: Any) -> Path:

@@ -1,0 +1,95 @@
+"""Two characters customized from one base model, loaded together, each answering as itself.
+
+The real path end to end: `cmrp fit` trains a base (full SFT on a third sandbox character), two
+`cmrp fit` LoRA runs customize it into two other characters (`init_from` the base), `cmrp
+save-character` writes both as artefacts, and a `CharacterPool` loads them onto one copy of the base.
+Each character, switched per request, must know its own facts (knowledge MCQ) and draw its own look
+(the sandbox attribute probe reads its identity in the images) — clearly better than the other
+character's adapter does on the same questions and prompts.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.integration.test_cli_fit import FAST_EVAL, run_cli
+
+pytestmark = pytest.mark.slow
+
+BASE_SEED, CHARACTER_SEEDS = 3, (11, 12)
+BASE_STEPS, LORA_STEPS = 250, 300
+# a LoRA strong enough to learn a new look: rank 32, a higher rate and text-to-image weighted up
+LORA = ["finetune.r=32", "finetune.alpha=64", "sft.optimizer.lr=0.003", "data.tasks.t2i=3.0"]
+
+
+def _fit(*args: str) -> None:
+    proc = run_cli("fit", *args, *FAST_EVAL, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _own_and_other(pool, character, own: str, other: str, identity, prompts) -> dict[str, tuple[float, float]]:
+    from cmrp.evaluation.mcq import knowledge_mcq_accuracy
+    from cmrp.sandbox.probe import identity_fidelity
+
+    numbers = {}
+    # interleaved on purpose: every call must switch the pool to the view's adapter
+    views = {name: pool.view(name) for name in (own, other)}
+    numbers["knowledge"] = tuple(knowledge_mcq_accuracy(views[name], character) for name in (own, other))
+    contexts = [p.context for p in prompts]
+    numbers["identity"] = tuple(
+        identity_fidelity(views[name].sample_images(contexts, n=2, steps=20, seed=0).images, identity)
+        for name in (own, other))
+    return numbers
+
+
+def test_two_characters_on_one_base_answer_in_their_own_persona_and_look(tmp_path):
+    from cmrp.chat.artefact import CharacterPool, read_card
+    from cmrp.data.tasks import image_prompts
+    from cmrp.data.validate import load_character
+    from cmrp.evaluation.oracle import sandbox_identity
+
+    base = tmp_path / "base"
+    _fit("quickstart", f"output_dir={base}", f"data.path=sandbox://{BASE_SEED}", f"trainer.max_steps={BASE_STEPS}")
+    runs, artefacts = {}, {}
+    for seed in CHARACTER_SEEDS:
+        runs[seed] = tmp_path / f"run-{seed}"
+        _fit("ablations/lora", f"output_dir={runs[seed]}", f"init_from={base}", f"data.path=sandbox://{seed}",
+             f"trainer.max_steps={LORA_STEPS}", *LORA)
+        artefacts[seed] = tmp_path / f"character-{seed}"
+        proc = run_cli("save-character", str(runs[seed]), str(artefacts[seed]))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    cards = {seed: read_card(artefacts[seed]) for seed in CHARACTER_SEEDS}
+    assert all(card["kind"] == "lora" for card in cards.values())
+    shas = {card["base"]["sha256"] for card in cards.values()}
+    assert len(shas) == 1, "both LoRA runs must record the same base revision"
+
+    pool = CharacterPool(runs[CHARACTER_SEEDS[0]] / "checkpoint" / "backbone")
+    names = {seed: pool.add(artefacts[seed]) for seed in CHARACTER_SEEDS}
+    assert names[11] != names[12]
+    assert sorted(pool.backbone.model.peft_config) == sorted(names.values())
+
+    report = {}
+    for seed, other in zip(CHARACTER_SEEDS, reversed(CHARACTER_SEEDS), strict=True):
+        character = load_character(runs[seed] / "character")
+        identity = sandbox_identity(character)
+        assert identity is not None
+        prompts = image_prompts(character, split="test")[:8]
+        report[names[seed]] = _own_and_other(pool, character, names[seed], names[other], identity, prompts)
+    print(json.dumps(report, indent=1))  # shown with -s; the numbers for the README
+
+    for name, numbers in report.items():
+        own_knowledge, other_knowledge = numbers["knowledge"]
+        own_identity, other_identity = numbers["identity"]
+        # measured on CPU: knowledge 0.92 / 0.88 own vs 0.27 / 0.08 other; identity 0.52 / 0.50 own vs
+        # 0.44 / 0.34 other (image prompts describe the creature, so another adapter gets part of it right)
+        assert own_knowledge >= other_knowledge + 0.4, (name, numbers)
+        assert own_identity > other_identity, (name, numbers)
+        assert own_identity >= 0.4, (name, numbers)
+
+    # each character keeps its own conversation, answered by its own adapter
+    replies = {name: pool.reply(name, "Hello! Who are you?").text for name in names.values()}
+    assert all(isinstance(text, str) and text for text in replies.values())
+    assert pool.session(names[11]).turns != pool.session(names[12]).turns
