@@ -1,4 +1,4 @@
-"""`cmrp` command line: fit | validate | ls | data | sandbox | eval | chat | save-character | demo.
+"""`cmrp` command line: fit | tracking | validate | ls | data | sandbox | eval | chat | save-character | demo.
 
 Each area owns its sub-commands in a small `commands` module exposing `register(subparsers)`;
 this file only assembles them and turns a `CmrpError` into one clear message and exit status 2.
@@ -17,7 +17,7 @@ from cmrp.errors import CmrpError
 __all__ = ["build_parser", "main"]
 
 _COMMAND_MODULES = (
-    "cmrp.training.commands",  # fit
+    "cmrp.training.commands",  # fit, tracking sync
     "cmrp.config.commands",  # validate, ls
     "cmrp.data.commands",  # data validate
     "cmrp.sandbox.commands",  # sandbox make

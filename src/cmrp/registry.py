@@ -15,7 +15,7 @@ from typing import Generic, TypeVar
 
 from cmrp.errors import ConfigError
 
-__all__ = ["BACKBONES", "DECODING", "REWARDS", "Registry"]
+__all__ = ["BACKBONES", "DECODING", "FEATURE_MODELS", "REWARDS", "Registry"]
 
 T = TypeVar("T")
 
@@ -77,6 +77,9 @@ class Registry(Generic[T]):
         return iter(self.names())
 
 
-BACKBONES: Registry = Registry("backbone adapter", "cmrp.backbones", ("cmrp.backbones.bagel",))
+BACKBONES: Registry = Registry("backbone adapter", "cmrp.backbones",
+                               ("cmrp.backbones.bagel", "cmrp.backbones.janus", "cmrp.backbones.showo"))
 REWARDS: Registry = Registry("reward", "cmrp.rewards", ("cmrp.rewards.terms",))
 DECODING: Registry = Registry("decoding strategy", "cmrp.decoding", ("cmrp.sampling.decoding",))
+# name -> zero-argument loader of a feature net that reward terms accept by name (`encoder: sandbox-clip`)
+FEATURE_MODELS: Registry = Registry("feature model", "cmrp.feature_models", ("cmrp.sandbox.features",))

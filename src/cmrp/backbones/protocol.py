@@ -91,7 +91,8 @@ class Backbone(Protocol):
     def rollout_logprob(self, rollout: Rollout, step: int, index: torch.Tensor | None = None, *,
                         return_mean: bool = False) -> Any:
         """Log-prob of stored transition `step` of samples `index` under the current weights, with
-        gradients (GRPO's new policy); with `return_mean`, also the step's mean and std (for KL)."""
+        gradients (GRPO's new policy). With `return_mean`, a tuple for `Rollout.step_kl`: flow heads
+        (logp, mean, std) of the Gaussian step; token heads (logp, per-token log-probs, step positions)."""
         ...
 
     @torch.no_grad()

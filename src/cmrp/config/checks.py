@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 FINETUNE_MODES = ("lora", "qlora", "full")
-DECODING_NAMES = ("chain", "joint")
+DECODING_NAMES = ("chain", "joint", "think")
 STAGES = ("sft", "grpo")
 DATA_FORMATS = ("auto", "native", "rolescape20", "mmrole")
 OPTIMIZERS = ("adamw", "sgd")
@@ -41,6 +41,8 @@ IMAGE_HEADS = ("flow", "tokens")
 SDE_KINDS = ("sde", "cps")
 ADV_STD = ("group", "global")
 TRAIN_GROUPS = ("generation", "understanding")
+RENORM_TYPES = ("global", "channel", "text_channel", "none")  # cmrp.sampling.guidance.RENORM_TYPES
+RESUME_MODES = ("never", "auto")
 
 
 def _one_of(prov: Provenance, path: KeyPath, value: Any, allowed: Iterable[str]) -> None:
@@ -114,8 +116,9 @@ def check_recipe(cfg: DictConfig, prov: Provenance) -> None:
 
     g = cfg.grpo
     for key in ("max_steps", "prompts_per_step", "group_size", "sample_steps", "window_size", "inner_epochs",
-                "minibatch_size", "accumulate", "clip_range", "adv_eps", "reward_workers", "cfg_scale"):
+                "minibatch_size", "accumulate", "clip_range", "adv_eps", "reward_workers"):
         _positive(prov, ("grpo", key), g[key])
+    _check_guidance(prov, g)
     for key in ("noise_level", "adv_clip", "kl_beta", "max_grad_norm"):
         _non_negative(prov, ("grpo", key), g[key])
     _one_of(prov, ("grpo", "sde"), g.sde, SDE_KINDS)
@@ -135,8 +138,30 @@ def check_recipe(cfg: DictConfig, prov: Provenance) -> None:
     _positive(prov, ("grpo", "optimizer", "lr"), gopt.lr)
 
     _positive(prov, ("trainer", "max_steps"), cfg.trainer.max_steps)
+    if cfg.finetune.mode == "qlora" and str(cfg.trainer.strategy).startswith(("fsdp", "deepspeed")):
+        raise prov.error(("trainer", "strategy"), f"is {cfg.trainer.strategy!r}, which cannot shard QLoRA's 4-bit "
+                         "base layers; use trainer.strategy: auto (one GPU) or ddp")
     _positive(prov, ("trainer", "accumulate_grad_batches"), cfg.trainer.accumulate_grad_batches)
     _positive(prov, ("trainer", "log_every_n_steps"), cfg.trainer.log_every_n_steps)
+
+    _one_of(prov, ("resume",), cfg.resume, RESUME_MODES)
+    _non_negative(prov, ("checkpoint", "every_n_steps"), cfg.checkpoint.every_n_steps)
+    _positive(prov, ("checkpoint", "keep"), cfg.checkpoint.keep)
+    _non_negative(prov, ("nonfinite_stop_after",), cfg.nonfinite_stop_after)
+
+
+def _check_guidance(prov: Provenance, g: DictConfig) -> None:
+    """Classifier-free guidance keys of the `grpo:` section (also used by evaluation and the fit grid)."""
+    for key in ("cfg_scale", "cfg_img_scale"):
+        if not 1 <= g[key] < math.inf:
+            raise prov.error(("grpo", key), f"must be 1 or more (1 turns this guidance off), got {g[key]!r}")
+    lo_hi = list(g.cfg_interval)
+    if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1] <= 1:
+        raise prov.error(("grpo", "cfg_interval"),
+                         f"must be [lo, hi] with 0 <= lo <= hi <= 1 (guidance for lo < t <= hi), got {lo_hi}")
+    _one_of(prov, ("grpo", "cfg_renorm_type"), g.cfg_renorm_type, RENORM_TYPES)
+    if not 0 <= g.cfg_renorm_min <= 1:
+        raise prov.error(("grpo", "cfg_renorm_min"), f"must be in [0, 1], got {g.cfg_renorm_min!r}")
 
 
 def check_card(cfg: DictConfig, prov: Provenance) -> None:
@@ -168,3 +193,10 @@ def _check_term_kwargs(prov: Provenance, term: str, kwargs: dict[str, Any]) -> N
     if hints:
         raise prov.error(("terms", term, "kwargs"),
                          f"has unknown kwarg {', '.join(hints)}; {term} accepts: {', '.join(accepted)}")
+    for key in ("encoder", "features"):  # a feature net named in YAML must be registered (FEATURE_MODELS)
+        if isinstance(kwargs.get(key), str):
+            from cmrp.registry import FEATURE_MODELS
+
+            if kwargs[key] not in FEATURE_MODELS:
+                raise prov.error(("terms", term, "kwargs", key),
+                                 f"unknown feature model {kwargs[key]!r}; registered: {', '.join(FEATURE_MODELS.names())}")

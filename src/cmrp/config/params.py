@@ -6,6 +6,7 @@ a recipe is redacted before it is logged and flattened to `section.key -> value`
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -30,6 +31,20 @@ def is_secret_key(key: str) -> bool:
     return bool(_SECRET_WORDS.intersection(words)) or "apikey" in joined or "accesskey" in joined
 
 
+def _secret_env_values() -> list[str]:
+    """Values of environment variables named like secrets (`OPENAI_API_KEY`, `CMRP_JUDGE_API_KEY`,
+    `MLFLOW_TRACKING_TOKEN`, `HF_TOKEN` ...), longest first; short values are left alone (too common)."""
+    values = {value for name, value in os.environ.items() if is_secret_key(name) and len(value) >= 8}
+    return sorted(values, key=len, reverse=True)
+
+
+def _hide(text: str, secrets: list[str]) -> str:
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    return text
+
+
 def _to_plain(value: Any) -> Any:
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -38,23 +53,24 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
-def _redact(value: Any) -> Any:
+def _redact(value: Any, secrets: list[str]) -> Any:
     if isinstance(value, Mapping):
         return {
-            key: REDACTED if is_secret_key(str(key)) and item not in (None, "") else _redact(item)
+            key: REDACTED if is_secret_key(str(key)) and item not in (None, "") else _redact(item, secrets)
             for key, item in value.items()
         }
     if isinstance(value, list | tuple):
-        return [_redact(item) for item in value]
+        return [_redact(item, secrets) for item in value]
     if isinstance(value, str):
-        return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", value)
+        return _hide(value, secrets)
     return value
 
 
 def redact_secrets(mapping: Mapping[str, Any]) -> dict[str, Any]:
     """A deep copy with the values of secret-looking keys replaced by `***` (unset values stay
-    null/empty so "no token" is still visible) and passwords in `scheme://user:pw@host` hidden."""
-    redacted = _redact(_to_plain(mapping))
+    null/empty so "no token" is still visible), passwords in `scheme://user:pw@host` hidden, and the value
+    of any secret-named environment variable hidden wherever it appears in a string."""
+    redacted = _redact(_to_plain(mapping), _secret_env_values())
     assert isinstance(redacted, dict)
     return redacted
 

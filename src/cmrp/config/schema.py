@@ -12,6 +12,7 @@ from typing import Any
 
 __all__ = [
     "BackboneCard",
+    "CheckpointConfig",
     "DataConfig",
     "EvalConfig",
     "FinetuneConfig",
@@ -35,6 +36,7 @@ class FinetuneConfig:
     alpha: int = 32
     dropout: float = 0.0
     targets: Any = "default"  # a name from the card's lora_targets, or a list of module-name patterns
+    gradient_checkpointing: bool | None = None  # recompute each decoder layer in backward; null: the card's
 
 
 @dataclass
@@ -86,7 +88,11 @@ class GRPOConfig:
     window_size: int = 2  # SDE (trained) steps per rollout; >= sample_steps: every step
     window_range: list[float] = field(default_factory=lambda: [0.0, 0.5])  # where the window may start
     same_noise: bool = False  # a group's samples start from the same initial noise
-    cfg_scale: float = 1.0  # text classifier-free guidance of rollouts (1: none; the paper uses 4)
+    cfg_scale: float = 1.0  # text guidance scale (context without its text; 1: none; the paper uses 4)
+    cfg_img_scale: float = 1.0  # image guidance scale (context without its input images; 1: none)
+    cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guidance for t in (lo, hi]
+    cfg_renorm_type: str = "global"  # global | channel | text_channel | none (BAGEL's CFG renorm)
+    cfg_renorm_min: float = 0.0  # lower clamp of the renorm factor (1: no renorm)
     timestep_shift: float | None = None  # null: the backbone card's
     inner_epochs: int = 1  # mu: passes over the rollout's transitions per iteration
     minibatch_size: int = 8  # samples per forward/backward
@@ -128,6 +134,15 @@ class TrackingConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Resume checkpoints in <output_dir>/resume (weights, optimiser, scheduler, RNG, data position, GRPO
+    state), written atomically; `cmrp fit --resume` (or `resume: auto`) continues the latest valid one."""
+
+    every_n_steps: int = 50  # SFT optimiser steps / GRPO iterations between checkpoints; 0: none at all
+    keep: int = 2  # newest valid checkpoints kept (older ones are deleted)
+
+
+@dataclass
 class EvalConfig:
     """The small evaluation done at the end of `cmrp fit` (before vs after)."""
 
@@ -147,13 +162,16 @@ class Recipe:
     backbone: Any = "bagel-tiny"  # card name, card path, or an inline mapping
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     rewards: Any = None  # preset name, preset path, or an inline mapping (used by GRPO)
-    decoding: str = "chain"  # chain | joint
+    decoding: str = "chain"  # chain | joint | think (chain, plus the character's thinking before the image)
     stages: list[str] = field(default_factory=lambda: ["sft"])
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     init_from: str | None = None  # a `cmrp fit` output or checkpoint dir to start from (e.g. GRPO after SFT)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    resume: str = "never"  # never | auto: continue the latest valid checkpoint in <output_dir>/resume
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    nonfinite_stop_after: int = 10  # stop after this many steps in a row with NaN/inf loss or gradients (0: never)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

@@ -39,6 +39,7 @@ class TaskMixDataModule(L.LightningDataModule):
         batch_size: int,
         seed: int = 0,
         num_workers: int = 0,
+        skip_batches: int = 0,
     ):
         super().__init__()
         self.examples = examples
@@ -48,6 +49,7 @@ class TaskMixDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.seed = seed
         self.num_workers = num_workers
+        self.skip_batches = skip_batches  # batches (of every rank) already trained on by a resumed run
 
     def task_counts(self) -> dict[str, int]:
         return {task: len(items) for task, items in self.examples.items()}
@@ -55,7 +57,7 @@ class TaskMixDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         mix = shuffled_mix(self.examples, self.weights, self.steps * self.batch_size, self.seed)
         return DataLoader(
-            _ListDataset(mix),
+            _ListDataset(mix[self.skip_batches * self.batch_size:]),
             batch_size=self.batch_size,
             shuffle=False,  # already a seeded random draw; keeping order makes resumption exact
             collate_fn=self.collate_fn,

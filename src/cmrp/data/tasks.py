@@ -120,13 +120,18 @@ def _reasoning_text(thinking: str | None, instruction: str | None) -> str:
 
 
 def _image_conditioning(history: list[Segment], turn: Turn, decoding: str) -> list[Segment]:
-    """Chain decoding conditions the image on the reply text (p(I|Q,T)); joint does not (p(I|Q))."""
+    """Chain decoding conditions the image on the reply text (p(I|Q,T)); joint does not (p(I|Q)); think
+    mode also on the character's thinking (`<think>…</think>` + instruction, as the model writes it)."""
     from cmrp.sampling.decoding import get_strategy
 
+    strategy = get_strategy(decoding)
     context = list(history)
-    if get_strategy(decoding).image_sees_reply:
+    if strategy.image_sees_reply:
         context.append(_text("character", turn.text))
-    if turn.generation_instruction:
+    reasoning = _reasoning_text(turn.thinking, turn.generation_instruction) if strategy.think else None
+    if reasoning:
+        context.append(_text("character", reasoning))
+    elif turn.generation_instruction:
         context.append(_text("character", turn.generation_instruction))
     return context
 

@@ -1,4 +1,4 @@
-"""`cmrp fit RECIPE [key=value ...]`."""
+"""`cmrp fit RECIPE [key=value ...] [--resume]` and `cmrp tracking sync OUTPUT_DIR`."""
 
 from __future__ import annotations
 
@@ -16,16 +16,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("recipe", help="recipe YAML path or shipped recipe name, e.g. quickstart")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of recipe keys")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the latest valid checkpoint in <output_dir>/resume (same as resume=auto); "
+                   "give the same recipe and overrides as the interrupted run")
     p.set_defaults(handler=_fit)
+
+    t = subparsers.add_parser(
+        "tracking",
+        help="tracking utilities (upload what a run could not log)",
+        description="When the tracking server fails, `cmrp fit` goes on and writes what it could not log to "
+        "<output_dir>/tracking/pending.jsonl; `cmrp tracking sync` uploads it.",
+    )
+    sub = t.add_subparsers(dest="tracking_command", metavar="SUBCOMMAND")
+    sub.required = True
+    s = sub.add_parser("sync", help="upload a run's pending tracking records to MLflow",
+                       description="Upload <output_dir>/tracking/pending.jsonl (params, metrics, artifacts, status) "
+                       "to the run it belongs to (created if the server never saw it); the file is then "
+                       "renamed synced-<time>.jsonl so nothing is uploaded twice.")
+    s.add_argument("output_dir", help="the run's output directory")
+    s.add_argument("--tracking-uri", default=None,
+                   help="where to upload (default: the URI the run used, recorded in the file)")
+    s.set_defaults(handler=_sync)
 
 
 def _fit(args: argparse.Namespace) -> int:
     from cmrp.config import load_recipe
     from cmrp.training.fit import run_fit
 
-    cfg = load_recipe(args.recipe, args.overrides)
+    overrides = [*args.overrides, "resume=auto"] if args.resume else args.overrides
+    cfg = load_recipe(args.recipe, overrides)
+    from cmrp.training.peft import check_finetune_runtime
+
+    check_finetune_runtime(cfg.finetune)  # e.g. qlora without a CUDA GPU: fail before building the model
     result = run_fit(cfg)
-    if not result.run_id:  # a non-zero rank of a distributed run: rank 0 reports
+    if not result.main:  # a non-zero rank of a distributed run: rank 0 reports
         return 0
     before, after = result.metrics["before"], result.metrics["after"]
     print(f"character:      {result.metrics['character']}")
@@ -39,11 +63,34 @@ def _fit(args: argparse.Namespace) -> int:
         g = result.metrics["grpo"]
         b, a = g["heldout_reward_before"].get("total", float("nan")), g["heldout_reward_after"].get("total", float("nan"))
         print(f"grpo reward:    {b:.3f} -> {a:.3f} (held-out prompts)")
-    print(f"MLflow run:     {result.run_id} in {result.tracking_uri}")
-    print(f"  browse with:  mlflow ui --backend-store-uri {result.tracking_uri}")
+    from cmrp.tracking import redact_text
+
+    uri = redact_text(result.tracking_uri)
+    if result.resumed_from is not None:
+        print(f"resumed from:   {result.resumed_from}")
+    print(f"MLflow run:     {result.run_id or '(not created: server unreachable)'} in {uri}")
+    if result.tracking_pending is not None:
+        print(f"  not logged:   {result.tracking_pending} — upload with: cmrp tracking sync {result.output_dir}")
+    else:
+        print(f"  browse with:  mlflow ui --backend-store-uri {uri}")
     if result.grid_path is not None:
         print(f"sample grid:    {result.grid_path}")
     print(f"checkpoint:     {result.checkpoint_dir}")
     print(f"metrics:        {result.output_dir / 'metrics.json'}")
     print(f"time:           {result.timings['total_s']:.0f} s")
+    return 0
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from cmrp.tracking import sync_pending
+
+    done = sync_pending(args.output_dir, args.tracking_uri)
+    print(f"uploaded to run {done['run_id']} in {done['tracking_uri']}: {done['params']} params, "
+          f"{done['metrics']} metric values, {done['artifacts']} artifacts"
+          + (f", status {done['status']}" if done["status"] else ""))
+    if done["missing_artifacts"]:
+        print(f"missing artifact files (not uploaded): {', '.join(done['missing_artifacts'])}")
+    if done["damaged_lines"]:
+        print(f"skipped {done['damaged_lines']} damaged line(s) (cut short by a crash)")
+    print(f"records archived as {done['archived_as']}")
     return 0

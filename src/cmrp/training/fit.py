@@ -2,6 +2,10 @@
 
 Order: character -> backbone (card) -> fine-tuning mode -> "before" metrics -> stages -> "after"
 metrics, sample grid, checkpoint, metrics.json — each logged to MLflow.
+
+Resume checkpoints (`checkpointing.py`) are written every `checkpoint.every_n_steps` and at the end of
+each stage; with `resume: auto` a run continues the latest valid one exactly: same weights, optimiser,
+scheduler, RNG, data position and MLflow run, and stages already finished are not run again.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ class FitResult:
     grid_path: Path | None
     checkpoint_dir: Path
     timings: dict[str, float] = field(default_factory=dict)
+    main: bool = True  # False on the non-zero ranks of a distributed run
+    tracking_pending: Path | None = None  # set when the tracking server failed: records waiting for upload
+    resumed_from: Path | None = None
 
 
 def load_run_character(data_cfg: Any, output_dir: Path):
@@ -41,13 +48,21 @@ def is_main_process() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
-def trainer_strategy(name: str):
+def trainer_strategy(name: str, adapter: Any = None):
     """`ddp` with unused-parameter detection: a task mix leaves an expert (ViT, generation) idle in some
-    batches, which plain DDP rejects. Other names go to Lightning as they are."""
+    batches, which plain DDP rejects. `fsdp`: Lightning's FSDPStrategy sharding one unit per module class
+    the adapter names (`fsdp_wrap_modules()`, e.g. BAGEL's decoder layer), mixed-size parameters kept
+    apart (`use_orig_params`, so LoRA and frozen weights can share a unit). Other names (`deepspeed`,
+    `deepspeed_stage_2`, ...) go to Lightning as they are."""
     if name == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
         return DDPStrategy(find_unused_parameters=True)
+    if name == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        wrap = set(adapter.fsdp_wrap_modules()) if hasattr(adapter, "fsdp_wrap_modules") else None
+        return FSDPStrategy(auto_wrap_policy=wrap, use_orig_params=True)
     return name
 
 
@@ -105,10 +120,11 @@ def _sample_grid(adapter, character, eval_cfg, seed: int, path: Path) -> Path | 
     return save_image_grid(rows, path)
 
 
-def _save_checkpoint(adapter, cfg, ckpt: Path) -> Path:
+def _save_checkpoint(adapter, cfg, ckpt: Path, redacted: dict) -> Path:
     """Full mode: the whole backbone. LoRA modes: the PEFT adapter (the base was saved before)."""
     from omegaconf import OmegaConf
 
+    from cmrp.checkpoint import atomic_write
     from cmrp.training.peft import save_adapter
 
     ckpt.mkdir(parents=True, exist_ok=True)
@@ -116,7 +132,8 @@ def _save_checkpoint(adapter, cfg, ckpt: Path) -> Path:
         adapter.save_pretrained(ckpt / "backbone")
     else:
         save_adapter(adapter.model, ckpt / "adapter")
-    (ckpt / "recipe.yaml").write_text(OmegaConf.to_yaml(cfg))
+    text = OmegaConf.to_yaml(OmegaConf.create(redacted))  # never a secret in a saved recipe
+    atomic_write(ckpt / "recipe.yaml", lambda p: p.write_text(text))
     return ckpt
 
 
@@ -153,7 +170,7 @@ def _checkpoint_dir(path: Path) -> Path:
         raise ConfigError(f"init_from: {err}") from None
 
 
-def _run_sft(cfg: Any, adapter, character, logger, out: Path) -> dict[str, Any]:
+def _run_sft(cfg: Any, adapter, character, logger, out: Path, checkpoints: Any = None) -> dict[str, Any]:
     import lightning as L
     from omegaconf import OmegaConf
 
@@ -162,14 +179,27 @@ def _run_sft(cfg: Any, adapter, character, logger, out: Path) -> dict[str, Any]:
     from cmrp.training.sft import UnifiedSFTModule
 
     history = _LossHistory()
+    callbacks: list = [history.callback]
+    module = UnifiedSFTModule(adapter, cfg.sft, cfg.trainer.max_steps)
+    acc, start = cfg.trainer.accumulate_grad_batches, 0
+    if checkpoints is not None:
+        guard = module.nonfinite_guard = checkpoints.guard()
+        history.losses.extend(checkpoints.extra.get("losses", []))
+        checkpoints.extra["losses"] = history.losses  # saved with every checkpoint, for the loss summary
+        start = checkpoints.start_batches
+        callbacks.append(checkpoints.callback(
+            batches_per_step=acc,
+            module_state=lambda: {"nonfinite": guard.state_dict()},
+            load_module_state=lambda state: guard.load_state_dict(state["nonfinite"]),
+        ))
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     # a run shorter than the logging interval would log no train metric at all
     trainer_kwargs["log_every_n_steps"] = min(trainer_kwargs["log_every_n_steps"], trainer_kwargs["max_steps"])
-    trainer_kwargs["strategy"] = trainer_strategy(trainer_kwargs["strategy"])
+    trainer_kwargs["strategy"] = trainer_strategy(trainer_kwargs["strategy"], adapter)
     trainer = L.Trainer(
         **trainer_kwargs,
         logger=logger,
-        callbacks=[history.callback],
+        callbacks=callbacks,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -180,14 +210,30 @@ def _run_sft(cfg: Any, adapter, character, logger, out: Path) -> dict[str, Any]:
     datamodule = TaskMixDataModule(
         examples, dict(cfg.data.tasks), adapter.collate,
         steps=cfg.trainer.max_steps * cfg.trainer.accumulate_grad_batches * world,
-        batch_size=cfg.data.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers,
+        batch_size=cfg.data.batch_size, seed=cfg.seed, num_workers=cfg.data.num_workers, skip_batches=start * world,
     )
-    module = UnifiedSFTModule(adapter, cfg.sft, cfg.trainer.max_steps)
     adapter.model.train()  # the "before" evaluation left it in eval mode
     t = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     return {"examples_per_task": {k: len(v) for k, v in examples.items()}, **history.summary(),
             "sft_s": time.perf_counter() - t}
+
+
+def _resume_point(cfg: Any, out: Path, fingerprint: str, flat: dict):
+    from cmrp.training.checkpointing import check_fingerprint, find_resume_point
+
+    if cfg.resume != "auto":
+        return None
+    point = find_resume_point(out / "resume")
+    if point is None:
+        if is_main_process():
+            print(f"cmrp fit: resume: no valid checkpoint in {out / 'resume'}; starting from the beginning", flush=True)
+        return None
+    check_fingerprint(point, fingerprint, flat)
+    if is_main_process():
+        where = "after" if point.done else f"at step {point.manifest['step']} of"
+        print(f"cmrp fit: resuming {where} stage {point.stage!r} from {point.path}", flush=True)
+    return point
 
 
 def run_fit(cfg: Any) -> FitResult:
@@ -197,50 +243,72 @@ def run_fit(cfg: Any) -> FitResult:
 
     from cmrp.config import flatten, redact_secrets, resolve_recipe_parts
     from cmrp.tracking import make_logger
+    from cmrp.training.checkpointing import Checkpointer, load_weights, recipe_fingerprint, restore_rng
     from cmrp.training.peft import count_trainable
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     out = Path(cfg.output_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
+    redacted = redact_secrets(OmegaConf.to_container(cfg, resolve=True))
+    fingerprint, flat = recipe_fingerprint(redacted)
+    point = _resume_point(cfg, out, fingerprint, flat)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     card, preset = resolve_recipe_parts(cfg)
     character = load_run_character(cfg.data, out)
     ckpt_dir = out / "checkpoint"
     adapter = _build_backbone(cfg, card, character, ckpt_dir)
+    trained_names = [n for n, p in adapter.model.named_parameters() if p.requires_grad]
+    if point is not None:
+        load_weights(adapter.model, point.path, trained_names)
     trainable, total = count_trainable(adapter.model)
     timings["setup_s"] = time.perf_counter() - t0
 
-    logger = make_logger(cfg.tracking, out, run_name=cfg.name)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    logger.log_hyperparams(flatten(redact_secrets(resolved)))
+    logger = make_logger(cfg.tracking, out, run_name=cfg.name, run_id=point.manifest.get("run_id") if point else None)
     main = is_main_process()
-    if main:
-        recipe_file = out / "recipe.yaml"
-        recipe_file.write_text(OmegaConf.to_yaml(OmegaConf.create(redact_secrets(resolved))))
-        logger.experiment.log_artifact(logger.run_id, str(recipe_file))
+    if point is None:  # a resumed run logged these already (MLflow params cannot change)
+        logger.log_hyperparams(flatten(redacted))
+        if main:
+            recipe_file = out / "recipe.yaml"
+            recipe_file.write_text(OmegaConf.to_yaml(OmegaConf.create(redacted)))
+            logger.log_artifact(recipe_file)
 
     t = time.perf_counter()
-    before = _evaluate(adapter, character, cfg.eval)
+    before = point.manifest["before"] if point is not None else _evaluate(adapter, character, cfg.eval)
     timings["eval_before_s"] = time.perf_counter() - t
 
+    checkpointer = Checkpointer(
+        out / "resume", adapter.model, trained_names, every=cfg.checkpoint.every_n_steps, keep=cfg.checkpoint.keep,
+        max_nonfinite=cfg.nonfinite_stop_after, main=main,
+        base_manifest={"run_id": logger.run_id, "fingerprint": fingerprint, "recipe": flat, "before": before},
+    )
+    if point is not None:
+        checkpointer.results = dict(point.manifest["results"])
+        if point.done:  # the next stage starts where the finished one left every random generator
+            restore_rng(point.state()["rng"])
+
     stages: dict[str, dict[str, Any]] = {}
-    for stage in cfg.stages:
+    for index, stage in enumerate(cfg.stages):
+        if point is not None and (index < point.stage_index or (index == point.stage_index and point.done)):
+            stages[stage] = dict(point.manifest["results"][stage])  # finished before the interruption
+            continue
+        checkpoints = checkpointer.stage(stage, index, point)
         if stage == "sft":
-            stages["sft"] = _run_sft(cfg, adapter, character, logger, out)
+            stages["sft"] = _run_sft(cfg, adapter, character, logger, out, checkpoints)
             timings["sft_s"] = stages["sft"].pop("sft_s")
         elif stage == "grpo":
             from cmrp.training.grpo_stage import run_grpo_stage
 
-            stages["grpo"] = run_grpo_stage(cfg, adapter, character, preset, logger, out)
+            stages["grpo"] = run_grpo_stage(cfg, adapter, character, preset, logger, out, checkpoints=checkpoints)
             timings["grpo_s"] = stages["grpo"].pop("grpo_s")
+        checkpointer.write_done(stage, index, stages[stage])
 
     t = time.perf_counter()
     after = _evaluate(adapter, character, cfg.eval)
     grid = _sample_grid(adapter, character, cfg.eval, cfg.seed, out / "samples.png") if main else None
     timings["eval_after_s"] = time.perf_counter() - t
-    ckpt = _save_checkpoint(adapter, cfg, ckpt_dir) if main else ckpt_dir
+    ckpt = _save_checkpoint(adapter, cfg, ckpt_dir, redacted) if main else ckpt_dir
     timings["total_s"] = time.perf_counter() - t0
 
     metrics = {
@@ -254,19 +322,19 @@ def run_fit(cfg: Any) -> FitResult:
         "timings": timings,
     }
     if not main:  # other ranks trained in step with rank 0; it alone writes and reports
-        return FitResult(out, "", "", metrics, None, ckpt, timings)
+        return FitResult(out, "", "", metrics, None, ckpt, timings, main=False)
     metrics_file = out / "metrics.json"
     metrics_file.write_text(json.dumps(metrics, indent=2))
-    client, run_id = logger.experiment, logger.run_id
     final = {**{f"eval/before/{k}": v for k, v in before.items()}, **{f"eval/after/{k}": v for k, v in after.items()}}
     if "grpo" in stages:
         for when in ("before", "after"):
             for term, value in stages["grpo"][f"heldout_reward_{when}"].items():
                 final[f"eval/grpo_{when}/reward_{term}"] = value
-    for key, value in final.items():
-        client.log_metric(run_id, key, value)
-    client.log_artifact(run_id, str(metrics_file))
+    logger.log_metrics(final, step=0)
+    logger.log_artifact(metrics_file)
     if grid is not None:
-        client.log_artifact(run_id, str(grid))
+        logger.log_artifact(grid)
     logger.finalize("success")
-    return FitResult(out, logger._tracking_uri, run_id, metrics, grid, ckpt, timings)  # noqa: SLF001
+    return FitResult(out, logger.tracking_uri, logger.run_id or "", metrics, grid, ckpt, timings,
+                     tracking_pending=logger.pending if logger.offline else None,
+                     resumed_from=point.path if point is not None else None)

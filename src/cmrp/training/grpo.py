@@ -9,8 +9,9 @@ One iteration (a Lightning `training_step`, manual optimisation):
    gradient accumulation, max grad norm; optional KL to the reference policy and EMA.
 
 The module only talks to the backbone through the protocol (`sample_images`, `rollout_logprob`,
-`trainable_groups`), so it serves every flow-head adapter. The policy runs in eval mode throughout:
-dropout would make the recomputed log-probs differ from the sampled ones.
+`trainable_groups`), so it serves every adapter, flow or token head (only `Rollout.step_kl` differs).
+The policy runs in eval mode throughout: dropout would make the recomputed log-probs differ from the
+sampled ones.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 
 from cmrp.data.tasks import ImagePrompt
 from cmrp.sampling.flow import sde_window
+from cmrp.sampling.guidance import Guidance
 from cmrp.training.advantages import group_advantages, nan_mean, nan_std, ppo_clipped_loss
 from cmrp.training.peft import freeze_to_groups, is_peft
 from cmrp.training.sft import build_optimizer
@@ -66,6 +68,8 @@ class CharacterGRPOModule(L.LightningModule):
         self._pool: ThreadPoolExecutor | None = None
         self.keep_history = False  # set True to keep each iteration's groups, rewards and advantages
         self.history: list[dict] = []
+        self.batch_offset = 0  # iterations done before this fit (a resumed run): keeps rollout seeds in step
+        self.nonfinite_guard = None  # a checkpointing.NonFiniteGuard: skip updates with NaN/inf gradients
 
     # -- parameters ------------------------------------------------------------------------------
     def _trained_params(self):
@@ -143,7 +147,7 @@ class CharacterGRPOModule(L.LightningModule):
                 [prompt.context], n=cfg.group_size, steps=cfg.sample_steps,
                 seed=int(torch.randint(0, 2**31 - 1, (1,), generator=gen)), noise=cfg.noise_level,
                 window=window, sde=cfg.sde, same_noise=cfg.same_noise, timestep_shift=cfg.timestep_shift,
-                **({"cfg_scale": cfg.cfg_scale} if cfg.cfg_scale != 1.0 else {}),
+                **Guidance.from_config(cfg).as_kwargs(),  # text + image CFG, interval, renorm (when on)
             )
             rollouts.append(rollout)
             offset = self.global_rank * len(prompts) + i
@@ -167,7 +171,7 @@ class CharacterGRPOModule(L.LightningModule):
         cfg = self.cfg
         t0 = time.perf_counter()
         with torch.no_grad():
-            rollouts, futures = self.sample_groups(batch, batch_idx)
+            rollouts, futures = self.sample_groups(batch, batch_idx + self.batch_offset)
         t_sampled = time.perf_counter()
         results = [f.result() for f in futures]
         t_rewarded = time.perf_counter()
@@ -209,22 +213,23 @@ class CharacterGRPOModule(L.LightningModule):
         ratios, clip_fracs, approx_kls, kls, losses, grad_norms = [], [], [], [], [], []
         steps_in_window = rollouts[0].num_steps
         if steps_in_window == 0:
-            raise ValueError("GRPO rollouts stored no SDE transitions: set grpo.window_size >= 1")
+            raise ValueError("GRPO rollouts stored no trainable steps: set grpo.window_size >= 1")
         self.model.eval()
         for _ in range(cfg.inner_epochs):
             chunks = self._minibatches(rollouts, advantages, gen)
             for c, (rollout, idx, adv) in enumerate(chunks):
                 adv = adv.to(self.device)
                 for k in range(steps_in_window):
-                    logp, mean, std = self.adapter.rollout_logprob(rollout, k, idx, return_mean=True)
-                    old = rollout.trajectory.logprobs[idx, k].to(logp.device)
+                    current = self.adapter.rollout_logprob(rollout, k, idx, return_mean=True)
+                    logp = current[0]
+                    old = rollout.logprobs[idx, k].to(logp.device)
                     loss, stats = ppo_clipped_loss(logp, old, adv, cfg.clip_range)
                     if cfg.kl_beta > 0:
                         with torch.no_grad(), self._reference_policy():
-                            _, ref_mean, _ = self.adapter.rollout_logprob(rollout, k, idx, return_mean=True)
-                        kl = ((mean - ref_mean) ** 2).flatten(1).mean(1) / (2 * std**2)
+                            reference = self.adapter.rollout_logprob(rollout, k, idx, return_mean=True)
+                        kl = rollout.step_kl(current, reference)  # Gaussian (flow) or k3 (tokens)
                         loss = loss + cfg.kl_beta * kl.mean()
-                        kls.append(float(kl.mean()))
+                        kls.append(float(kl.mean().detach()))
                     self.manual_backward(loss / (steps_in_window * cfg.accumulate))
                     ratios.append(stats["ratio"].cpu())
                     clip_fracs.append(float(stats["clip_frac"]))
@@ -250,6 +255,10 @@ class CharacterGRPOModule(L.LightningModule):
     def _step(self, optimizer) -> float:
         params = [p for _, p in self._trained_params() if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])) if params else torch.tensor(0.0)
+        if self.nonfinite_guard is not None and not self.nonfinite_guard.step(bool(torch.isfinite(norm)),
+                                                                             self.global_step + 1):
+            optimizer.zero_grad(set_to_none=True)  # NaN/inf loss or gradients: this update is skipped
+            return float(norm)
         if self.cfg.max_grad_norm > 0:
             self.clip_gradients(optimizer, gradient_clip_val=self.cfg.max_grad_norm, gradient_clip_algorithm="norm")
         optimizer.step()
@@ -260,6 +269,21 @@ class CharacterGRPOModule(L.LightningModule):
                 for n, p in self._trained_params():
                     self._ema[n].mul_(decay).add_(p.detach(), alpha=1 - decay)
         return float(norm)
+
+    # -- resumption ------------------------------------------------------------------------------------
+    def resume_state(self) -> dict[str, Any]:
+        """What a resume checkpoint needs beyond weights, optimiser and RNG: EMA and reference weights, the
+        skipped-step counter (the data position is the checkpoint's)."""
+        return {"ema": dict(self._ema or {}), "reference": dict(self._reference or {}),
+                "nonfinite": self.nonfinite_guard.state_dict() if self.nonfinite_guard is not None else {}}
+
+    def load_resume_state(self, state: dict[str, Any]) -> None:
+        for name, own in (("ema", self._ema), ("reference", self._reference)):
+            if own is not None:
+                for key, value in state[name].items():
+                    own[key].copy_(value)
+        if self.nonfinite_guard is not None and state.get("nonfinite"):
+            self.nonfinite_guard.load_state_dict(state["nonfinite"])
 
     def _log_iteration(self, results, rewards, adv_stats, train_stats, timings) -> None:
         n = len(rewards)

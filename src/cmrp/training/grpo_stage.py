@@ -45,7 +45,7 @@ def reference_tensor(character: Character, size: int = 64) -> torch.Tensor | Non
 
 @torch.no_grad()
 def heldout_reward(adapter, reward, prompts: list[ImagePrompt], questions_for, references, *, n: int,
-                   steps: int, seed: int) -> dict[str, float]:
+                   steps: int, seed: int, **sample_kwargs) -> dict[str, float]:
     """Mean reward (and per-term means) of ODE samples for held-out prompts: the GRPO objective
     measured where it was not trained."""
     from cmrp.rewards import RewardContext
@@ -53,7 +53,7 @@ def heldout_reward(adapter, reward, prompts: list[ImagePrompt], questions_for, r
     if not prompts:
         return {}
     adapter.model.eval()
-    rollout = adapter.sample_images([p.context for p in prompts], n=n, steps=steps, seed=seed)
+    rollout = adapter.sample_images([p.context for p in prompts], n=n, steps=steps, seed=seed, **sample_kwargs)
     context = RewardContext(
         reference_images=references, questions=[questions_for(p) for p in prompts for _ in range(n)],
         backbone=adapter, metadata=[{"image_id": p.image_id} for p in prompts for _ in range(n)],
@@ -67,9 +67,10 @@ def heldout_reward(adapter, reward, prompts: list[ImagePrompt], questions_for, r
     return result
 
 
-def _prompt_loader(prompts: list[ImagePrompt], cfg: Any, seed: int, world: int = 1):
+def _prompt_loader(prompts: list[ImagePrompt], cfg: Any, seed: int, world: int = 1, start: int = 0):
     """`max_steps` batches of `prompts_per_step` prompts per rank, drawn (seeded) without repeats within an
-    epoch; Lightning's distributed sampler gives each rank its share."""
+    epoch; Lightning's distributed sampler gives each rank its share. `start`: batches (per rank) already
+    trained on by the run being resumed — the order is a function of the seed alone, so they are skipped."""
     from torch.utils.data import DataLoader
 
     rng = random.Random(seed)
@@ -79,17 +80,20 @@ def _prompt_loader(prompts: list[ImagePrompt], cfg: Any, seed: int, world: int =
         epoch = list(prompts)
         rng.shuffle(epoch)
         order += epoch
-    return DataLoader(order[:needed], batch_size=cfg.prompts_per_step, shuffle=False, collate_fn=list)
+    skip = start * cfg.prompts_per_step * world
+    return DataLoader(order[skip:needed], batch_size=cfg.prompts_per_step, shuffle=False, collate_fn=list)
 
 
 def run_grpo_stage(cfg: Any, adapter: Any, character: Character, preset: dict, logger, out: Path,
-                   reward: Any = None) -> dict[str, Any]:
-    """Train the image branch with Character-GRPO; returns held-out reward before/after and timings."""
+                   reward: Any = None, checkpoints: Any = None) -> dict[str, Any]:
+    """Train the image branch with Character-GRPO; returns held-out reward before/after and timings.
+    `checkpoints`: a `checkpointing.StageCheckpoints` (resume state, periodic checkpoints, NaN guard)."""
     import lightning as L
     from omegaconf import OmegaConf
 
     from cmrp.errors import DataError
     from cmrp.rewards import build_reward
+    from cmrp.sampling.guidance import recipe_sampling_kwargs
     from cmrp.training.fit import trainer_strategy
     from cmrp.training.grpo import CharacterGRPOModule
 
@@ -106,17 +110,29 @@ def run_grpo_stage(cfg: Any, adapter: Any, character: Character, preset: dict, l
 
     def measure() -> dict[str, float]:
         return heldout_reward(adapter, reward, heldout, heldout_questions, references,
-                              n=max(2, cfg.eval.images_per_prompt), steps=g.sample_steps, seed=cfg.seed + 1)
+                              n=max(2, cfg.eval.images_per_prompt), steps=g.sample_steps, seed=cfg.seed + 1,
+                              **recipe_sampling_kwargs(g))  # the rollouts' guidance and timestep shift
 
-    before = measure()
+    resuming = checkpoints is not None and checkpoints.resuming
+    before = measure()  # also loads the reward nets (lazily, drawing from the global RNG) before training
+    if resuming:  # resumed mid-stage: the weights have moved, so "before" is the value measured at the start
+        before = checkpoints.extra["heldout_reward_before"]
     module = CharacterGRPOModule(adapter, reward, g, questions_for=questions_for, reference_images=references,
                                  seed=cfg.seed)
+    callbacks, start = [], 0
+    if checkpoints is not None:
+        checkpoints.extra["heldout_reward_before"] = before
+        module.nonfinite_guard = checkpoints.guard()
+        start = module.batch_offset = checkpoints.start_batches
+        callbacks.append(checkpoints.callback(module_state=module.resume_state,
+                                              load_module_state=module.load_resume_state))
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     for key in ("max_steps", "gradient_clip_val", "accumulate_grad_batches", "log_every_n_steps"):
         trainer_kwargs.pop(key, None)
-    trainer_kwargs["strategy"] = trainer_strategy(trainer_kwargs["strategy"])
+    trainer_kwargs["strategy"] = trainer_strategy(trainer_kwargs["strategy"], adapter)
     trainer = L.Trainer(
         **trainer_kwargs, max_epochs=1, log_every_n_steps=1, logger=logger, enable_checkpointing=False,
+        callbacks=callbacks,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(out),
     )
     world = trainer.num_devices * trainer.num_nodes  # each rank takes its own prompts: groups stay on one rank
@@ -124,7 +140,7 @@ def run_grpo_stage(cfg: Any, adapter: Any, character: Character, preset: dict, l
     with warnings.catch_warnings():
         # the policy is kept in eval mode on purpose (see CharacterGRPOModule); Lightning would warn
         warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
-        trainer.fit(module, train_dataloaders=_prompt_loader(prompts, g, cfg.seed, world))
+        trainer.fit(module, train_dataloaders=_prompt_loader(prompts, g, cfg.seed, world, start))
     seconds = time.perf_counter() - t
     after = measure()
     return {

@@ -47,6 +47,7 @@ class UnifiedSFTModule(L.LightningModule):
         self.model = adapter.model  # registered so Lightning moves and checkpoints it
         self.sft_cfg = sft_cfg
         self.max_steps = max_steps
+        self.nonfinite_guard = None  # a checkpointing.NonFiniteGuard: skip steps with NaN/inf gradients
 
     def on_train_start(self) -> None:
         # the "before" evaluation left the model in eval mode; Lightning keeps a module's mode
@@ -61,6 +62,20 @@ class UnifiedSFTModule(L.LightningModule):
         self.log("train/ce", losses["ce"], batch_size=n)
         self.log("train/mse", losses["mse"], batch_size=n)
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """After backward, before clipping: a step whose loss or gradients are not finite changes no weight
+        (every gradient dropped, so the optimiser skips the parameters); the step count and schedule go on,
+        which keeps the data position equal to the step for exact resumption."""
+        if self.nonfinite_guard is None:
+            return
+        from cmrp.training.checkpointing import grads_finite
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.nonfinite_guard.step(grads_finite(params), self.global_step + 1):
+            for p in params:
+                p.grad = None
+        self.log("train/nonfinite_steps", float(self.nonfinite_guard.total))
 
     def configure_optimizers(self):
         optimizer, scheduler = build_optimizer(self.model.parameters(), self.sft_cfg.optimizer, self.max_steps)
