@@ -374,3 +374,40 @@ def test_vit_sdpa_packing_equals_a_block_diagonal_mask():
         ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         ref = attn.out_proj(ref[0].transpose(0, 1).reshape(13, -1))
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_adapter_packs_understood_images_at_their_own_aspect_ratio(tmp_path):
+    """`architecture.vit_resize`: understood images keep their aspect ratio (token count per image follows
+    its size), images to generate keep the fixed size, and an example scores the same in a mixed batch as
+    alone (each image attends only to itself)."""
+    from PIL import Image
+
+    from cmrp.backbones.bagel import BagelAdapter
+    from cmrp.data.tasks import Example, Segment
+    from tests.unit.test_bagel import CORPUS, small_card
+
+    torch.manual_seed(0)
+    adapter = BagelAdapter.build(small_card(vit_resize=[16, 32]), corpus=CORPUS)
+    adapter.model.eval()
+    paths = {}
+    for name, size in (("wide", (32, 16)), ("square", (40, 40)), ("target", (20, 20))):
+        paths[name] = tmp_path / f"{name}.png"
+        Image.new("RGB", size, (200, 30, 30)).save(paths[name])
+    patch = adapter.arch.vit.patch_size
+
+    def vqa(path):
+        return Example("vqa", [Segment("image", "user", image=path), Segment("text", "user", "what colour?"),
+                               Segment("text", "character", "red", train=True)])
+
+    t2i = Example("t2i", [Segment("text", "user", "draw me"),
+                          Segment("image", "character", image=paths["target"], generate=True, train=True)])
+    batch = adapter.collate([vqa(paths["wide"]), vqa(paths["square"]), t2i])
+    assert isinstance(batch.vit_pixels, list)
+    assert [tuple(img.shape[-2:]) for img in batch.vit_pixels] == [(16, 32), (32, 32)]  # H x W, patch multiples
+    assert batch.is_vit.sum(1).tolist() == [(16 // patch) * (32 // patch), (32 // patch) ** 2, 0]
+    assert tuple(batch.gen_pixels.shape[-2:]) == (adapter.image_size, adapter.image_size)
+    losses = adapter.losses(batch)
+    assert torch.isfinite(losses["ce"]) and torch.isfinite(losses["mse"])
+    together = adapter.score_text([vqa(paths["wide"]), vqa(paths["square"])])
+    alone = torch.cat([adapter.score_text([vqa(paths["wide"])]), adapter.score_text([vqa(paths["square"])])])
+    torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)

@@ -82,6 +82,11 @@ class BagelAdapter:
         self._latent_chw = (c, h, w)
         self.gen_tokens = (h // p) * (w // p)
         self.vit_tokens = model.arch.vit.num_patches_per_side**2
+        self._load_vit_image = self._load_image
+        if model.arch.vit_resize:  # variable-size understanding: token count follows each image's size
+            lo, hi = (int(v) for v in model.arch.vit_resize)
+            self._load_vit_image = ImageLoader(self.image_size, variable=(lo, hi, model.arch.vit.patch_size))
+            self.vit_tokens = lambda image: model.vit_token_count(tuple(image.shape[-2:]))
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -216,6 +221,7 @@ class BagelAdapter:
         return collate(
             examples, self.tokenizer, self._load_image,
             vit_tokens=self.vit_tokens, gen_tokens=self.gen_tokens, max_text_tokens=self.max_text_tokens,
+            load_vit_image=self._load_vit_image,
         )
 
     def _forward(self, batch: BagelBatch, timestep_shift: float | None):

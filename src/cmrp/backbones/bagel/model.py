@@ -33,6 +33,10 @@ class BagelArch:
     latent_patch_size: int = 2
     max_latent_size: int = 32
     vit_max_num_patch_per_side: int = 70
+    # [min_side, max_side]: understood images keep their aspect ratio, scaled into that range and rounded to
+    # the patch size (BAGEL's understanding transform; variable token counts, packed); null: squared to
+    # vit.image_size
+    vit_resize: list[int] | None = None
     timestep_shift: float = 1.0
     gradient_checkpointing: bool = False
 

@@ -173,7 +173,7 @@ def _side(rows: int, key: str, file: Path) -> int:
 
 def read_official_arch(path: str | Path, settings: dict | None = None) -> BagelArch:
     """The architecture of an official folder (json configs + weight shapes). `settings`: a card's
-    `architecture` mapping, whose non-size keys (timestep_shift, gradient_checkpointing, vae scale/shift)
+    `architecture` mapping, whose non-size keys (timestep_shift, gradient_checkpointing, vit_resize, vae scale/shift)
     apply; sizes always come from the folder."""
     path = Path(path)
     settings = dict(settings or {})
@@ -191,7 +191,7 @@ def read_official_arch(path: str | Path, settings: dict | None = None) -> BagelA
         arch.max_latent_size = _side(header["latent_pos_embed.pos_embed"][0], "latent_pos_embed.pos_embed", ema)
     if "vit_pos_embed.pos_embed" in header:
         arch.vit_max_num_patch_per_side = _side(header["vit_pos_embed.pos_embed"][0], "vit_pos_embed.pos_embed", ema)
-    for key in ("timestep_shift", "gradient_checkpointing"):
+    for key in ("timestep_shift", "gradient_checkpointing", "vit_resize"):
         if key in settings:
             setattr(arch, key, settings[key])
         elif key in extra:
@@ -357,6 +357,7 @@ def save_official(model: Bagel, tokenizer: Any, path: str | Path) -> Path:
     extra = {
         "timestep_shift": arch.timestep_shift, "max_latent_size": arch.max_latent_size,
         "vit_max_num_patch_per_side": arch.vit_max_num_patch_per_side, "vae": dict(arch.vae),
+        "vit_resize": arch.vit_resize,
     }
     (path / EXTRA_FILE).write_text(json.dumps(extra, indent=2))
     tokenizer.save(path)

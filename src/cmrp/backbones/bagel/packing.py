@@ -149,7 +149,10 @@ def build_sequence(
     vit_tokens: int | Callable[[torch.Tensor], int],
     gen_tokens: int,
     max_text_tokens: int,
+    load_vit_image=None,
 ) -> SequenceBuilder:
+    """One example as a token sequence. Understood images go through `load_vit_image` when given (e.g.
+    aspect-preserving sizes), images to generate always through `load_image` (one fixed size)."""
     seq = SequenceBuilder()
     for seg in example.segments:
         if seg.kind == "text":
@@ -161,7 +164,7 @@ def build_sequence(
             seq.gen_images.append(load_image(seg))
             seq.add_image(gen_tokens, "gen", (tok.start_of_image, tok.end_of_image), tok.pad_id)
         else:
-            image = load_image(seg)
+            image = (load_vit_image or load_image)(seg)
             seq.vit_images.append(image)
             n = vit_tokens(image) if callable(vit_tokens) else vit_tokens
             seq.add_image(n, "vit", (tok.start_of_image, tok.end_of_image), tok.pad_id)
@@ -176,14 +179,16 @@ def collate(
     vit_tokens: int | Callable[[torch.Tensor], int],
     gen_tokens: int,
     max_text_tokens: int,
+    load_vit_image=None,
 ):
     """Pad examples into a `BagelBatch`. `vit_tokens`: ViT tokens per understood image, or a function
     of the loaded image (variable-size images: `Bagel.vit_token_count`); images of different sizes
-    come as a list in `vit_pixels`."""
+    come as a list in `vit_pixels`. `load_vit_image`: the loader of understood images, if not `load_image`."""
     from cmrp.backbones.bagel.model import BagelBatch
 
     seqs = [
-        build_sequence(ex, tok, load_image, vit_tokens=vit_tokens, gen_tokens=gen_tokens, max_text_tokens=max_text_tokens)
+        build_sequence(ex, tok, load_image, vit_tokens=vit_tokens, gen_tokens=gen_tokens,
+                       max_text_tokens=max_text_tokens, load_vit_image=load_vit_image)
         for ex in examples
     ]
     b, length = len(seqs), max(len(s.ids) for s in seqs)
