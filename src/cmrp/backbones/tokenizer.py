@@ -12,15 +12,45 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from cmrp.errors import WeightsError
 
-__all__ = ["SPECIAL_TOKENS", "TextTokenizer"]
+__all__ = ["SPECIAL_TOKENS", "BackendTokenizer", "TextTokenizer"]
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
 
 
-class TextTokenizer:
+class BackendTokenizer:
+    """What every wrapper over a `tokenizers.Tokenizer` shares: encode / decode without special tokens,
+    the vocabulary size with added tokens, and saving as tokenizer.json. Subclasses set `_tok`."""
+
+    _tok: Any
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        out = directory / "tokenizer.json"
+        self._tok.save(str(out))
+        return out
+
+    @property
+    def backend(self):
+        """The wrapped `tokenizers.Tokenizer` (e.g. to add an adapter's own special tokens)."""
+        return self._tok
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+
+class TextTokenizer(BackendTokenizer):
     """Thin wrapper over `tokenizers.Tokenizer` exposing the ids a backbone needs."""
 
     def __init__(self, tokenizer):
@@ -88,25 +118,3 @@ class TextTokenizer:
         # vocab.json lists BAGEL's markers as ordinary tokens; make them special (kept ids, skipped in decode)
         backend.add_special_tokens([t for t in SPECIAL_TOKENS if backend.token_to_id(t) is not None])
         return cls(backend)
-
-    def save(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        out = directory / "tokenizer.json"
-        self._tok.save(str(out))
-        return out
-
-    @property
-    def backend(self):
-        """The wrapped `tokenizers.Tokenizer` (e.g. to add an adapter's own special tokens)."""
-        return self._tok
-
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)

@@ -8,12 +8,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from cmrp.backbones.tokenizer import BackendTokenizer
 from cmrp.errors import WeightsError
 
 __all__ = ["ShowoText"]
 
 
-class ShowoText:
+class ShowoText(BackendTokenizer):
     def __init__(self, tokenizer):
         self._tok = tokenizer
         start, end = tokenizer.token_to_id("<|im_start|>"), tokenizer.token_to_id("<|im_end|>")
@@ -45,20 +46,3 @@ class ShowoText:
                 "microsoft/phi-1_5 tokenizer.json --local-dir phi-1_5`), or use `train-bpe` for a tiny card."
             )
         return cls(Tokenizer.from_file(str(file)))
-
-    def save(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        out = directory / "tokenizer.json"
-        self._tok.save(str(out))
-        return out
-
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
