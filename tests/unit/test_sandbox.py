@@ -24,7 +24,7 @@ from cmrp.sandbox import (
 )
 from cmrp.sandbox.persona import FACT_VALUES, QUIRKS, apply_quirk
 from cmrp.sandbox.renderer import COLORS
-from cmrp.sandbox.templates import EXPRESSION_WORDS, VQA_QUESTIONS, attribute_phrase
+from cmrp.sandbox.templates import EXPRESSION_WORDS, VQA_QUESTIONS, attribute_phrase, read_description
 
 BASE = {"body_shape": "circle", "body_color": "red", "eyes": "dot", "accessory": "none", "accessory_color": "blue",
         "expression": "happy", "pose": "center", "scene": "room"}
@@ -94,6 +94,14 @@ def test_images_share_identity_and_vary_the_rest(character):
                for im in character.test.images.values())
     for im in images:
         assert im.caption == describe(im.attributes)
+    # T2I instructions name the character; their captions (rewards, metrics) describe what to draw
+    for split in (character.train, character.test):
+        for item in split.t2i:
+            assert item.instruction.startswith(f"{character.name}, ")
+            assert read_description(item.caption)["body_color"] == identity["body_color"]
+            assert read_description(item.instruction).keys() == {"expression", "scene", "pose"}
+            if item.image_id:
+                assert item.caption == split.images[item.image_id].caption
         with open(im.path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -116,7 +124,9 @@ def test_image_turns_match_what_the_reply_says(character):
             assert 0.3 <= len(shown) / len(turns) <= 0.5
         for turn in shown:
             attrs = data.images[turn.image_id].attributes
-            assert turn.generation_instruction == describe(attrs)
+            # the instruction names the character (its look must be learned); the scene is spelled out
+            assert turn.generation_instruction == describe(attrs, name=character.name)
+            assert character.profile.fields["identity"]["body_color"] not in turn.generation_instruction
             assert EXPRESSION_WORDS[attrs["expression"]] in turn.text
             assert attribute_phrase("scene", attrs["scene"]) in turn.text
             assert attrs["expression"] in turn.thinking and attribute_phrase("pose", attrs["pose"]) in turn.thinking

@@ -155,6 +155,8 @@ def test_read_description_inverts_describe():
         assert read_description(describe(attrs)) == expected
         identity = {k: expected[k] for k in IDENTITY_ATTRIBUTES if k in expected}
         assert read_description(f"Draw {describe(attrs, identity_only=True)}.") == identity
+        scene = {k: attrs[k] for k in ("expression", "scene", "pose")}
+        assert read_description(describe(attrs, name="Moki")) == scene
     assert read_description("a picture of the sea") == {}
 
 
@@ -206,7 +208,8 @@ def test_eval_oracle_numbers_for_sandbox_and_other_characters(tmp_path):
 
     character = build_character(3, tmp_path, n_reference_images=6, n_scenes=1)
     identity = character.profile.fields["identity"]
-    prompts = [item.instruction for item in character.test.t2i]
+    prompts = [item.caption for item in character.test.t2i]  # what evaluation scores against
+    assert all(item.caption and character.name not in item.caption for item in character.test.t2i)
     attrs = [prompt_attributes(p) for p in prompts]
     assert all(a and {k: a[k] for k in IDENTITY_ATTRIBUTES if k in a} ==
                {k: v for k, v in identity.items() if not (k == "accessory_color" and identity["accessory"] == "none")}

@@ -24,6 +24,7 @@ __all__ = [
     "SFTConfig",
     "TrackingConfig",
     "TrainerConfig",
+    "WorldConfig",
 ]
 
 
@@ -153,6 +154,19 @@ class EvalConfig:
 
 
 @dataclass
+class WorldConfig:
+    """The sandbox world `cmrp sandbox pretrain` trains a base model on (`cmrp fit` ignores it):
+    characters `first_seed .. first_seed + characters - 1`, each with its train split; the next
+    `heldout_characters` seeds are never trained on and measure what the base can and cannot do."""
+
+    first_seed: int = 1000
+    characters: int = 200
+    reference_images: int = 16  # rendered images per character (1..60)
+    scenes: int = 40  # dialogue scenes per character
+    heldout_characters: int = 3
+
+
+@dataclass
 class Recipe:
     """One experiment: backbone card x reward preset x training method."""
 
@@ -174,6 +188,7 @@ class Recipe:
     nonfinite_stop_after: int = 10  # stop after this many steps in a row with NaN/inf loss or gradients (0: never)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
 
 
 @dataclass
@@ -182,7 +197,7 @@ class BackboneCard:
 
     name: str = "???"
     adapter: str = "???"  # registry name of the adapter, e.g. "bagel"
-    weights: str | None = None  # hub id or local path; null = random init from `architecture`
+    weights: str | None = None  # hub id, local path or sandbox://base (shipped); null = random init from `architecture`
     tokenizer: str | None = None  # tokenizer name/path; adapter-specific default when null
     image_head: str = "flow"  # flow | tokens
     capabilities: list[str] = field(default_factory=lambda: ["text", "image_understanding", "image_generation"])

@@ -93,10 +93,13 @@ class VQAItem:
 
 @dataclass
 class T2IItem:
-    """A text-to-image instruction; `image_id` names a target image when one exists."""
+    """A text-to-image instruction; `image_id` names a target image when one exists. `caption` says what
+    the image should show in plain words, for rewards and evaluation, when the instruction does not (it
+    may name the character instead of describing it); None: the instruction is that description."""
 
     instruction: str
     image_id: str | None = None
+    caption: str | None = None
 
 
 @dataclass

@@ -344,9 +344,11 @@ def _parse_split(root: Path, split: str, problems: list[Problem]) -> CharacterSp
         qa_open, qa_mcq = _parse_qa_block(doc, item, path, ("image_id",))
         out.vqa.append(VQAItem(image_id or "", qa_open, qa_mcq))
     for path, item in doc.objects(data, "t2i", ""):
-        doc.known_keys(item, path, ("instruction", "image_id"))
+        doc.known_keys(item, path, ("instruction", "image_id", "caption"))
         instruction = doc.get(item, "instruction", path, str)
-        out.t2i.append(T2IItem(instruction or "", _check_image_id(doc, item, path, known, split, required=False)))
+        caption = doc.get(item, "caption", path, str, required=False)
+        image_id = _check_image_id(doc, item, path, known, split, required=False)
+        out.t2i.append(T2IItem(instruction or "", image_id, caption))
     out.judge_questions = _parse_judge(doc, data)
     _warn_unlisted_images(root, split, data, problems)
     return out
@@ -484,7 +486,8 @@ def _qa_json(open_items: list[OpenQA], mcq: list[MultipleChoice]) -> dict[str, A
 
 
 def _split_json(split: CharacterSplit, files: dict[str, str]) -> dict[str, Any]:
-    t2i = [{"instruction": t.instruction, **({"image_id": t.image_id} if t.image_id is not None else {})} for t in split.t2i]
+    t2i = [{"instruction": t.instruction, **({"image_id": t.image_id} if t.image_id is not None else {}),
+            **({"caption": t.caption} if t.caption is not None else {})} for t in split.t2i]
     return {
         "images": [{"id": i.id, "file": files[i.id], "caption": i.caption, "attributes": i.attributes}
                    for i in split.images.values()],

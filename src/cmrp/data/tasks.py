@@ -179,7 +179,8 @@ def build_examples(
 @dataclass
 class ImagePrompt:
     """A context the character answers with an image (GRPO prompts, evaluation): the context
-    segments, the text that describes the wanted image, and the target image when one exists."""
+    segments, the text that describes the wanted image (for rewards and metrics: the target image's
+    caption, else the item's caption, else its instruction), and the target image when one exists."""
 
     context: Example
     prompt: str
@@ -191,12 +192,18 @@ def image_prompts(character: Character, *, split: str = "train", decoding: str =
     `decoding` says) and stand-alone T2I instructions — the same contexts the t2i task trains on."""
     data = character.train if split == "train" else character.test
     out: list[ImagePrompt] = []
+    def caption(image_id: str | None) -> str | None:
+        image = data.images.get(image_id) if image_id else None
+        return image.caption if image is not None and image.caption else None
+
     for history, turn in _character_turns(character, data):
         if turn.image_id:
             context = Example("t2i", _image_conditioning(history, turn, decoding))
-            out.append(ImagePrompt(context, turn.generation_instruction or turn.text, turn.image_id))
+            text = caption(turn.image_id) or turn.generation_instruction or turn.text
+            out.append(ImagePrompt(context, text, turn.image_id))
     for item in data.t2i:
-        out.append(ImagePrompt(Example("t2i", [_text("user", item.instruction)]), item.instruction, item.image_id))
+        text = caption(item.image_id) or item.caption or item.instruction
+        out.append(ImagePrompt(Example("t2i", [_text("user", item.instruction)]), text, item.image_id))
     return out
 
 
@@ -221,7 +228,7 @@ def character_corpus(character: Character) -> list[str]:
         for item in split.vqa:
             texts += [q.question + " " + q.answer for q in item.open]
             texts += [format_mcq(m.question, m.options) for m in item.mcq]
-        texts += [t.instruction for t in split.t2i]
+        texts += [t.instruction for t in split.t2i] + [t.caption for t in split.t2i if t.caption]
     return [t for t in texts if t]
 
 

@@ -1,4 +1,5 @@
 """`cmrp sandbox make --seed N OUT`: write a procedurally generated character in the native format.
+`cmrp sandbox pretrain [RECIPE] --out DIR`: pretrain the sandbox base model (`cmrp.sandbox.pretrain`).
 `cmrp sandbox train-probe --out DIR` / `train-features --out DIR`: retrain the sandbox's small models
 (attribute probe; CLIP-style dual encoder) on renders; the package ships trained copies of both."""
 
@@ -40,6 +41,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--scenes", type=_positive_int, default=160, help="train dialogue scenes (default: 160)")
     p.add_argument("--image-size", type=_positive_int, default=32, help="image side in pixels (default: 32)")
     p.set_defaults(handler=_make)
+
+    p = commands.add_parser(
+        "pretrain",
+        help="pretrain the sandbox base model on many random sandbox characters",
+        description="Train a BAGEL-architecture base on the sandbox world (recipe section `world`: which "
+        "characters; data/sft/trainer as in any recipe) and write it, with manifest.json (recipe, seed, "
+        "commit, timings, scores on held-out characters), into --out. The shipped base (weights: "
+        "sandbox://base) is `cmrp sandbox pretrain --out src/cmrp/sandbox/assets/base`.",
+    )
+    p.add_argument("recipe", nargs="?", default="sandbox/pretrain",
+                   help="recipe name or path (default: sandbox/pretrain)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. trainer.max_steps=500")
+    p.add_argument("--out", type=Path, default=None, help="where to write the base (default: <output_dir>/base)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.set_defaults(handler=_pretrain)
 
     for name, file, what in (
             ("train-probe", "probe", "the attribute probe (evaluation oracle; its features are the DINO stand-in)"),
@@ -124,4 +140,32 @@ def _train(args: argparse.Namespace) -> int:
               f"image->text {held['image_to_text_top1']:.3f}; cosine matched {held['matched_cosine_mean']:.3f} "
               f"vs mismatched {held['mismatched_cosine_mean']:.3f}")
         print(f"sandbox CLIP: {args.out / 'clip.safetensors'} + clip.json")
+    return 0
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    import torch
+
+    from cmrp.config import load_recipe
+    from cmrp.errors import ConfigError
+    from cmrp.sandbox.pretrain import pretrain
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipe, overrides = args.recipe, list(args.overrides)
+    if "=" in recipe:  # no recipe given, only overrides
+        recipe, overrides = "sandbox/pretrain", [recipe, *overrides]
+    cfg = load_recipe(recipe, overrides)
+    out = (args.out or Path(cfg.output_dir) / "base").expanduser()
+    if out.is_file():
+        raise ConfigError(f"--out {out}: is a file; give a folder")
+    manifest = pretrain(cfg, out)
+    held = manifest["heldout"]
+    print(f"base:           {out} (manifest.json beside it)")
+    for key, value in held["pretrained"].items():
+        print(f"{key + ':':<32}{held['untrained'][key]:.3f} -> {value:.3f}  (held-out characters)")
+    training = manifest["training"]
+    if "loss_first" in training:
+        print(f"train/loss:                     {training['loss_first']:.3f} -> {training['loss_last']:.3f}")
+    print(f"time:                           {manifest['timings_s']['total_s']:.0f} s")
     return 0

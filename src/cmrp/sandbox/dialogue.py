@@ -148,7 +148,7 @@ class _Writer:
             f"They asked about {ex.topic}, so I feel {expression}. I will show {a_or_an(expression)} {expression} face "
             f"{attribute_phrase('scene', attrs['scene'])}, {attribute_phrase('pose', attrs['pose'])}."
         )
-        return Turn("character", text, image_id=image.id, thinking=thinking, generation_instruction=describe(attrs))
+        return Turn("character", text, image_id=image.id, thinking=thinking, generation_instruction=describe(attrs, name=self.p["name"]))
 
 
 def make_scenes(

@@ -70,11 +70,16 @@ def _accessory(attrs: dict[str, Any]) -> str:
     return f" and a {attrs['accessory_color']} {accessory}"
 
 
-def describe(attrs: dict[str, Any], *, identity_only: bool = False) -> str:
-    """A caption naming identity attributes, then expression, scene and pose."""
-    shape = _SHAPE_ADJECTIVES[attrs["body_shape"]]
-    color = attrs["body_color"]
-    text = f"{a_or_an(color)} {color} {shape} creature with {attribute_phrase('eyes', attrs['eyes'])}{_accessory(attrs)}"
+def describe(attrs: dict[str, Any], *, identity_only: bool = False, name: str | None = None) -> str:
+    """A caption naming identity attributes, then expression, scene and pose. With `name`, the name
+    stands for the identity ("Moki, happy, on the beach, in the center"): a character's own image
+    prompts say who, not what they look like, so drawing them right needs the customization."""
+    if name is not None:
+        text = name
+    else:
+        shape = _SHAPE_ADJECTIVES[attrs["body_shape"]]
+        color = attrs["body_color"]
+        text = f"{a_or_an(color)} {color} {shape} creature with {attribute_phrase('eyes', attrs['eyes'])}{_accessory(attrs)}"
     if identity_only:
         return text
     parts = [text, attrs["expression"], attribute_phrase("scene", attrs["scene"]), attribute_phrase("pose", attrs["pose"])]
@@ -85,7 +90,8 @@ def _alternatives(words) -> str:
     return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
 
 
-def _caption_pattern() -> re.Pattern[str]:
+def _caption_patterns() -> tuple[re.Pattern[str], re.Pattern[str]]:
+    """(identity part, scene part) of a `describe` caption."""
     from cmrp.sandbox.renderer import ATTRIBUTE_VALUES
 
     def group(name: str, phrases: dict[str, str]) -> str:
@@ -98,19 +104,20 @@ def _caption_pattern() -> re.Pattern[str]:
                 rf"{group('eyes', ATTRIBUTE_PHRASES['eyes'])}"
                 rf"(?: and (?:(?P<glasses_color>{_alternatives(accessory_colors)}) glasses|a "
                 rf"(?P<accessory_color>{_alternatives(accessory_colors)}) {group('accessory', worn)}))?")
-    rest = (rf"(?:, {group('expression', ATTRIBUTE_PHRASES['expression'])}, {group('scene', ATTRIBUTE_PHRASES['scene'])}"
-            rf", {group('pose', ATTRIBUTE_PHRASES['pose'])})?")
-    return re.compile(identity + rest, re.IGNORECASE)
+    rest = (rf", {group('expression', ATTRIBUTE_PHRASES['expression'])}, {group('scene', ATTRIBUTE_PHRASES['scene'])}"
+            rf", {group('pose', ATTRIBUTE_PHRASES['pose'])}")
+    return re.compile(identity, re.IGNORECASE), re.compile(rest, re.IGNORECASE)
 
 
 def read_description(text: str) -> dict[str, str]:
-    """The attributes a `describe` caption in `text` names (its inverse): the five identity attributes,
-    plus expression, scene and pose when the caption has them; {} when `text` holds no such caption.
-    A caption without an accessory gives `accessory: none` and no accessory colour."""
-    match = _caption_pattern().search(text)
-    if match is None:
-        return {}
-    found = {k: v.lower() for k, v in match.groupdict().items() if v is not None}
+    """The attributes a `describe` caption in `text` names (its inverse): the five identity attributes when
+    the caption describes the creature, plus expression, scene and pose when the caption has them (also
+    after a name, as in `describe(attrs, name=...)`); {} when `text` holds no such caption. A described
+    creature without an accessory gives `accessory: none` and no accessory colour."""
+    identity_pattern, rest_pattern = _caption_patterns()
+    identity, rest = identity_pattern.search(text), None
+    rest = rest_pattern.match(text, identity.end()) if identity is not None else rest_pattern.search(text)
+    found = {k: v.lower() for m in (identity, rest) if m is not None for k, v in m.groupdict().items() if v is not None}
     reverse = {key: {phrase: value for value, phrase in table.items()} for key, table in ATTRIBUTE_PHRASES.items()}
     reverse["body_shape"] = {adj: shape for shape, adj in _SHAPE_ADJECTIVES.items()}
     out: dict[str, str] = {}
@@ -121,7 +128,8 @@ def read_description(text: str) -> dict[str, str]:
             out[key] = reverse[key][value]
         else:
             out[key] = value
-    out.setdefault("accessory", "none")
+    if identity is not None:
+        out.setdefault("accessory", "none")
     return out
 
 

@@ -95,9 +95,10 @@ def _profile(persona: dict[str, Any], identity: dict[str, str], seed: int) -> Pr
     return Profile(text, {**fields, "identity": dict(identity), "sandbox_seed": seed})
 
 
-def _t2i(images: dict[str, ImageRef], identity: dict[str, str], extra: list[dict[str, str]]) -> list[T2IItem]:
-    items = [T2IItem(image.caption, image.id) for image in images.values()]
-    return items + [T2IItem(describe({**identity, **combo})) for combo in extra]
+def _t2i(name: str, images: dict[str, ImageRef], identity: dict[str, str], extra: list[dict[str, str]]) -> list[T2IItem]:
+    """Instructions name the character (`describe(..., name=)`); the caption describes what to draw."""
+    items = [T2IItem(describe(image.attributes, name=name), image.id, image.caption) for image in images.values()]
+    return items + [T2IItem(describe(combo, name=name), caption=describe({**identity, **combo})) for combo in extra]
 
 
 def build_character(seed: int, root: Path, *, n_reference_images: int = 10, n_scenes: int = 160) -> Character:
@@ -125,7 +126,7 @@ def build_character(seed: int, root: Path, *, n_reference_images: int = 10, n_sc
         knowledge_open=knowledge.train_open,
         knowledge_mcq=knowledge.train_mcq,
         vqa=make_vqa(train_images, vqa_rng),
-        t2i=_t2i(train_images, identity, extra[:n_reference_images]),
+        t2i=_t2i(persona["name"], train_images, identity, extra[:n_reference_images]),
     )
     test = CharacterSplit(
         images=test_images,
@@ -134,7 +135,7 @@ def build_character(seed: int, root: Path, *, n_reference_images: int = 10, n_sc
         knowledge_open=knowledge.test_open,
         knowledge_mcq=knowledge.test_mcq,
         vqa=make_vqa(test_images, vqa_rng),
-        t2i=_t2i(test_images, identity, extra[n_reference_images:]),
+        t2i=_t2i(persona["name"], test_images, identity, extra[n_reference_images:]),
         judge_questions=judge_questions(),
     )
     return Character(persona["name"], _profile(persona, identity, seed), train, test, root=root, source_format="sandbox")

@@ -18,7 +18,7 @@ from typing import Any
 
 from cmrp.errors import ConfigError
 
-__all__ = ["FitResult", "load_run_character", "run_fit"]
+__all__ = ["FitResult", "load_run_character", "run_fit", "run_sft"]
 
 @dataclass
 class FitResult:
@@ -170,12 +170,14 @@ def _checkpoint_dir(path: Path) -> Path:
         raise ConfigError(f"init_from: {err}") from None
 
 
-def _run_sft(cfg: Any, adapter, character, logger, out: Path, checkpoints: Any = None) -> dict[str, Any]:
+def run_sft(cfg: Any, adapter, examples: dict[str, list], logger, out: Path, checkpoints: Any = None) -> dict[str, Any]:
+    """Unified-SFT of `adapter` on `examples` (task -> examples, mixed by `cfg.data.tasks`) for
+    `cfg.trainer.max_steps` steps: one character's examples (`cmrp fit`) or a whole world's
+    (`cmrp sandbox pretrain`)."""
     import lightning as L
     from omegaconf import OmegaConf
 
     from cmrp.data.datamodule import TaskMixDataModule
-    from cmrp.data.tasks import build_examples
     from cmrp.training.sft import UnifiedSFTModule
 
     history = _LossHistory()
@@ -205,7 +207,6 @@ def _run_sft(cfg: Any, adapter, character, logger, out: Path, checkpoints: Any =
         enable_model_summary=False,
         default_root_dir=str(out),
     )
-    examples = build_examples(character, [k for k, w in cfg.data.tasks.items() if w > 0], decoding=cfg.decoding)
     world = trainer.num_devices * trainer.num_nodes  # each rank reads its shard of the drawn mix
     datamodule = TaskMixDataModule(
         examples, dict(cfg.data.tasks), adapter.collate,
@@ -242,6 +243,7 @@ def run_fit(cfg: Any) -> FitResult:
     from omegaconf import OmegaConf
 
     from cmrp.config import flatten, redact_secrets, resolve_recipe_parts
+    from cmrp.data.tasks import build_examples
     from cmrp.tracking import make_logger
     from cmrp.training.checkpointing import Checkpointer, load_weights, recipe_fingerprint, restore_rng
     from cmrp.training.peft import count_trainable
@@ -295,7 +297,8 @@ def run_fit(cfg: Any) -> FitResult:
             continue
         checkpoints = checkpointer.stage(stage, index, point)
         if stage == "sft":
-            stages["sft"] = _run_sft(cfg, adapter, character, logger, out, checkpoints)
+            examples = build_examples(character, [k for k, w in cfg.data.tasks.items() if w > 0], decoding=cfg.decoding)
+            stages["sft"] = run_sft(cfg, adapter, examples, logger, out, checkpoints)
             timings["sft_s"] = stages["sft"].pop("sft_s")
         elif stage == "grpo":
             from cmrp.training.grpo_stage import run_grpo_stage

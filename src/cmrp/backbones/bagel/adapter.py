@@ -40,10 +40,18 @@ CONFIG_FILE = "config.json"
 AE_WEIGHTS_FILE = "ae.safetensors"  # the FLUX autoencoder (original key naming), when the backbone has one
 
 
+SANDBOX_WEIGHTS = "sandbox://"  # a base shipped in the package (cmrp/sandbox/assets/<name>)
+
+
 def resolve_weights(ref: str, card_name: Any = None) -> Path:
-    """A card's `weights`: a local folder, or a Hugging Face hub id (owner/name) found in the local cache.
+    """A card's `weights`: a local folder, a Hugging Face hub id (owner/name) found in the local cache, or
+    `sandbox://<name>`, a base shipped with cmrp (`cmrp sandbox pretrain` makes them).
     Never downloads: an id that is not cached raises WeightsError saying how to fetch it."""
     where = f"backbone card {card_name!r}, key 'weights'" if card_name else "weights"
+    if ref.startswith(SANDBOX_WEIGHTS):
+        from cmrp.sandbox.pretrain import shipped_base
+
+        return shipped_base(ref[len(SANDBOX_WEIGHTS):], where)
     path = Path(ref).expanduser()
     if path.is_dir():
         return path
