@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CMRP = str(Path(sys.executable).parent / "cmrp")
-FIT = ["fit", "recipes/quickstart.yaml", "trainer.max_steps=3", "finetune.mode=lora", "eval.max_items=4",
+FIT = ["fit", "recipes/sandbox/sft.yaml", "trainer.max_steps=3", "finetune.mode=lora", "eval.max_items=4",
        "eval.grid_prompts=1", "eval.images_per_prompt=1", "eval.sample_steps=2"]
 CHAT = ["--steps", "2", "--max-new-tokens", "12"]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

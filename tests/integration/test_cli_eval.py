@@ -28,7 +28,7 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("eval") / "run"
-    proc = run_cli("fit", "recipes/quickstart.yaml", "trainer.max_steps=2", "data.batch_size=4", "eval.max_items=4",
+    proc = run_cli("fit", "recipes/sandbox/sft.yaml", "trainer.max_steps=2", "data.batch_size=4", "eval.max_items=4",
                    "eval.grid_prompts=1", "eval.images_per_prompt=1", "eval.sample_steps=2", f"output_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = run_cli("eval", str(out), *EVAL_ARGS)

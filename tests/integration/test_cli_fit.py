@@ -31,7 +31,7 @@ def read_run(output_dir: Path):
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fit") / "run"
-    proc = run_cli("fit", "recipes/quickstart.yaml", "trainer.max_steps=5", f"output_dir={out}", *FAST_EVAL)
+    proc = run_cli("fit", "recipes/sandbox/sft.yaml", "trainer.max_steps=5", f"output_dir={out}", *FAST_EVAL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "MLflow run:" in proc.stdout and "sample grid:" in proc.stdout
     return out
@@ -42,7 +42,7 @@ def test_fit_writes_run_to_mlflow(full_run):
     params = run.data.params
     assert params["finetune.mode"] == "full"
     assert params["trainer.max_steps"] == "5"
-    assert params["backbone"] == "bagel-tiny"
+    assert params["backbone"] == "bagel-sandbox"
     assert "train/loss" in run.data.metrics
     assert {"eval/before/knowledge_mcq_acc", "eval/after/vqa_mcq_acc"} <= set(run.data.metrics)
     history = client.get_metric_history(run.info.run_id, "train/ce")
@@ -78,28 +78,44 @@ def test_fit_lora_saves_only_adapter_keys(tmp_path):
     from safetensors.torch import load_file
 
     out = tmp_path / "lora"
-    proc = run_cli("fit", "recipes/quickstart.yaml", "trainer.max_steps=3", "finetune.mode=lora",
+    proc = run_cli("fit", "recipes/sandbox/sft.yaml", "trainer.max_steps=3", "finetune.mode=lora",
                    f"output_dir={out}", *FAST_EVAL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     adapter_dir = out / "checkpoint" / "adapter"
     keys = load_file(str(adapter_dir / "adapter_model.safetensors"))
     assert keys and all("lora_" in k for k in keys)
     assert json.loads((adapter_dir / "adapter_config.json").read_text())["peft_type"] == "LORA"
-    assert (out / "checkpoint" / "backbone" / "model.safetensors").is_file()
+    # the shipped sandbox base (a few MB) is kept beside the adapter, unchanged
+    base = load_file(str(out / "checkpoint" / "backbone" / "model.safetensors"))
+    shipped = load_file(str(ROOT / "src" / "cmrp" / "sandbox" / "assets" / "base" / "model.safetensors"))
+    assert base.keys() == shipped.keys() and all((base[k] == shipped[k]).all() for k in base)
 
 
 def test_fit_bad_override_fails_with_suggestion(tmp_path):
-    proc = run_cli("fit", "recipes/quickstart.yaml", "trainer.max_step=3", f"output_dir={tmp_path}")
+    proc = run_cli("fit", "recipes/sandbox/sft.yaml", "trainer.max_step=3", f"output_dir={tmp_path}")
     assert proc.returncode == 2
     assert "trainer.max_steps" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow
 def test_quickstart_recipe_customizes_the_character(tmp_path):
-    """The full quickstart: SFT loss falls by at least half and held-out accuracies rise."""
-    proc = run_cli("fit", "quickstart", f"output_dir={tmp_path / 'qs'}", timeout=1800)
+    """The full quickstart and its evaluation: the pretrained base, customized few-shot to a character it
+    never saw, meets #11's acceptance numbers (the base stays near chance on what only the character knows)."""
+    run = tmp_path / "qs"
+    proc = run_cli("fit", "quickstart", f"output_dir={run}", timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((tmp_path / "qs" / "metrics.json").read_text())
-    assert metrics["loss_drop"] >= 0.5
-    assert metrics["after"]["knowledge_mcq_acc"] >= metrics["before"]["knowledge_mcq_acc"] + 0.2
-    assert metrics["after"]["vqa_mcq_acc"] >= metrics["before"]["vqa_mcq_acc"] + 0.2
+    metrics = json.loads((run / "metrics.json").read_text())
+    before, after = metrics["before"], metrics["after"]
+    assert before["knowledge_mcq_acc"] <= 0.5 and after["knowledge_mcq_acc"] >= 0.9, metrics
+    assert after["vqa_mcq_acc"] >= 0.8, metrics
+    assert before["identity_fidelity"] <= 0.45 and after["identity_fidelity"] >= 0.8, metrics
+    grpo = metrics["grpo"]
+    assert grpo["heldout_reward_after"]["total"] >= grpo["heldout_reward_before"]["total"] - 0.02, grpo
+    proc = run_cli("eval", str(run), "--features", "sandbox", timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((run / "eval" / "eval.json").read_text())
+    model, base = report["model"]["numbers"], report["baseline"]["numbers"]
+    assert model["knowledge_qa"]["mcq_acc_likelihood"] >= 0.9 >= base["knowledge_qa"]["mcq_acc_likelihood"] + 0.4
+    assert model["vqa"]["mcq_acc_likelihood"] >= 0.8
+    assert model["t2i"]["identity_fidelity"] >= 0.8 and base["t2i"]["identity_fidelity"] <= 0.45
+    assert model["text_roleplay"]["quirk_rate"] >= 0.7 and base["text_roleplay"]["quirk_rate"] <= 0.3

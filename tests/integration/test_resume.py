@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from tests.integration.test_cli_fit import CMRP, ROOT, read_run, run_cli
 
 TINY_EVAL = ["eval.max_items=4", "eval.grid_prompts=1", "eval.images_per_prompt=1", "eval.sample_steps=2"]
-SFT = ["recipes/quickstart.yaml", "trainer.max_steps=24", "data.batch_size=2", "data.max_text_tokens=32",
+SFT = ["recipes/sandbox/sft.yaml", "trainer.max_steps=24", "data.batch_size=2", "data.max_text_tokens=32",
        "checkpoint.every_n_steps=4", "checkpoint.keep=3", "sft.optimizer.warmup_steps=4", *TINY_EVAL]
 GRPO = ["recipes/bagel-tiny/sft_grpo.yaml", "trainer.max_steps=4", "data.batch_size=2", "data.max_text_tokens=32",
         "grpo.max_steps=8", "grpo.group_size=2", "grpo.prompts_per_step=1", "grpo.sample_steps=3",

@@ -17,7 +17,7 @@ import torch
 
 from tests.integration.test_cli_fit import CMRP, ROOT, run_cli
 
-TINY = ["recipes/quickstart.yaml", "data.batch_size=2", "data.max_text_tokens=32", "eval.max_items=4",
+TINY = ["recipes/sandbox/sft.yaml", "data.batch_size=2", "data.max_text_tokens=32", "eval.max_items=4",
         "eval.grid_prompts=1", "eval.images_per_prompt=1", "eval.sample_steps=2", "checkpoint.every_n_steps=0"]
 WARNING = "cmrp: tracking: cannot log to"
 

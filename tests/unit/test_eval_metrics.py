@@ -72,6 +72,18 @@ def test_colour_word_clip_prefers_the_named_colour():
     assert M.clip_t(enc, red, ["no colour named"]) == pytest.approx(0.0)
 
 
+def test_max_reference_similarity_takes_the_closest_reference():
+    flat = lambda x: x.flatten(1)  # noqa: E731
+    refs = torch.eye(3).reshape(3, 3, 1, 1)  # three orthogonal "images"
+    copies = refs[:2].clone()
+    assert M.max_reference_similarity(flat, copies, refs) == pytest.approx(1.0)
+    between = (refs[0] + refs[1]).unsqueeze(0)  # 45 degrees from two references
+    assert M.max_reference_similarity(flat, between, refs) == pytest.approx(2 ** -0.5)
+    # the mean similarity to all references is lower than the closest one
+    assert M.dino_similarity(flat, between, refs) < M.max_reference_similarity(flat, between, refs)
+    assert math.isnan(M.max_reference_similarity(flat, copies, refs[:0]))
+
+
 def test_within_prompt_diversity():
     dist = lambda a, b: (a - b).abs().flatten(1).mean(dim=1)  # noqa: E731
     same = torch.zeros(4, 3, 4, 4)

@@ -35,6 +35,7 @@ __all__ = [
     "quirk_rate",
     "self_repetition",
     "token_f1",
+    "max_reference_similarity",
     "within_prompt_diversity",
 ]
 
@@ -82,6 +83,17 @@ def dino_similarity(features: Callable[[torch.Tensor], torch.Tensor], images: to
     if images.shape[0] == 0 or references.shape[0] == 0:
         return NAN
     return mean_cosine(features(images), features(references))
+
+
+def max_reference_similarity(features: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                             references: torch.Tensor) -> float:
+    """Mean over images of the highest feature cosine to any reference image: how close samples come to
+    copying the training set (what Character-GRPO's train-set penalty pushes down)."""
+    if images.shape[0] == 0 or references.shape[0] == 0:
+        return NAN
+    a = F.normalize(features(images).float().flatten(1), dim=-1)
+    b = F.normalize(features(references).float().flatten(1), dim=-1).to(a.device)
+    return float((a @ b.T).max(dim=1).values.mean())
 
 
 def within_prompt_diversity(distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], images: torch.Tensor,

@@ -148,8 +148,8 @@ def _summary_table(report: dict[str, Any]) -> str:
     headline = [("text_roleplay", "token_f1"), ("text_roleplay", "distinct_2"),
                 ("text_roleplay", "catchphrase_rate"), ("multimodal_roleplay", "cross_modal_clip_t"),
                 ("multimodal_roleplay", "identity_fidelity"),
-                ("t2i", "clip_i_references"), ("t2i", "clip_t"), ("t2i", "dino_references"), ("t2i", "diversity"),
-                ("t2i", "identity_fidelity"), ("t2i", "prompt_faithfulness"),
+                ("t2i", "clip_i_references"), ("t2i", "clip_t"), ("t2i", "dino_references"),
+                ("t2i", "dino_max_reference"), ("t2i", "diversity"), ("t2i", "identity_fidelity"), ("t2i", "prompt_faithfulness"),
                 ("knowledge_qa", "mcq_acc_likelihood"), ("vqa", "mcq_acc_likelihood"),
                 ("judge", "personality"), ("judge", "mmrole_overall")]
     model = report["model"]["numbers"]

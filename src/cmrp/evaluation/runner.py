@@ -89,11 +89,23 @@ def load_recipe_of(ckpt: Path) -> Any:
 
 def load_checkpoint(ckpt: Path, cfg: Any | None = None) -> Any:
     """The backbone of checkpoint/backbone (adapter named in its config.json), with checkpoint/adapter
-    (a PEFT LoRA adapter) merged in when present."""
+    (a PEFT LoRA adapter) merged in when present. A LoRA run on a card's pretrained weights keeps no
+    checkpoint/backbone: its base is then built from the recipe's card (`cfg`), as `cmrp fit` did."""
     import json
 
     from cmrp.registry import BACKBONES
 
+    if not (ckpt / "backbone").is_dir() and (ckpt / "adapter").is_dir() and cfg is not None:
+        # a LoRA run on a card's pretrained weights: the base is the card's, as `cmrp fit` loaded it
+        from cmrp.backbones.loading import merge_saved_adapter
+        from cmrp.config import resolve_recipe_parts
+
+        card, _ = resolve_recipe_parts(cfg)
+        adapter = BACKBONES.get(card.adapter, where="backbone card `adapter`").build(card)
+        merge_saved_adapter(adapter, ckpt / "adapter")
+        adapter.max_text_tokens = cfg.data.max_text_tokens
+        adapter.model.eval()
+        return adapter
     config_file = ckpt / "backbone" / "config.json"
     try:
         adapter_name = json.loads(config_file.read_text())["adapter"]
@@ -287,6 +299,7 @@ def _t2i(adapter, character, prompts, feats: FeatureSet, refs: torch.Tensor, opt
     numbers["clip_t"] = M.paired_cosine(emb, feats.clip.encode_text(texts))
     numbers["clip_i_references"] = M.clip_i(feats.clip, images, refs)
     numbers["dino_references"] = M.dino_similarity(feats.dino, images, refs)
+    numbers["dino_max_reference"] = M.max_reference_similarity(feats.dino, images, refs)
     numbers["diversity"] = M.within_prompt_diversity(feats.distance, images, group_ids)
     numbers.update(image_oracle_numbers(  # sandbox characters: the attribute probe reads the samples
         character, images, [prompt_attributes(p.prompt, all_images.get(p.image_id)) for p in prompts for _ in range(n)]))

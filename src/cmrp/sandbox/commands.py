@@ -24,9 +24,11 @@ def _positive_int(text: str) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     group = subparsers.add_parser(
         "sandbox",
-        help="generate procedural characters with exact ground truth; retrain the sandbox's small models",
+        help="generate procedural characters with exact ground truth; pretrain the sandbox base; retrain the "
+        "sandbox's small models",
         description="The sandbox world: characters whose images and facts are generated, so every answer is known; "
-        "and the small models trained on its renders (attribute probe, CLIP-style encoder) that the package ships.",
+        "the pretrained sandbox base; and the small models trained on its renders (attribute probe, CLIP-style "
+        "encoder). The package ships trained copies of all three.",
     )
     commands = group.add_subparsers(dest="sandbox_command", metavar="SUBCOMMAND")
     commands.required = True

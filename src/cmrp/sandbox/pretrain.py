@@ -85,13 +85,10 @@ def heldout_numbers(adapter: Any, characters: list, eval_cfg: Any, seed: int) ->
         prompts = image_prompts(character, split="test")
         images = {**character.train.images, **character.test.images}
         attrs = [prompt_attributes(p.prompt, images.get(p.image_id)) for p in prompts]
-        n = eval_cfg.images_per_prompt
-
-        def draw(contexts: list, offset: int) -> Any:
-            return adapter.sample_images(contexts, n=n, steps=eval_cfg.sample_steps, seed=seed + 1000 * i + offset).images
-
-        named = draw([p.context for p in prompts], 0)
-        described = draw([Example("t2i", [Segment("text", "user", p.prompt)]) for p in prompts], 1)
+        n, steps = eval_cfg.images_per_prompt, eval_cfg.sample_steps
+        named = adapter.sample_images([p.context for p in prompts], n=n, steps=steps, seed=seed + 1000 * i).images
+        described = adapter.sample_images([Example("t2i", [Segment("text", "user", p.prompt)]) for p in prompts],
+                                          n=n, steps=steps, seed=seed + 1000 * i + 1).images
         repeated = [a for a in attrs for _ in range(n)]
         by_name = image_oracle_numbers(character, named, repeated)
         by_words = image_oracle_numbers(character, described, repeated)

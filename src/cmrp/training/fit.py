@@ -90,14 +90,29 @@ class _LossHistory:
         return {"loss_first": first, "loss_last": last, "loss_drop": 1.0 - last / first if first else 0.0}
 
 
-def _evaluate(adapter, character, eval_cfg) -> dict[str, float]:
+def _evaluate(adapter, character, cfg) -> dict[str, float]:
+    """Held-out knowledge and VQA multiple-choice accuracy; for a sandbox character also the oracle's
+    identity fidelity of images drawn for the first `eval.grid_prompts` held-out image prompts."""
     from cmrp.evaluation.mcq import knowledge_mcq_accuracy, vqa_mcq_accuracy
+    from cmrp.evaluation.oracle import sandbox_identity
 
+    eval_cfg = cfg.eval
     adapter.model.eval()
-    return {
+    out = {
         "knowledge_mcq_acc": knowledge_mcq_accuracy(adapter, character, "test", eval_cfg.max_items),
         "vqa_mcq_acc": vqa_mcq_accuracy(adapter, character, "test", eval_cfg.max_items),
     }
+    identity = sandbox_identity(character)
+    if identity is not None:
+        from cmrp.data.tasks import image_prompts
+        from cmrp.sandbox.probe import identity_fidelity
+
+        prompts = image_prompts(character, split="test", decoding=cfg.decoding)[: eval_cfg.grid_prompts]
+        if prompts:
+            images = adapter.sample_images([p.context for p in prompts], n=eval_cfg.images_per_prompt,
+                                           steps=eval_cfg.sample_steps, seed=cfg.seed).images
+            out["identity_fidelity"] = identity_fidelity(images, identity)
+    return out
 
 
 def _sample_grid(adapter, character, eval_cfg, seed: int, path: Path) -> Path | None:
@@ -153,8 +168,10 @@ def _build_backbone(cfg: Any, card: Any, character, ckpt_dir: Path):
     else:
         adapter = adapter_cls.build(card, corpus=character_corpus(character))
     adapter.max_text_tokens = cfg.data.max_text_tokens
-    if cfg.finetune.mode != "full" and (cfg.init_from or not card.get("weights")):
-        # this base exists only in this run (random init or merged): keep it beside the adapter
+    shipped = str(card.get("weights") or "").startswith("sandbox://")
+    if cfg.finetune.mode != "full" and (cfg.init_from or not card.get("weights") or shipped):
+        # this base exists only in this run (random init or merged), or is a few-MB shipped sandbox base:
+        # keep it beside the adapter, so the run (and characters saved from it) stands on its own
         if is_main_process():
             adapter.save_pretrained(ckpt_dir / "backbone")
     apply_finetune(adapter, cfg.finetune)
@@ -277,7 +294,7 @@ def run_fit(cfg: Any) -> FitResult:
             logger.log_artifact(recipe_file)
 
     t = time.perf_counter()
-    before = point.manifest["before"] if point is not None else _evaluate(adapter, character, cfg.eval)
+    before = point.manifest["before"] if point is not None else _evaluate(adapter, character, cfg)
     timings["eval_before_s"] = time.perf_counter() - t
 
     checkpointer = Checkpointer(
@@ -308,7 +325,7 @@ def run_fit(cfg: Any) -> FitResult:
         checkpointer.write_done(stage, index, stages[stage])
 
     t = time.perf_counter()
-    after = _evaluate(adapter, character, cfg.eval)
+    after = _evaluate(adapter, character, cfg)
     grid = _sample_grid(adapter, character, cfg.eval, cfg.seed, out / "samples.png") if main else None
     timings["eval_after_s"] = time.perf_counter() - t
     ckpt = _save_checkpoint(adapter, cfg, ckpt_dir, redacted) if main else ckpt_dir
