@@ -81,11 +81,10 @@ def test_two_characters_on_one_base_answer_in_their_own_persona_and_look(tmp_pat
     for name, numbers in report.items():
         own_knowledge, other_knowledge = numbers["knowledge"]
         own_identity, other_identity = numbers["identity"]
-        # measured on CPU: knowledge 0.92 / 0.88 own vs 0.27 / 0.08 other; identity 0.55 / 0.46 own vs
-        # 0.45 / 0.36 other (image prompts describe the creature, so another adapter gets part of it right)
+        # the prompts only name the character: another character's adapter cannot know its look
         assert own_knowledge >= other_knowledge + 0.4, (name, numbers)
-        assert own_identity > other_identity, (name, numbers)
-        assert own_identity >= 0.4, (name, numbers)
+        assert own_identity >= other_identity + 0.2, (name, numbers)
+        assert own_identity >= 0.6, (name, numbers)
 
     # each character keeps its own conversation, answered by its own adapter
     replies = {name: pool.reply(name, "Hello! Who are you?").text for name in names.values()}
