@@ -18,7 +18,7 @@ from tests.integration.test_cli_fit import FAST_EVAL, run_cli
 
 pytestmark = pytest.mark.slow
 
-CHARACTER_SEEDS = (11, 12)
+CHARACTER_SEEDS = (10, 11)  # their looks share no attribute, so the other adapter cannot score by coincidence
 LORA_STEPS = 300
 # a LoRA strong enough to learn a new look: rank 32, a higher rate and text-to-image weighted up
 LORA = ["finetune.mode=lora", "finetune.r=32", "finetune.alpha=64", "sft.optimizer.lr=0.003", "data.tasks.t2i=3.0"]
@@ -66,7 +66,7 @@ def test_two_characters_on_one_base_answer_in_their_own_persona_and_look(tmp_pat
 
     pool = CharacterPool(runs[CHARACTER_SEEDS[0]] / "checkpoint" / "backbone")
     names = {seed: pool.add(artefacts[seed]) for seed in CHARACTER_SEEDS}
-    assert names[11] != names[12]
+    assert names[CHARACTER_SEEDS[0]] != names[CHARACTER_SEEDS[1]]
     assert sorted(pool.backbone.model.peft_config) == sorted(names.values())
 
     report = {}
@@ -82,6 +82,7 @@ def test_two_characters_on_one_base_answer_in_their_own_persona_and_look(tmp_pat
         own_knowledge, other_knowledge = numbers["knowledge"]
         own_identity, other_identity = numbers["identity"]
         # the prompts only name the character: another character's adapter cannot know its look
+        # (measured on CPU: knowledge 1.00 / 0.92 own vs 0.31 / 0.27 other; identity 0.98 / 0.66 vs 0.04 / 0.02)
         assert own_knowledge >= other_knowledge + 0.4, (name, numbers)
         assert own_identity >= other_identity + 0.2, (name, numbers)
         assert own_identity >= 0.6, (name, numbers)
@@ -89,4 +90,4 @@ def test_two_characters_on_one_base_answer_in_their_own_persona_and_look(tmp_pat
     # each character keeps its own conversation, answered by its own adapter
     replies = {name: pool.reply(name, "Hello! Who are you?").text for name in names.values()}
     assert all(isinstance(text, str) and text for text in replies.values())
-    assert pool.session(names[11]).turns != pool.session(names[12]).turns
+    assert pool.session(names[CHARACTER_SEEDS[0]]).turns != pool.session(names[CHARACTER_SEEDS[1]]).turns

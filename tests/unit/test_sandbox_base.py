@@ -26,7 +26,7 @@ def test_shipped_base_is_small_and_has_its_manifest():
     assert manifest["training"]["loss_last"] < 0.5 * manifest["training"]["loss_first"]
     # the characters the quickstart and the tests customize were never part of pretraining
     first, last = manifest["world"]["train_seeds"]
-    assert not any(first <= seed <= last for seed in (7, 11, 12))
+    assert not any(first <= seed <= last for seed in (7, 10, 11))
 
 
 @pytest.fixture(scope="module")
