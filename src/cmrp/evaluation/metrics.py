@@ -91,9 +91,9 @@ def max_reference_similarity(features: Callable[[torch.Tensor], torch.Tensor], i
     copying the training set (what Character-GRPO's train-set penalty pushes down)."""
     if images.shape[0] == 0 or references.shape[0] == 0:
         return NAN
-    a = F.normalize(features(images).float().flatten(1), dim=-1)
-    b = F.normalize(features(references).float().flatten(1), dim=-1).to(a.device)
-    return float((a @ b.T).max(dim=1).values.mean())
+    from cmrp.rewards._ops import cosine_matrix  # the train-set penalty's own measure
+
+    return float(cosine_matrix(features(images), features(references)).max(dim=1).values.mean())
 
 
 def within_prompt_diversity(distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], images: torch.Tensor,

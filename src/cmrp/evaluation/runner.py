@@ -97,22 +97,18 @@ def load_checkpoint(ckpt: Path, cfg: Any | None = None) -> Any:
 
     if not (ckpt / "backbone").is_dir() and (ckpt / "adapter").is_dir() and cfg is not None:
         # a LoRA run on a card's pretrained weights: the base is the card's, as `cmrp fit` loaded it
-        from cmrp.backbones.loading import merge_saved_adapter
         from cmrp.config import resolve_recipe_parts
 
         card, _ = resolve_recipe_parts(cfg)
         adapter = BACKBONES.get(card.adapter, where="backbone card `adapter`").build(card)
-        merge_saved_adapter(adapter, ckpt / "adapter")
-        adapter.max_text_tokens = cfg.data.max_text_tokens
-        adapter.model.eval()
-        return adapter
-    config_file = ckpt / "backbone" / "config.json"
-    try:
-        adapter_name = json.loads(config_file.read_text())["adapter"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ConfigError(f"{config_file}: cannot read the backbone's adapter name ({type(err).__name__}); "
-                          "the checkpoint is incomplete — re-run `cmrp fit` or pass another run") from None
-    adapter = BACKBONES.get(adapter_name, where=f"{config_file} key 'adapter'").from_pretrained(ckpt / "backbone")
+    else:
+        config_file = ckpt / "backbone" / "config.json"
+        try:
+            adapter_name = json.loads(config_file.read_text())["adapter"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{config_file}: cannot read the backbone's adapter name ({type(err).__name__}); "
+                              "the checkpoint is incomplete — re-run `cmrp fit` or pass another run") from None
+        adapter = BACKBONES.get(adapter_name, where=f"{config_file} key 'adapter'").from_pretrained(ckpt / "backbone")
     if (ckpt / "adapter").is_dir():
         from cmrp.backbones.loading import merge_saved_adapter
 

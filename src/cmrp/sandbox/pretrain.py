@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -45,21 +44,27 @@ def shipped_base(name: str, where: str = "weights") -> Path:
     return folder
 
 
+def _world_character(seed: int, world: Any, root: Path):
+    """World character `seed`, generated into `root/<seed>` on first use (a rerun reuses it)."""
+    from cmrp.data.native import read_character
+    from cmrp.sandbox.writer import write_sandbox_character
+
+    folder = root / str(seed)
+    if not (folder / "character.json").is_file():
+        write_sandbox_character(seed, folder, n_reference_images=world.reference_images, n_scenes=world.scenes)
+    return read_character(folder)
+
+
 def world_examples(world: Any, root: Path, decoding: str) -> tuple[dict[str, list], list[str]]:
     """The train examples of every world character (generated into `root/<seed>`), task -> examples,
     and their texts (the tokenizer's corpus). Text-to-image gets each reference image twice: under
     its name prompt and under its plain description, so the base learns to draw what words say."""
-    from cmrp.data.native import read_character
     from cmrp.data.tasks import TASKS, Example, Segment, build_examples, character_corpus
-    from cmrp.sandbox.writer import write_sandbox_character
 
     examples: dict[str, list] = {task: [] for task in TASKS}
     corpus: list[str] = []
     for seed in range(world.first_seed, world.first_seed + world.characters):
-        folder = root / str(seed)
-        if not (folder / "character.json").is_file():
-            write_sandbox_character(seed, folder, n_reference_images=world.reference_images, n_scenes=world.scenes)
-        character = read_character(folder)
+        character = _world_character(seed, world, root)
         for task, items in build_examples(character, decoding=decoding).items():
             examples[task] += items
         examples["t2i"] += [
@@ -102,15 +107,6 @@ def heldout_numbers(adapter: Any, characters: list, eval_cfg: Any, seed: int) ->
     return {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
 
 
-def _git_commit() -> str | None:
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                              capture_output=True, text=True, timeout=10, check=False)
-    except OSError:
-        return None
-    return done.stdout.strip() or None
-
-
 def pretrain(cfg: Any, out: Path) -> dict[str, Any]:
     """Train the base of recipe `cfg` (its `world`, `data.tasks`, `sft` and `trainer` sections) and write
     it into `out` with its manifest; returns the manifest."""
@@ -119,9 +115,8 @@ def pretrain(cfg: Any, out: Path) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     from cmrp.config import flatten, redact_secrets, resolve_recipe_parts
-    from cmrp.data.native import read_character
     from cmrp.registry import BACKBONES
-    from cmrp.sandbox.writer import write_sandbox_character
+    from cmrp.sandbox.nets import git_commit
     from cmrp.tracking import make_logger
     from cmrp.training.fit import run_sft
     from cmrp.training.peft import apply_finetune
@@ -145,12 +140,8 @@ def pretrain(cfg: Any, out: Path) -> dict[str, Any]:
 
     examples, corpus = world_examples(world, run_dir / "world", cfg.decoding)
     first_heldout = world.first_seed + world.characters
-    heldout = []
-    for seed in range(first_heldout, first_heldout + world.heldout_characters):
-        folder = run_dir / "world" / str(seed)
-        if not (folder / "character.json").is_file():
-            write_sandbox_character(seed, folder, n_reference_images=world.reference_images, n_scenes=world.scenes)
-        heldout.append(read_character(folder))
+    heldout = [_world_character(seed, world, run_dir / "world")
+               for seed in range(first_heldout, first_heldout + world.heldout_characters)]
     timings["world_s"] = time.perf_counter() - t0
 
     adapter = BACKBONES.get(card.adapter, where="backbone card `adapter`").build(card, corpus=corpus)
@@ -175,7 +166,7 @@ def pretrain(cfg: Any, out: Path) -> dict[str, Any]:
         "what": "cmrp sandbox base: a BAGEL-architecture model pretrained on the sandbox world (cmrp sandbox pretrain)",
         "recipe": redacted,
         "seed": cfg.seed,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "torch": torch.__version__,
         "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
         "world": {"train_seeds": [world.first_seed, first_heldout - 1],

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cmrp.backbones.spatial_attention import SpatialSelfAttention
 from cmrp.errors import ConfigError
 
 __all__ = ["FluxAEConfig", "FluxAutoencoder", "PixelSpaceAutoencoder", "build_autoencoder"]
@@ -103,25 +104,6 @@ class _ResBlock(nn.Module):
         return skip + h
 
 
-class _SelfAttention(nn.Module):
-    """Single-head attention over all pixels of a feature map (1x1 conv projections)."""
-
-    def __init__(self, cfg: FluxAEConfig, channels: int):
-        super().__init__()
-        self.norm = _norm(cfg, channels)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        n = self.norm(x)
-        q, k, v = (proj(n).flatten(2).transpose(1, 2)[:, None] for proj in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(b, c, h, w)
-        return x + self.proj_out(out)
-
-
 class _Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
@@ -144,7 +126,7 @@ class _Mid(nn.Module):
     def __init__(self, cfg: FluxAEConfig, channels: int):
         super().__init__()
         self.block_1 = _ResBlock(cfg, channels, channels)
-        self.attn_1 = _SelfAttention(cfg, channels)
+        self.attn_1 = SpatialSelfAttention(channels, cfg.norm_groups)
         self.block_2 = _ResBlock(cfg, channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from cmrp.backbones.spatial_attention import SpatialSelfAttention
+
 __all__ = ["MagvitConfig", "MAGVITv2"]
 
 
@@ -76,27 +78,6 @@ class _ResBlock(nn.Module):
         return skip + h
 
 
-class _AttnBlock(nn.Module):
-    """Single-head spatial self-attention with 1x1 conv projections."""
-
-    def __init__(self, channels: int, groups: int):
-        super().__init__()
-        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        n = self.norm(x)
-        q = self.q(n).flatten(2).transpose(1, 2)
-        k = self.k(n).flatten(2).transpose(1, 2)
-        v = self.v(n).flatten(2).transpose(1, 2)
-        out = torch.nn.functional.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
-        return x + self.proj_out(out.transpose(1, 2).reshape(b, c, h, w))
-
-
 class _Down(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
@@ -118,7 +99,7 @@ class _Up(nn.Module):
 def _mid(channels: int, groups: int) -> nn.Module:
     mid = nn.Module()
     mid.block_1 = _ResBlock(channels, channels, groups)
-    mid.attn_1 = _AttnBlock(channels, groups)
+    mid.attn_1 = SpatialSelfAttention(channels, groups)
     mid.block_2 = _ResBlock(channels, channels, groups)
     return mid
 
