@@ -61,6 +61,22 @@ def test_fit_starts_from_a_pretrained_base_folder(tiny_base, tmp_path):
     assert any(not (start[k] == end[k]).all() for k in start)  # it trained from the base's weights
 
 
+def test_lora_run_on_a_card_with_weights_evaluates_from_the_card(tiny_base, tmp_path):
+    """A LoRA run on a card's pretrained weights saves only the adapter; `cmrp eval` rebuilds the base from the card."""
+    card = tmp_path / "card.yaml"
+    card.write_text(f"name: my-base\nadapter: bagel\nweights: {tiny_base / 'base'}\n")
+    out = tmp_path / "lora"
+    proc = run_cli("fit", "recipes/sandbox/sft.yaml", f"backbone={card}", "finetune.mode=lora", "trainer.max_steps=2",
+                   "data.batch_size=4", f"output_dir={out}", *FAST_EVAL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "checkpoint" / "adapter").is_dir() and not (out / "checkpoint" / "backbone").exists()
+    proc = run_cli("eval", str(out), "--features", "pixel", "--baseline", "none", "--max-items", "4", "--samples", "1",
+                   "--steps", "2", "--max-new-tokens", "8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "eval" / "eval.json").read_text())
+    assert 0.0 <= report["model"]["numbers"]["knowledge_qa"]["mcq_acc_likelihood"] <= 1.0
+
+
 def test_bad_bases_fail_clearly(tmp_path):
     card = tmp_path / "card.yaml"
     card.write_text("name: nope\nadapter: bagel\nweights: sandbox://nope\n")

@@ -27,7 +27,8 @@ def find_checkpoint(path: str | Path) -> Path:
     if not path.exists():
         raise ConfigError(f"{path} does not exist; pass the output_dir of a `cmrp fit` run (or its checkpoint/)")
     for candidate in (path, path / "checkpoint"):
-        if (candidate / "backbone").is_dir():
+        # a LoRA run on a card's pretrained weights keeps only its adapter (the base is the card's)
+        if (candidate / "backbone").is_dir() or (candidate / "adapter").is_dir():
             return candidate
-    raise ConfigError(f"{path} holds no cmrp checkpoint (expected {path}/checkpoint/backbone or {path}/backbone); "
-                      "pass the output_dir of a `cmrp fit` run")
+    raise ConfigError(f"{path} holds no cmrp checkpoint (expected {path}/checkpoint/backbone or {path}/backbone, "
+                      "or an adapter/ folder); pass the output_dir of a `cmrp fit` run")

@@ -99,6 +99,11 @@ def save_character(run_dir: str | Path, out_dir: str | Path, *, max_thumbnails: 
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     base_folder = (ckpt / "backbone").resolve()
+    if not base_folder.is_dir():
+        raise ConfigError(f"{ckpt}: this LoRA run trained on its backbone card's pretrained weights and kept no "
+                          "base beside its adapter; a character artefact needs that base folder. Save the base "
+                          f"there first (the adapter class's from_pretrained(<the card's weights>)"
+                          f".save_pretrained('{ckpt / 'backbone'}')), then run save-character again")
     base_config = json.loads((base_folder / "config.json").read_text())
     base_weights_id = ((base_config.get("card") or {}).get("weights")) or None
     if (ckpt / "adapter").is_dir():

@@ -154,17 +154,16 @@ def _save_checkpoint(adapter, cfg, ckpt: Path, redacted: dict) -> Path:
 
 def _build_backbone(cfg: Any, card: Any, character, ckpt_dir: Path):
     """The card's backbone, or the one saved by an earlier run (`init_from`), made trainable per `finetune`."""
-    from cmrp.backbones.loading import merge_saved_adapter
     from cmrp.data.tasks import character_corpus
     from cmrp.registry import BACKBONES
     from cmrp.training.peft import apply_finetune
 
     adapter_cls = BACKBONES.get(card.adapter, where="backbone card `adapter`")
-    if cfg.init_from:
+    if cfg.init_from:  # the earlier run's backbone, its LoRA adapter merged in (as `cmrp eval` loads it)
+        from cmrp.evaluation.runner import load_checkpoint, load_recipe_of
+
         source = _checkpoint_dir(Path(cfg.init_from).expanduser())
-        adapter = adapter_cls.from_pretrained(source / "backbone")
-        if (source / "adapter").is_dir():
-            merge_saved_adapter(adapter, source / "adapter")
+        adapter = load_checkpoint(source, load_recipe_of(source) if (source / "recipe.yaml").is_file() else None)
     else:
         adapter = adapter_cls.build(card, corpus=character_corpus(character))
     adapter.max_text_tokens = cfg.data.max_text_tokens
