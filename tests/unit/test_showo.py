@@ -18,7 +18,7 @@ from cmrp.backbones.showo import (
     ShowoVocab,
     omni_attention_mask,
 )
-from cmrp.backbones.showo.maskgit import commit_counts, cosine_schedule, maskgit_step
+from cmrp.backbones.showo.maskgit import choice_temperatures, commit_counts, cosine_schedule, maskgit_step
 from cmrp.data.tasks import Example, Segment
 from cmrp.errors import WeightsError
 
@@ -77,16 +77,26 @@ def test_cosine_schedule_and_commit_counts():
     assert float(cosine_schedule(0.0)) == 1.0
     assert float(cosine_schedule(1 / 3)) == pytest.approx(math.sqrt(3) / 2)
     assert float(cosine_schedule(0.5)) == pytest.approx(math.sqrt(0.5))
-    assert float(cosine_schedule(1.0)) == pytest.approx(0.0, abs=1e-12)
+    assert float(cosine_schedule(1.0)) == pytest.approx(0.0, abs=1e-7)
+    assert cosine_schedule(0.5).dtype == torch.float32  # Show-o's arithmetic: float32
     counts = commit_counts(256, 18)
     assert sum(counts) == 256 and min(counts) >= 1
     left = 256
     for k, c in enumerate(counts[:-1]):
         left -= c
-        assert left == math.floor(256 * math.cos(math.pi / 2 * (k + 1) / 18))
+        assert left == max(1, math.floor(256 * float(cosine_schedule((k + 1) / 18))))
+    # (k+1)/T = 2/3: float32 cos(π/3) is just under 1/2, so 32 of 64 tokens floor to 31 (float64 gives 32)
+    masked_after = 64 - sum(commit_counts(64, 12)[:8])
+    assert masked_after == 31 and math.floor(64 * math.cos(math.pi / 3)) == 32
     assert commit_counts(4, 4) == [1, 1, 1, 1]
     with pytest.raises(ValueError):
         commit_counts(4, 5)
+
+
+def test_choice_temperature_compounds():
+    # Show-o multiplies the temperature by (1 - (k+1)/T) at every step: 1 * 3/4 * 2/4 * 1/4 * 0
+    assert choice_temperatures(1.0, 4) == pytest.approx([0.75, 0.375, 0.09375, 0.0])
+    assert choice_temperatures(2.0, 2) == pytest.approx([1.0, 0.0])
 
 
 def test_maskgit_step_commits_the_most_confident():
