@@ -451,6 +451,7 @@ class ShowoAdapter:
         ids, _ = self._decode(contexts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
         return [self.text.decode(t).strip() for t in ids]
 
+    @torch.no_grad()
     def _decode(self, contexts: list[Example], *, max_new_tokens: int, temperature: float = 0.0,
                 seed: int = 0) -> tuple[list[list[int]], torch.Tensor]:
         """Token ids of each answer (without <|eot|>) and the text logits [B, steps, llm_vocab] of every step:
