@@ -138,7 +138,7 @@ def test_understanding_prompt_and_logits_under_the_official_mask(adapter):
                               text("character", META["answer"], train=True)])
     ids, logits = logits_of(adapter, [example])
     assert_matches(MODEL, "understanding prompt with an image (token ids)", ids, REF["mmu_answer_ids"])
-    assert_matches(MODEL, "understanding logits (<|mmu|> sees the whole image)", logits, REF["mmu_answer_logits"])
+    assert_matches(MODEL, "understanding logits (the mmu token sees the whole image)", logits, REF["mmu_answer_logits"])
 
 
 def test_kv_cached_greedy_answer_equals_the_official_decoding(adapter):
@@ -210,7 +210,7 @@ def test_t2i_training_loss_at_the_official_positions(adapter):
                        torch.tensor(unpadded(ids[i], pad)), torch.tensor(unpadded(REF["loss_ids"][i], pad)))
         official_targets = REF["loss_labels"][i, -adapter.num_vq_tokens - 2:]  # <|soi|> codes <|eoi|>, in place
         ours = targets[i][batch.spans[i] == batch.spans[i].max()]
-        assert_matches(MODEL, "t2i training targets (<|soi|>, masked codes, <|eoi|>)", ours, official_targets)
+        assert_matches(MODEL, "t2i training targets (soi, masked codes, eoi)", ours, official_targets)
     torch.manual_seed(META["seed_loss"])
     with torch.no_grad():
         loss = adapter.losses(batch)["mse"]
