@@ -18,9 +18,9 @@ from cmrp.backbones.showo import (
     ShowoVocab,
     omni_attention_mask,
 )
-from cmrp.backbones.showo.maskgit import commit_counts, cosine_schedule, maskgit_step
+from cmrp.backbones.showo.maskgit import choice_temperatures, commit_counts, cosine_schedule, maskgit_step
 from cmrp.data.tasks import Example, Segment
-from cmrp.errors import WeightsError
+from cmrp.errors import ConfigError, WeightsError
 
 CARD = Path(__file__).resolve().parents[2] / "backbones" / "showo-tiny.yaml"
 CORPUS = ["the lighthouse keeper paints the sea", "a red fox runs over the hill at dawn"] * 10
@@ -77,16 +77,26 @@ def test_cosine_schedule_and_commit_counts():
     assert float(cosine_schedule(0.0)) == 1.0
     assert float(cosine_schedule(1 / 3)) == pytest.approx(math.sqrt(3) / 2)
     assert float(cosine_schedule(0.5)) == pytest.approx(math.sqrt(0.5))
-    assert float(cosine_schedule(1.0)) == pytest.approx(0.0, abs=1e-12)
+    assert float(cosine_schedule(1.0)) == pytest.approx(0.0, abs=1e-7)
+    assert cosine_schedule(0.5).dtype == torch.float32  # Show-o's arithmetic: float32
     counts = commit_counts(256, 18)
     assert sum(counts) == 256 and min(counts) >= 1
     left = 256
     for k, c in enumerate(counts[:-1]):
         left -= c
-        assert left == math.floor(256 * math.cos(math.pi / 2 * (k + 1) / 18))
+        assert left == max(1, math.floor(256 * float(cosine_schedule((k + 1) / 18))))
+    # (k+1)/T = 2/3: float32 cos(π/3) is just under 1/2, so 32 of 64 tokens floor to 31 (float64 gives 32)
+    masked_after = 64 - sum(commit_counts(64, 12)[:8])
+    assert masked_after == 31 and math.floor(64 * math.cos(math.pi / 3)) == 32
     assert commit_counts(4, 4) == [1, 1, 1, 1]
     with pytest.raises(ValueError):
         commit_counts(4, 5)
+
+
+def test_choice_temperature_compounds():
+    # Show-o multiplies the temperature by (1 - (k+1)/T) at every step: 1 * 3/4 * 2/4 * 1/4 * 0
+    assert choice_temperatures(1.0, 4) == pytest.approx([0.75, 0.375, 0.09375, 0.0])
+    assert choice_temperatures(2.0, 2) == pytest.approx([1.0, 0.0])
 
 
 def test_maskgit_step_commits_the_most_confident():
@@ -239,3 +249,57 @@ def test_shared_prompt_cache_gives_the_full_sequence_logits(adapter, cfg_scale):
     assert cached.shape == (4, 64, 8192)
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
     assert not torch.allclose(cached[0], cached[2], atol=1e-3)  # the prompts differ
+
+
+def test_official_prompt_templates_for_role_play(adapter):
+    tok, v = adapter.text, adapter.vocab
+    persona = Segment("text", "system", "You are Rex.")
+    # t2i: a lone user message is the official caption; a dialogue is the USER / ASSISTANT conversation
+    seq = adapter._sequence(_prompt("a red fox"), generate_after=True)  # noqa: SLF001
+    n = adapter.num_vq_tokens
+    assert seq.ids[: -n - 2] == [v.t2i, v.sot, *tok.encode("a red fox"), v.eot]
+    chain = Example("t2i", [persona, Segment("text", "user", "draw the sea"), Segment("text", "character", "here.")])
+    ids = adapter._sequence(chain, generate_after=True).ids[: -n - 2]  # noqa: SLF001
+    assert ids == [v.t2i, v.sot, *tok.encode("You are Rex. USER: draw the sea ASSISTANT:"), *tok.encode(" here."), v.eot]
+    # understanding: the image first, then `USER: \n{question} ASSISTANT:` and the trained answer + <|eot|>
+    vqa = _examples()[1]
+    seq = adapter._sequence(vqa)  # noqa: SLF001
+    text_ids = [i for i, s in zip(seq.ids, seq.slot, strict=True) if s == ""]
+    assert text_ids == [v.mmu, v.soi, v.eoi, v.sot, *tok.encode("USER: \nwhat is it? ASSISTANT:"),
+                        *tok.encode(" the sea"), v.eot]
+    assert [t for t, trained in zip(seq.ids, seq.trained, strict=True) if trained] == [*tok.encode(" the sea"), v.eot]
+    # <|mmu|> and the image are one bidirectional span (the official understanding mask)
+    assert seq.span[: n + 3] == [1] * (n + 3) and set(seq.span[n + 3:]) == {0}
+    batch = adapter.collate([vqa])
+    assert batch.attention_mask[0, 0, : n + 3].all()  # <|mmu|> sees the whole image through <|eoi|>
+    # text alone: no task token; a new answer is prompted by `ASSISTANT:`
+    chat = Example("chat", [persona, Segment("text", "user", "hello")])
+    prompt = adapter._sequence(Example("chat", [*chat.segments, Segment("text", "character", "", train=True)]),  # noqa: SLF001
+                               stop=True)
+    assert prompt.ids == [v.sot, *tok.encode("You are Rex. USER: hello ASSISTANT:")]
+    # the unconditional prompt of classifier-free guidance is the official empty one
+    assert adapter._uncond_sequence().ids[:3] == [v.t2i, v.sot, v.eot]  # noqa: SLF001
+
+
+def test_image_loss_markers_key(adapter):
+    batch = adapter.collate(_examples()[:1])
+    torch.manual_seed(0)
+    _, targets = adapter._fill_codes(batch, mask_gen=True)  # noqa: SLF001
+    assert (targets[batch.gen_markers] == batch.input_ids[batch.gen_markers]).all()  # official: <|soi|>, <|eoi|>
+    adapter.image_loss_markers = False
+    try:
+        torch.manual_seed(0)
+        _, codes_only = adapter._fill_codes(batch, mask_gen=True)  # noqa: SLF001
+    finally:
+        adapter.image_loss_markers = True
+    assert (codes_only[batch.gen_markers] == -100).all()
+    assert torch.equal(codes_only[batch.gen_slots], targets[batch.gen_slots])
+    card = OmegaConf.load(CARD)
+    card.architecture.training.image_loss_markers = "no"
+    with pytest.raises(ConfigError, match="architecture.training.image_loss_markers"):
+        ShowoAdapter.build(card, corpus=CORPUS)
+    card.architecture.training = {"image_loss_marker": False}
+    with pytest.raises(ConfigError, match="unknown keys"):
+        ShowoAdapter.build(card, corpus=CORPUS)
+    card.architecture.training = {"image_loss_markers": False}
+    assert ShowoAdapter.build(card, corpus=CORPUS).image_loss_markers is False

@@ -44,7 +44,7 @@ __all__ = ["JanusAdapter", "JanusBatch", "JanusTokenizer"]
 IGNORE = -100
 EXTRAS_FILE = "cmrp.json"  # our settings beside the official files (sampling defaults, the card)
 DEFAULT_SAMPLING = {"temperature": 1.0, "cfg_scale": 5.0, "top_k": None}
-HEADERS = {"system": "", "user": "<|User|>:", "character": "<|Assistant|>:"}
+HEADERS = {"user": "<|User|>: ", "character": "<|Assistant|>:"}  # Janus-Pro's roles (its chat template)
 # Janus's special tokens (names as in the released tokenizer) when the tokenizer does not name them
 JANUS_TOKENS = {"image_token": "<image_placeholder>", "boi_token": "<begin_of_image>", "eoi_token": "<end_of_image>"}
 
@@ -342,12 +342,28 @@ class JanusAdapter:
         return {LlamaDecoderLayer, JanusVisionEncoderLayer}
 
     # -- sequences -------------------------------------------------------------------------------
+    def _clip(self, text: str) -> str:
+        """A segment's text cut to `max_text_tokens` tokens (texts within the limit are untouched)."""
+        ids = self.tokenizer.encode(text)
+        return text if len(ids) <= self.max_text_tokens else self.tokenizer.decode(ids[: self.max_text_tokens])
+
     def _render(self, example: Example, stop: str | None = None) -> _Seq:
-        """One example as tokens. `stop="generate"`: end after the <boi> of the first generated image
-        (a sampling prefix); `stop="train"`: end before the first trained text (a text-generation prefix)."""
+        """One example as tokens, in Janus-Pro's chat format (the chat template transformers ships with
+        Janus-Pro; a persona/system text is a plain prefix, as DeepSeek's system prompt). Untrained text
+        between special tokens is tokenised as one string, as the processor does; a trained text is its
+        own string. `stop="generate"`: end after the <boi> of the first generated image (a sampling
+        prefix); `stop="train"`: end before the first trained text (a text-generation prefix)."""
         tok = self.tokenizer
         seq = _Seq()
         seq.add([tok.bos_id])
+        pending = ""
+
+        def flush() -> None:
+            nonlocal pending
+            if pending:
+                seq.add(tok.encode(pending))
+                pending = ""
+
         turns: list[tuple[str, list[Segment]]] = []
         for seg in example.segments:
             if turns and turns[-1][0] == seg.role:
@@ -355,17 +371,32 @@ class JanusAdapter:
             else:
                 turns.append((seg.role, [seg]))
         for role, segs in turns:
-            if HEADERS.get(role):
-                seq.add(tok.encode(HEADERS[role]))
+            if role == "system":
+                pending += "\n".join(s.text for s in segs if s.kind == "text") + "\n\n"
+                continue
+            pending += HEADERS[role]
             for j, seg in enumerate(segs):
-                if j:
-                    seq.add(tok.encode("\n"))
                 if seg.kind == "text":
                     if stop == "train" and seg.train:
+                        flush()
                         return seq
-                    body = tok.encode(seg.text if role == "system" else " " + seg.text)[: self.max_text_tokens]
-                    seq.add(body, trained=seg.train)
-                elif seg.generate:
+                    if role == "user":  # the template strips a turn's outer whitespace, joins texts by a space
+                        body = seg.text.lstrip() if j == 0 else seg.text
+                        body = body.rstrip() if j == len(segs) - 1 else body
+                        lead = " " if j and segs[j - 1].kind == "text" else ""
+                    else:
+                        body, lead = seg.text, " "
+                    text = lead + self._clip(body)
+                    if seg.train:
+                        flush()
+                        seq.add(tok.encode(text), trained=True)
+                    else:
+                        pending += text
+                    continue
+                if role == "user" and j:
+                    pending += "\n"
+                flush()
+                if seg.generate:
                     seq.add([tok.boi_id])
                     if stop == "generate":
                         return seq
@@ -378,11 +409,15 @@ class JanusAdapter:
                     seq.add([tok.boi_id])
                     seq.add([tok.image_id] * self.und_tokens, "und")
                     seq.add([tok.eoi_id])
+                if role == "user" and j < len(segs) - 1:
+                    pending += "\n"
             if role == "character":
+                flush()
                 last = segs[-1]
                 seq.add([tok.eos_id], trained=last.kind == "text" and last.train)
             else:
-                seq.add(tok.encode("\n\n"))
+                pending += "\n\n"
+        flush()
         if stop is not None:
             raise ValueError(f"context has no {'generated image' if stop == 'generate' else 'trained text'} to stop at")
         return seq
@@ -559,6 +594,15 @@ class JanusAdapter:
     @torch.no_grad()
     def generate_text(self, contexts: list[Example], *, max_new_tokens: int = 64, temperature: float = 0.0,
                       seed: int = 0) -> list[str]:
+        """Continue each context with a character turn (after `<|Assistant|>:`, until the end of sentence)."""
+        ids, _ = self._decode(contexts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        return [self.tokenizer.decode(t).strip() for t in ids]
+
+    @torch.no_grad()
+    def _decode(self, contexts: list[Example], *, max_new_tokens: int, temperature: float = 0.0,
+                seed: int = 0) -> tuple[list[list[int]], torch.Tensor]:
+        """Token ids of each answer (without <eos>) and the logits [B, steps, vocab] of every step: the
+        context once, then one token at a time on the key/value cache."""
         tok, device = self.tokenizer, self.device
         gen = torch.Generator(device="cpu").manual_seed(seed)
         embeds, mask, positions = self._encode(self._prefix(contexts, "train", False))
@@ -567,8 +611,10 @@ class JanusAdapter:
         b = len(contexts)
         out: list[list[int]] = [[] for _ in range(b)]
         done = torch.zeros(b, dtype=torch.bool)
+        steps = []
         for _ in range(max_new_tokens):
             logits = self.janus.lm_head(last).float()
+            steps.append(logits)
             if temperature > 0:
                 token = torch.multinomial(torch.softmax(logits / temperature, -1).cpu(), 1, generator=gen)[:, 0]
                 token = token.to(device)
@@ -586,7 +632,7 @@ class JanusAdapter:
             embeds = self.janus.get_input_embeddings()(token[:, None])
             hidden, cache = self._lm(embeds, mask, next_pos[:, None], past=cache, use_cache=True)
             last, next_pos = hidden[:, -1], next_pos + 1
-        return [tok.decode(ids).strip() for ids in out]
+        return out, torch.stack(steps, 1).cpu()
 
     def _chunks(self, steps: int) -> list[torch.Tensor]:
         if not 1 <= steps <= self.gen_tokens:

@@ -20,6 +20,7 @@ __all__ = ["TokenStep", "guided_logits", "sample_token_sequence", "token_step"]
 class TokenStep:
     tokens: torch.Tensor  # [B, ...] long
     logprob: torch.Tensor  # [B, ...] fp32 log-prob of each token under the sampling distribution
+    prob: torch.Tensor | None = None  # [B, ...] its probability as the sampler saw it (softmax, not exp(logprob))
 
 
 def guided_logits(cond: torch.Tensor, uncond: torch.Tensor | None = None, cfg_scale: float = 1.0) -> torch.Tensor:
@@ -29,14 +30,15 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor | None = None, cfg_sc
     return uncond.float() + cfg_scale * (cond.float() - uncond.float())
 
 
-def _sampling_logprobs(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
+def _sampling_logits(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
+    """Temperature, then top-k (transformers' warper order, after guidance)."""
     if temperature <= 0:
         raise ValueError("temperature must be > 0 for a sampling policy with log-probs (use argmax for greedy)")
     scaled = logits.float() / temperature
     if top_k is not None and 0 < top_k < scaled.shape[-1]:
         kth = torch.topk(scaled, top_k, dim=-1).values[..., -1:]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    return torch.log_softmax(scaled, dim=-1)
+    return scaled
 
 
 def token_step(
@@ -47,12 +49,17 @@ def token_step(
     generator: torch.Generator | None = None,
     tokens: torch.Tensor | None = None,
 ) -> TokenStep:
-    """Draw one token per position from `logits` [..., V] (already guided), or score given `tokens`."""
-    logp = _sampling_logprobs(logits, temperature, top_k)
+    """Draw one token per position from `logits` [..., V] (already guided), or score given `tokens`.
+    Draws `multinomial(softmax(logits))` over all positions at once (rows in order, on the CPU
+    generator), the call the reference samplers make, so a seed gives their tokens."""
+    scaled = _sampling_logits(logits, temperature, top_k)
+    probs = torch.softmax(scaled, dim=-1)
     if tokens is None:
-        probs = logp.exp().reshape(-1, logp.shape[-1]).cpu()
-        tokens = torch.multinomial(probs, 1, generator=generator).reshape(logp.shape[:-1]).to(logits.device)
-    return TokenStep(tokens, logp.gather(-1, tokens[..., None].long())[..., 0])
+        flat = probs.reshape(-1, probs.shape[-1]).cpu()
+        tokens = torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1]).to(logits.device)
+    index = tokens[..., None].long()
+    logp = torch.log_softmax(scaled, dim=-1).gather(-1, index)[..., 0]
+    return TokenStep(tokens, logp, probs.gather(-1, index)[..., 0])
 
 
 def sample_token_sequence(

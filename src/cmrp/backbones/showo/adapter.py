@@ -1,14 +1,17 @@
 """The `showo` backbone adapter: Show-o (Phi + MAGVIT-v2 tokens, omni-attention, MaskGIT) behind the
 backbone protocol.
 
-Sequences (Show-o's universal prompting, extended to multi-turn examples):
-`[task] ([<|sot|>] role\\n text [<|eot|>] | [<|soi|>] image codes [<|eoi|>])...` where the task token
-is `<|t2i|>` when the example generates an image, `<|mmu|>` when it only understands one, and
-absent for pure text. Text trains by next-token CE on the character's turns; a generated image trains
-by masked-token CE: a cosine-schedule fraction of its codes is replaced by the mask token and predicted
-at their own positions. `sample_images` runs MaskGIT with classifier-free guidance (the unconditional
-branch: the empty prompt); each MaskGIT step is one GRPO step whose log-prob is the mean categorical
-log-prob of the tokens it committed.
+Sequences follow Show-o's official templates (`prompting.render`): `<|t2i|> <|sot|> text <|eot|> <|soi|>
+codes <|eoi|>` to generate an image, `<|mmu|> <|soi|> codes <|eoi|> <|sot|> USER: \nquestion ASSISTANT: answer
+<|eot|>` to understand one, `<|sot|> text <|eot|>` for text alone; role-play turns are USER / ASSISTANT
+messages after the persona text. Text trains by next-token CE on the character's turns; a generated
+image trains by masked-token CE: a cosine-schedule fraction of its codes is replaced by the mask token
+and predicted at their own positions, with the image's <|soi|> / <|eoi|> (the official t2i loss;
+`architecture.training.image_loss_markers: false` keeps the masked codes only). `sample_images` runs
+Show-o's MaskGIT with classifier-free guidance (the unconditional branch: the empty prompt
+`<|t2i|> <|sot|> <|eot|>`); each MaskGIT step is one GRPO step whose log-prob is the mean categorical
+log-prob of the tokens it committed. Positions count real tokens only (the official code counts its
+left padding too; rotary embeddings see only differences of positions, so the logits are the same).
 
 Checkpoint folder (the official layout): `config.json` (Showo's fields: vocab_size, llm_vocab_size,
 llm_model_path, codebook_size, num_vq_tokens, ...), `pytorch_model.safetensors` (keys `showo.*`), the
@@ -21,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +34,22 @@ import torch.nn.functional as F
 from cmrp.backbones.bagel.packing import ImageLoader
 from cmrp.backbones.common import answer_questions, select_lora_targets
 from cmrp.backbones.showo.magvit import MagvitConfig, MAGVITv2
-from cmrp.backbones.showo.maskgit import commit_counts, commit_logprob, cosine_schedule, maskgit_step
-from cmrp.backbones.showo.model import PHI_1_5, Showo, ShowoArch, ShowoVocab, omni_attention_mask
+from cmrp.backbones.showo.maskgit import (
+    choice_temperatures,
+    commit_counts,
+    commit_logprob,
+    cosine_schedule,
+    maskgit_step,
+    showo_guidance,
+)
+from cmrp.backbones.showo.model import PHI_1_5, SHOWO_PHI, Showo, ShowoArch, ShowoVocab, omni_attention_mask
+from cmrp.backbones.showo.prompting import render
 from cmrp.backbones.showo.text import ShowoText
 from cmrp.data.tasks import Example, Segment
 from cmrp.errors import ConfigError, WeightsError
 from cmrp.registry import BACKBONES
 from cmrp.sampling.rollout import Rollout, TokenTrajectory
-from cmrp.sampling.tokens import guided_logits, token_step
+from cmrp.sampling.tokens import token_step
 
 __all__ = ["ShowoAdapter", "load_showo_state"]
 
@@ -49,6 +60,16 @@ WEIGHTS_ALTERNATIVES = ("pytorch_model.safetensors", "model.safetensors", "pytor
 LLM_DIR = "llm"
 VQ_DIR = "vq"
 DEFAULT_VQ = "showlab/magvitv2"
+SAMPLING_KEYS = {"temperature": float, "choice_temperature": float, "min_mask_rate": float}
+
+
+def _as_bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+TRAINING_KEYS = {"image_loss_markers": _as_bool}
 
 _LINEAR = r"showo\.model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|dense)|mlp\.(fc1|fc2))"
 DEFAULT_LORA_TARGETS = {"default": [_LINEAR], "generation": [_LINEAR], "understanding": [_LINEAR]}
@@ -59,7 +80,7 @@ class _Seq:
     ids: list[int] = field(default_factory=list)
     span: list[int] = field(default_factory=list)  # 0 text, k >= 1: the k-th image span
     trained: list[bool] = field(default_factory=list)  # text token that is a next-token target
-    slot: list[str] = field(default_factory=list)  # "" | "und" | "gen": an image-code position
+    slot: list[str] = field(default_factory=list)  # "" | "und" | "gen" (an image code) | "gen_marker"
     und: list[torch.Tensor] = field(default_factory=list)
     gen: list[torch.Tensor] = field(default_factory=list)
 
@@ -79,6 +100,7 @@ class ShowoBatch:
     valid: torch.Tensor  # [B, L] bool
     und_slots: torch.Tensor  # [B, L] bool: codes of understood images
     gen_slots: torch.Tensor  # [B, L] bool: codes of generated images
+    gen_markers: torch.Tensor  # [B, L] bool: the <|soi|> / <|eoi|> of generated images
     und_pixels: torch.Tensor | None
     gen_pixels: torch.Tensor | None
     spans: torch.Tensor  # [B, L] long: 0 text, k >= 1 the k-th image span (markers included)
@@ -111,7 +133,8 @@ class ShowoAdapter:
     image_head = "tokens"
 
     def __init__(self, model: Showo, vq: MAGVITv2, text: ShowoText, card: Any = None, max_text_tokens: int = 128,
-                 *, temperature: float = 1.0, choice_temperature: float = 1.0, min_mask_rate: float = 0.0):
+                 *, temperature: float = 1.0, choice_temperature: float = 1.0, min_mask_rate: float = 0.0,
+                 image_loss_markers: bool = True):
         self.model = model
         self.vq = vq.eval().requires_grad_(False)
         self.text = text
@@ -125,6 +148,7 @@ class ShowoAdapter:
         self.temperature = temperature
         self.choice_temperature = choice_temperature
         self.min_mask_rate = min_mask_rate
+        self.image_loss_markers = image_loss_markers
         self._load_image = ImageLoader(self.image_size)
         if vq.codebook_size != model.arch.codebook_size:
             raise WeightsError(f"MAGVIT-v2 has {vq.codebook_size} codes but Show-o expects {model.arch.codebook_size}")
@@ -133,11 +157,11 @@ class ShowoAdapter:
     @classmethod
     def build(cls, card: Any, *, corpus: Sequence[str] = (), dtype: torch.dtype = torch.float32) -> ShowoAdapter:
         spec = _plain(card.get("architecture") or {})
-        sampling = dict(spec.pop("sampling", {}) or {})
+        settings = _settings(spec.pop("sampling", {}) or {}, spec.pop("training", {}) or {}, card)
         if card.get("weights"):
             adapter = cls.from_pretrained(card["weights"], dtype=dtype, tokenizer=card.get("tokenizer"))
             adapter.card = card
-            for key, value in _sampling_kwargs(sampling, card).items():
+            for key, value in settings.items():
                 setattr(adapter, key, value)
             return adapter
         try:
@@ -157,7 +181,7 @@ class ShowoAdapter:
                 f"than the tokenizer's {text.vocab_size} tokens; raise llm_vocab_size"
             )
         model = Showo(arch).to(dtype)
-        return cls(model, MAGVITv2(arch.vq), text, card, **_sampling_kwargs(sampling, card))
+        return cls(model, MAGVITv2(arch.vq), text, card, **settings)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32,
@@ -193,7 +217,8 @@ class ShowoAdapter:
         vq = MAGVITv2(vq_cfg)
         load_showo_state(vq, _read_weights(vq_root, "MAGVIT-v2"), str(vq_root))
         text = ShowoText.load(tokenizer) if tokenizer and tokenizer != "train-bpe" else _load_text(root, config)
-        return cls(model.to(dtype), vq, text, cmrp.get("card"), **_sampling_kwargs(cmrp.get("sampling", {}), None))
+        return cls(model.to(dtype), vq, text, cmrp.get("card"),
+                   **_settings(cmrp.get("sampling", {}), cmrp.get("training", {}), None))
 
     def save_pretrained(self, path: str | Path) -> Path:
         from cmrp.checkpoint import save_safetensors_atomic
@@ -212,7 +237,8 @@ class ShowoAdapter:
             "mask_token_id": self.vocab.mask,
             "cmrp": {"image_size": arch.image_size, "card": _plain(self.card),
                      "sampling": {"temperature": self.temperature, "choice_temperature": self.choice_temperature,
-                                  "min_mask_rate": self.min_mask_rate}},
+                                  "min_mask_rate": self.min_mask_rate},
+                     "training": {"image_loss_markers": self.image_loss_markers}},
         }
         (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         (path / LLM_DIR).mkdir(exist_ok=True)
@@ -273,39 +299,52 @@ class ShowoAdapter:
         return {"generation": [r"showo\..*"], "understanding": [r"showo\..*"]}
 
     # -- sequences -------------------------------------------------------------------------------
-    def _text_ids(self, seg: Segment) -> tuple[list[int], list[bool]]:
-        header = self.text.encode(f"{seg.role}\n")
-        body = self.text.encode(seg.text)[: self.max_text_tokens]
-        ids = [self.vocab.sot, *header, *body, self.vocab.eot]
-        # trained: the tokens the segment's answer predicts (body + <|eot|>), marked on their own position
-        trained = [seg.train and i > len(header) for i in range(len(ids))]
-        return ids, trained
+    def _clip(self, text: str) -> str:
+        """A segment's text cut to `max_text_tokens` tokens (texts within the limit are untouched)."""
+        ids = self.text.encode(text)
+        return text if len(ids) <= self.max_text_tokens else self.text.decode(ids[: self.max_text_tokens])
 
-    def _sequence(self, example: Example, *, generate_after: bool = False) -> _Seq:
-        seq = _Seq()
-        gen = generate_after or any(s.kind == "image" and s.generate for s in example.segments)
-        und = any(s.kind == "image" and not s.generate for s in example.segments)
-        if gen:
-            seq.add([self.vocab.t2i])
-        elif und:
-            seq.add([self.vocab.mmu])
-        spans = 0
-        for seg in example.segments:
-            if seg.kind == "text":
-                ids, trained = self._text_ids(seg)
-                seq.add(ids, trained=trained)
+    def _special(self, name: str) -> int:
+        return {"<|sot|>": self.vocab.sot, "<|eot|>": self.vocab.eot, "<|t2i|>": self.vocab.t2i,
+                "<|mmu|>": self.vocab.mmu}[name]
+
+    def _sequence(self, example: Example, *, generate_after: bool = False, stop: bool = False) -> _Seq:
+        """The example in Show-o's official layout (`prompting.render`). Untrained text between special
+        tokens is tokenised as one string (as the official prompts are); a trained text is its own string,
+        starting at a word boundary. In an understanding sequence the task token and the images form one
+        bidirectional span (the official understanding mask); elsewhere each image is its own span."""
+        segments = [replace(s, text=self._clip(s.text)) if s.kind == "text" else s for s in example.segments]
+        task, pieces = render(segments, generate_after=generate_after, stop=stop)
+        seq, spans, pending = _Seq(), 0, ""
+
+        def flush() -> None:
+            nonlocal pending
+            if pending:
+                seq.add(self.text.encode(pending))
+                pending = ""
+
+        for piece in pieces:
+            if piece.kind == "text" and not piece.trained:
+                pending += piece.text
+                continue
+            flush()
+            if piece.kind == "text":
+                seq.add(self.text.encode(piece.text), trained=True)
+            elif piece.kind == "token":
+                seq.add([self._special(piece.text)], span=1 if task == "mmu" and piece.text == "<|mmu|>" else 0,
+                        trained=piece.trained)
             else:
-                spans += 1
-                kind = "gen" if seg.generate else "und"
-                (seq.gen if seg.generate else seq.und).append(self._load_image(seg))
-                seq.add([self.vocab.soi], span=spans)
-                seq.add([self.vocab.pad] * self.num_vq_tokens, span=spans, slot=kind)
-                seq.add([self.vocab.eoi], span=spans)
-        if generate_after:
-            spans += 1
-            seq.add([self.vocab.soi], span=spans)
-            seq.add([self.vocab.mask] * self.num_vq_tokens, span=spans, slot="gen")
-            seq.add([self.vocab.eoi], span=spans)
+                if not (task == "mmu" and spans == 1):
+                    spans += 1
+                slot = "gen" if piece.generate else "und"
+                if piece.segment is not None:
+                    (seq.gen if piece.generate else seq.und).append(self._load_image(piece.segment))
+                fill = self.vocab.mask if piece.segment is None else self.vocab.pad
+                marker = "gen_marker" if piece.generate else ""
+                seq.add([self.vocab.soi], span=spans, slot=marker)
+                seq.add([fill] * self.num_vq_tokens, span=spans, slot=slot)
+                seq.add([self.vocab.eoi], span=spans, slot=marker)
+        flush()
         return seq
 
     def _pack(self, seqs: list[_Seq], *, left: bool = False, task_ids: list[str] | None = None) -> ShowoBatch:
@@ -316,6 +355,7 @@ class ShowoAdapter:
         valid = torch.zeros((b, length), dtype=torch.bool)
         und = torch.zeros((b, length), dtype=torch.bool)
         gen = torch.zeros((b, length), dtype=torch.bool)
+        markers = torch.zeros((b, length), dtype=torch.bool)
         und_pixels, gen_pixels = [], []
         for i, s in enumerate(seqs):
             n = len(s.ids)
@@ -329,10 +369,11 @@ class ShowoAdapter:
             valid[i, cols] = True
             und[i, cols] = torch.tensor([k == "und" for k in s.slot])
             gen[i, cols] = torch.tensor([k == "gen" for k in s.slot])
+            markers[i, cols] = torch.tensor([k == "gen_marker" for k in s.slot])
             und_pixels += s.und
             gen_pixels += s.gen
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-        return ShowoBatch(ids, labels, positions, omni_attention_mask(span, valid), valid, und, gen,
+        return ShowoBatch(ids, labels, positions, omni_attention_mask(span, valid), valid, und, gen, markers,
                           torch.stack(und_pixels) if und_pixels else None,
                           torch.stack(gen_pixels) if gen_pixels else None, span, list(task_ids or []))
 
@@ -342,7 +383,9 @@ class ShowoAdapter:
 
     def _fill_codes(self, batch: ShowoBatch, mask_gen: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Input ids with image codes filled in (generated images partly masked when `mask_gen`), and
-        the masked-token targets [B, L] (IGNORE where not masked)."""
+        the image targets [B, L]: the masked codes, and the generated images' <|soi|> / <|eoi|> when
+        `image_loss_markers` (the official t2i loss), IGNORE elsewhere. The masks are drawn as Show-o
+        draws them (`mask_or_random_replace_tokens`: one uniform time per image, then a random order)."""
         ids = batch.input_ids.clone()
         offset = self.vocab.image_offset
         if batch.und_pixels is not None:
@@ -353,18 +396,21 @@ class ShowoAdapter:
             g, n = codes.shape
             tokens = codes + offset
             if mask_gen:
-                ratio = cosine_schedule(torch.rand(g)).float().clamp(min=self.min_mask_rate)
+                ratio = cosine_schedule(torch.rand(g)).clip(self.min_mask_rate)
                 count = (n * ratio).round().clamp(min=1).to(ids.device)
-                masked = torch.rand(g, n).argsort(1).argsort(1).to(ids.device) < count[:, None]
+                masked = torch.rand(g, n).argsort(dim=-1).to(ids.device) < count[:, None]
                 targets = torch.full_like(ids, IGNORE)
                 targets[batch.gen_slots] = torch.where(masked, tokens, torch.full_like(tokens, IGNORE)).reshape(-1)
+                if self.image_loss_markers:
+                    targets[batch.gen_markers] = ids[batch.gen_markers]
                 tokens = torch.where(masked, torch.full_like(tokens, self.vocab.mask), tokens)
             ids[batch.gen_slots] = tokens.reshape(-1)
         return ids, targets
 
     def losses(self, batch: ShowoBatch, **_: Any) -> dict[str, torch.Tensor]:
-        """{"ce": next-token CE over trained text, "mse": masked-token CE over masked image codes} (the
-        key names are the protocol's; Show-o's image loss is a cross-entropy)."""
+        """{"ce": next-token CE over trained text, "mse": the image loss, CE over the masked codes (and the
+        <|soi|> / <|eoi|> markers, `image_loss_markers`) predicted in place — the key names are the
+        protocol's; Show-o's image loss is a cross-entropy."""
         ids, targets = self._fill_codes(batch, mask_gen=True)
         model = self.showo_module
         hidden = model.hidden(ids, batch.attention_mask, batch.position_ids)
@@ -400,14 +446,22 @@ class ShowoAdapter:
     @torch.no_grad()
     def generate_text(self, contexts: list[Example], *, max_new_tokens: int = 64, temperature: float = 0.0,
                       seed: int = 0) -> list[str]:
-        """Continue each context with a character turn (`<|sot|>character\\n` ... until `<|eot|>`)."""
+        """Continue each context with a character turn: the official prompt ends with `ASSISTANT:` and the
+        answer runs until `<|eot|>` (greedy at temperature 0, as Show-o's understanding demo)."""
+        ids, _ = self._decode(contexts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        return [self.text.decode(t).strip() for t in ids]
+
+    @torch.no_grad()
+    def _decode(self, contexts: list[Example], *, max_new_tokens: int, temperature: float = 0.0,
+                seed: int = 0) -> tuple[list[list[int]], torch.Tensor]:
+        """Token ids of each answer (without <|eot|>) and the text logits [B, steps, llm_vocab] of every step:
+        the prompt once under the omni-attention mask, then one token at a time on the key/value cache
+        (a new token sees everything before it). Only text ids are drawn (image codes and special tokens
+        are not answers)."""
         device = self.device
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        seqs = []
-        for ctx in contexts:
-            seq = self._sequence(ctx)
-            seq.add([self.vocab.sot, *self.text.encode("character\n")])
-            seqs.append(seq)
+        seqs = [self._sequence(Example(c.task, [*c.segments, Segment("text", "character", "", train=True)]),
+                               stop=True) for c in contexts]
         batch = self._pack(seqs, left=True).to(device)
         ids, _ = self._fill_codes(batch, mask_gen=False)
         valid = batch.valid
@@ -415,12 +469,13 @@ class ShowoAdapter:
         b = len(contexts)
         out: list[list[int]] = [[] for _ in range(b)]
         done = [False] * b
-        # the context once (omni-attention), then one token at a time on the key/value cache
+        steps = []
         result = phi(input_ids=ids, attention_mask=batch.attention_mask[:, None], position_ids=batch.position_ids,
                      use_cache=True, logits_to_keep=1)
         cache, next_pos = result.past_key_values, batch.position_ids[:, -1] + 1
         for _ in range(max_new_tokens):
-            logits = result.logits[:, -1, : self.vocab.llm_vocab_size]
+            logits = result.logits[:, -1, : self.vocab.llm_vocab_size].float()
+            steps.append(logits)
             if temperature > 0:
                 token = token_step(logits, temperature=temperature, generator=gen).tokens
             else:
@@ -437,27 +492,36 @@ class ShowoAdapter:
             result = phi(input_ids=token[:, None], attention_mask=valid[:, None, None, :], position_ids=next_pos[:, None],
                          past_key_values=cache, use_cache=True)
             cache, next_pos = result.past_key_values, next_pos + 1
-        return [self.text.decode(t).strip() for t in out]
+        return out, torch.stack(steps, 1).cpu()
+
+    def _uncond_sequence(self) -> _Seq:
+        """Show-o's unconditional prompt `<|t2i|> <|sot|> <|eot|>` with the image block to generate."""
+        seq = _Seq()
+        seq.add([self.vocab.t2i, self.vocab.sot, self.vocab.eot])
+        seq.add([self.vocab.soi], span=1, slot="gen_marker")
+        seq.add([self.vocab.mask] * self.num_vq_tokens, span=1, slot="gen")
+        seq.add([self.vocab.eoi], span=1, slot="gen_marker")
+        return seq
 
     def _prompt_rows(self, contexts: list[Example], n: int, guided: bool) -> ShowoBatch:
         """Left-padded rows `context <|soi|> [mask]*N <|eoi|>`: each context repeated n times, then (guided)
         one unconditional row (the empty prompt)."""
         seqs = [self._sequence(ctx, generate_after=True) for ctx in contexts for _ in range(n)]
         if guided:
-            seqs.append(self._sequence(Example("t2i", [Segment("text", "user", "")]), generate_after=True))
+            seqs.append(self._uncond_sequence())
         batch = self._pack(seqs, left=True).to(self.device)
         ids, _ = self._fill_codes(batch, mask_gen=False)
         batch.input_ids = ids
         return batch
 
     def _encode_prompts(self, contexts: list[Example], guided: bool):
-        """Each context's prompt (`[<|t2i|>] context`) encoded once, plus the empty prompt when guided:
+        """Each context's prompt (`<|t2i|> ... <|eot|>`) encoded once, plus the empty prompt when guided:
         (per-layer keys/values, valid [P, Lp], next position [P]). The image block is run on top of it at
         every MaskGIT step; the prompt is causal text, so it never sees the block."""
         block = self.num_vq_tokens + 2
         seqs = [self._sequence(ctx, generate_after=True) for ctx in contexts]
         if guided:
-            seqs.append(self._sequence(Example("t2i", [Segment("text", "user", "")]), generate_after=True))
+            seqs.append(self._uncond_sequence())
         for seq in seqs:  # drop the image block: it is run at every step
             for name in ("ids", "span", "trained", "slot"):
                 setattr(seq, name, getattr(seq, name)[:-block])
@@ -493,7 +557,7 @@ class ShowoAdapter:
         logits = logits[:, :-1, offset:offset + self.vocab.codebook_size]
         if guided:
             cond, uncond = logits.chunk(2)
-            return guided_logits(cond, uncond, cfg_scale)
+            return showo_guidance(cond, uncond, cfg_scale)
         return logits.float()
 
     def _image_logits(self, rows: ShowoBatch, index: torch.Tensor, codes: torch.Tensor, n_cond: int,
@@ -510,7 +574,7 @@ class ShowoAdapter:
         logits = logits[:, :-1, offset:offset + self.vocab.codebook_size]
         if guided:
             cond, uncond = logits.chunk(2)
-            return guided_logits(cond, uncond, cfg_scale)
+            return showo_guidance(cond, uncond, cfg_scale)
         return logits.float()
 
     @torch.no_grad()
@@ -519,11 +583,13 @@ class ShowoAdapter:
                       same_noise: bool = False, timestep_shift: float | None = None, cfg_scale: float = 1.0,
                       temperature: float | None = None, **flow_only: Any) -> Rollout:
         """`n` images per context by MaskGIT: `steps` parallel-decoding steps from an all-masked image,
-        committing the cosine schedule's share of tokens at each (`commit_counts`). Every step samples
-        from the categorical at `temperature` (the card's, default 1); the steps inside `window` ([start,
-        end) step indices) are stored as GRPO steps with their log-probs. `cfg_scale`: guidance on the
-        logits, uncond + s·(cond − uncond) (Show-o's `guidance_scale` g is s = 1 + g). `noise`, `sde`,
-        `same_noise` and `timestep_shift` belong to flow heads and do not apply."""
+        committing the cosine schedule's share of tokens at each (`commit_counts`) by Gumbel-perturbed
+        confidence, the choice temperature compounding from the card's `choice_temperature` (Show-o's
+        `generation_temperature`). Every step samples from the categorical at `temperature` (the card's,
+        default 1 = Show-o's); the steps inside `window` ([start, end) step indices) are stored as GRPO steps
+        with their log-probs. `cfg_scale` s: guidance on the logits, s·cond − (s − 1)·uncond (Show-o's
+        `guidance_scale` g is s − 1). With the same seed the tokens are `Showo.t2i_generate`'s. `noise`,
+        `sde`, `same_noise` and `timestep_shift` belong to flow heads and do not apply."""
         unknown = [k for k in flow_only if not k.startswith("cfg_")]
         if unknown:
             raise TypeError(f"sample_images() got unexpected keyword arguments {unknown}")
@@ -540,12 +606,12 @@ class ShowoAdapter:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         codes = torch.full((b, n_tok), -1, dtype=torch.long, device=device)
         commit_step = torch.full((b, n_tok), -1, dtype=torch.long, device=device)
+        taus = choice_temperatures(self.choice_temperature, steps)
         stored_steps, stored_logps = [], []
         for k in range(steps):
             logits = self._cached_image_logits(prompt, prompt_of, codes, len(contexts) if guided else None, cfg_scale)
-            tau = self.choice_temperature * (1.0 - (k + 1) / steps)
             step = maskgit_step(logits, codes, codes < 0, counts[k], temperature=temperature,
-                                choice_temperature=tau, generator=gen)
+                                choice_temperature=taus[k], generator=gen)
             codes = step.tokens
             commit_step[step.committed] = k
             if start <= k < end:
@@ -590,14 +656,21 @@ class ShowoAdapter:
         return answer_questions(self, images, questions, options, score_batch=32)
 
 
-def _sampling_kwargs(sampling: dict, card: Any) -> dict:
-    allowed = {"temperature", "choice_temperature", "min_mask_rate"}
-    unknown = sorted(set(sampling) - allowed)
-    if unknown:
-        name = card.get("name") if card is not None else "checkpoint"
-        raise ConfigError(f"backbone card {name!r}: architecture.sampling has unknown keys {unknown}; "
-                          f"known: {sorted(allowed)}")
-    return {k: float(v) for k, v in sampling.items()}
+def _settings(sampling: dict, training: dict, card: Any) -> dict:
+    """The adapter's keyword settings from a card's `architecture.sampling` / `architecture.training`."""
+    name = card.get("name") if card is not None else "checkpoint"
+    out: dict[str, Any] = {}
+    for section, values, allowed in (("sampling", sampling, SAMPLING_KEYS), ("training", training, TRAINING_KEYS)):
+        unknown = sorted(set(values) - set(allowed))
+        if unknown:
+            raise ConfigError(f"backbone card {name!r}: architecture.{section} has unknown keys {unknown}; "
+                              f"known: {sorted(allowed)}")
+        for key, value in values.items():
+            try:
+                out[key] = allowed[key](value)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"backbone card {name!r}: architecture.{section}.{key}: {err}") from None
+    return out
 
 
 def _plain(value: Any) -> Any:
@@ -640,7 +713,8 @@ def _read_weights(root: Path, what: str) -> dict[str, torch.Tensor]:
 
 def _phi_sizes(root: Path, config: dict) -> dict:
     """The Phi sizes: `llm_model_path`'s config.json (a sub-folder, or a hub id in the cache), or the
-    built-in Phi-1.5 sizes when it names microsoft/phi-1_5."""
+    built-in Phi-1.5 sizes when it names microsoft/phi-1_5. `qk_layernorm` is always on: the official
+    Show-o Phi forces it whatever the language model's config.json says (Phi-1.5's says false)."""
     ref = str(config.get("llm_model_path", "microsoft/phi-1_5"))
     local = root / ref
     file = local / CONFIG_FILE if local.is_dir() else None
@@ -649,12 +723,12 @@ def _phi_sizes(root: Path, config: dict) -> dict:
             file = _resolve(ref, "the language model config") / CONFIG_FILE
         except WeightsError:
             if ref.rstrip("/").endswith("phi-1_5"):
-                return dict(PHI_1_5)
+                return dict(SHOWO_PHI)
             raise
     phi = json.loads(file.read_text())
     keys = set(PHI_1_5) | {"qk_layernorm", "num_key_value_heads", "resid_pdrop", "embd_pdrop", "attention_dropout",
                            "initializer_range", "tie_word_embeddings", "rope_scaling"}
-    return {k: v for k, v in phi.items() if k in keys and v is not None}
+    return {**{k: v for k, v in phi.items() if k in keys and v is not None}, "qk_layernorm": True}
 
 
 def _magvit_config(root: Path) -> MagvitConfig:

@@ -7,12 +7,17 @@ tokens — `[PAD] <|soi|> <|eoi|> <|sov|> <|eov|> <|t2i|> <|mmu|> <|t2v|> <|v2v|
 
 Image tokens are predicted at their own position (masked-token prediction, no shift); text tokens
 predict the next token. Omni-attention: a text token sees every token before it (causal); a token of
-an image span (`<|soi|>` ... `<|eoi|>`) sees everything before the span and the whole span
-(bidirectional within the image). Padding is never attended.
+a bidirectional span sees everything before the span and the whole span. A span is an image
+(`<|soi|>` ... `<|eoi|>`) or, in an understanding sequence, the whole prefix `<|mmu|> <|soi|> ... <|eoi|>`
+(the official `create_attention_mask_for_mmu`: every token up to the image's `<|eoi|>` sees all of it).
+Padding is never attended.
 
 The parameter names are the official checkpoint's: `showo.model.embed_tokens`, `showo.model.layers.N.
-self_attn.{q,k,v}_proj / dense`, `showo.model.layers.N.mlp.fc1 / fc2`, `showo.model.layers.N.input_layernorm`,
-`showo.model.final_layernorm`, `showo.lm_head` — transformers' `PhiForCausalLM` under `showo.`.
+self_attn.{q,k,v}_proj / dense / q_layernorm / k_layernorm`, `showo.model.layers.N.mlp.fc1 / fc2`,
+`showo.model.layers.N.input_layernorm`, `showo.model.final_layernorm`, `showo.lm_head` — transformers'
+`PhiForCausalLM` under `showo.`. The official Show-o Phi always normalises queries and keys per head
+(its `PhiForCausalLM` sets `qk_layernorm = True` whatever the Phi-1.5 config says), so every Show-o
+checkpoint has `q_layernorm` / `k_layernorm`: `SHOWO_PHI` sets the flag.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from torch import nn
 
 from cmrp.backbones.showo.magvit import MagvitConfig
 
-__all__ = ["NEW_SPECIAL_TOKENS", "Showo", "ShowoArch", "ShowoVocab", "omni_attention_mask"]
+__all__ = ["NEW_SPECIAL_TOKENS", "SHOWO_PHI", "Showo", "ShowoArch", "ShowoVocab", "omni_attention_mask"]
 
 NEW_SPECIAL_TOKENS = ("[PAD]", "<|soi|>", "<|eoi|>", "<|sov|>", "<|eov|>", "<|t2i|>", "<|mmu|>", "<|t2v|>",
                       "<|v2v|>", "<|lvg|>")
@@ -35,13 +40,14 @@ PHI_1_5 = {  # microsoft/phi-1_5, the language model of every Show-o checkpoint
     "max_position_embeddings": 2048, "partial_rotary_factor": 0.5, "rope_theta": 10000.0,
     "layer_norm_eps": 1e-5, "hidden_act": "gelu_new",
 }
+SHOWO_PHI = {**PHI_1_5, "qk_layernorm": True}  # Show-o's Phi: Phi-1.5 with per-head q/k LayerNorm
 
 
 @dataclass
 class ShowoArch:
     """Sizes of a Show-o model (defaults: the official 256x256 `showlab/show-o`)."""
 
-    phi: dict[str, Any] = field(default_factory=lambda: dict(PHI_1_5))
+    phi: dict[str, Any] = field(default_factory=lambda: dict(SHOWO_PHI))
     llm_vocab_size: int = 50295
     num_new_special_tokens: int = 10
     codebook_size: int = 8192
@@ -69,7 +75,7 @@ class ShowoArch:
     def phi_config(self):
         from transformers import PhiConfig
 
-        kwargs = {k: v for k, v in self.phi.items() if k != "vocab_size"}
+        kwargs = {"qk_layernorm": True, **{k: v for k, v in self.phi.items() if k != "vocab_size"}}
         config = PhiConfig(vocab_size=self.vocab_size, **kwargs)
         config._attn_implementation = "sdpa"
         return config
@@ -119,10 +125,11 @@ class ShowoVocab:
 
 def omni_attention_mask(kinds: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """[B, L, L] bool (query, key) mask. `kinds` [B, L] long: 0 for a text token, k >= 1 for a token of
-    the k-th image span (its markers included); `valid` [B, L] bool (False: padding).
+    the k-th bidirectional span (an image with its markers, or an understanding prefix); `valid` [B, L]
+    bool (False: padding).
 
-    Text is causal; an image span's tokens also see the whole span; nothing sees padding; a padding
-    row sees itself only (keeps softmax finite)."""
+    Text is causal; a span's tokens also see the whole span; nothing sees padding; a padding row sees
+    itself only (keeps softmax finite)."""
     b, length = kinds.shape
     idx = torch.arange(length, device=kinds.device)
     causal = idx[None, :, None] >= idx[None, None, :]
