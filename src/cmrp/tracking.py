@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cmrp.errors import CmrpError
+from cmrp.jsonio import dumps
 
 __all__ = ["TrackingLogger", "default_tracking_uri", "make_logger", "pending_file", "redact_text", "sync_pending"]
 
@@ -169,7 +170,7 @@ class TrackingLogger:
         try:
             self.pending.parent.mkdir(parents=True, exist_ok=True)
             with self.pending.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(dumps(record, ensure_ascii=True) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as err:  # e.g. a full disk: training still goes on, this is said once
@@ -286,7 +287,7 @@ def sync_pending(output_dir: str | Path, tracking_uri: str | None = None) -> dic
         for i in range(0, len(params), 100):
             client.log_batch(run_id, params=params[i:i + 100])
         metrics = [Metric(k, float(v), int(r["timestamp"]), int(r["step"])) for r in records if r["op"] == "metrics"
-                   for k, v in r["metrics"].items()]
+                   for k, v in r["metrics"].items() if v is not None]  # null: a NaN/inf value (strict JSON)
         for i in range(0, len(metrics), 1000):
             client.log_batch(run_id, metrics=metrics[i:i + 1000])
         artifacts, missing = 0, []

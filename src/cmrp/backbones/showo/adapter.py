@@ -36,6 +36,7 @@ from cmrp.backbones.showo.model import PHI_1_5, Showo, ShowoArch, ShowoVocab, om
 from cmrp.backbones.showo.text import ShowoText
 from cmrp.data.tasks import Example, Segment
 from cmrp.errors import ConfigError, WeightsError
+from cmrp.jsonio import write_json
 from cmrp.registry import BACKBONES
 from cmrp.sampling.rollout import Rollout, TokenTrajectory
 from cmrp.sampling.tokens import guided_logits, token_step
@@ -214,7 +215,7 @@ class ShowoAdapter:
                      "sampling": {"temperature": self.temperature, "choice_temperature": self.choice_temperature,
                                   "min_mask_rate": self.min_mask_rate}},
         }
-        (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        write_json(path / CONFIG_FILE, config, ensure_ascii=True)
         (path / LLM_DIR).mkdir(exist_ok=True)
         model.showo.config.to_json_file(str(path / LLM_DIR / CONFIG_FILE))
         self.text.save(path / LLM_DIR)
@@ -222,7 +223,7 @@ class ShowoAdapter:
         vq_state = {k: v.detach().contiguous() for k, v in self.vq.state_dict().items()}
         save_safetensors_atomic(vq_state, path / VQ_DIR / WEIGHTS_FILE)
         vq_config = {"_class_name": "MAGVITv2", **self.vq.cfg.to_dict()}
-        (path / VQ_DIR / CONFIG_FILE).write_text(json.dumps(vq_config, indent=2))
+        write_json(path / VQ_DIR / CONFIG_FILE, vq_config, ensure_ascii=True)
         return path
 
     def to(self, device) -> ShowoAdapter:
