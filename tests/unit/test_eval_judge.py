@@ -175,3 +175,23 @@ def test_templates_override(tmp_path):
     templates = load_templates(tmp_path)
     assert templates["personality"].safe_substitute(name="Kiko", response="hi") == "Rate Kiko: hi"
     assert "$profile" in templates["memorization"].template
+
+
+def test_rm_pair_requests_carry_their_messages_and_are_cached(tmp_path):
+    """Protocol `mmrole`: prebuilt messages (image parts included) go out as they are; "[Scores]: (0, 7)" is a
+    valid verdict; an unreadable one is asked again; the parsed pair is cached."""
+    from tests.unit.mmrole_rm import FakeRewardModel
+
+    server = FakeRewardModel(lambda body: "[Scores]: (0, 7)" if len(body["messages"]) > 2 else "I cannot decide.")
+    messages = [{"role": "system", "content": "You judge."},
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                                             {"type": "text", "text": "Which is better?"}]}]
+    request = JudgeRequest("mmrole:fluency", {}, kind="rm_pair", messages=messages)
+    try:
+        result = JudgeClient(server.url, "rm", cache_dir=tmp_path, retry_wait=0.0).score(request)
+        assert (result.value, result.attempts) == ((0.0, 7.0), 2)
+        assert server.requests[0]["messages"] == messages and server.requests[1]["messages"][:2] == messages
+        again = JudgeClient(server.url, "rm", cache_dir=tmp_path).score(request)
+        assert again.cached and again.value == (0.0, 7.0) and len(server.requests) == 2
+    finally:
+        server.close()

@@ -253,3 +253,13 @@ def test_images_users_share_are_understood_in_training_examples():
     assert len(chat) == 1 + 1 + 1 + 4 + 7 + 3 + 6  # one example per reply of Iron Man
     shared = [seg for ex in chat for seg in ex.segments if seg.kind == "image"]
     assert shared and all(not seg.generate and not seg.train for seg in shared)
+
+
+def test_a_test_record_is_one_evaluation_item():
+    """History turns inside a test prompt are context: Iron Man's 2 test records are 2 items, not 5."""
+    from cmrp.evaluation.runner import turn_items
+
+    character = load_character(FIXTURE, character="Iron Man")
+    text_items, mm_items = turn_items(character, 32)
+    assert mm_items == [] and [it.reference for it in text_items] == [s.turns[-1].text for s in character.test.scenes]
+    assert len(text_items[1].context) == 1 + 7  # the system prompt, then the 7 turns of history
