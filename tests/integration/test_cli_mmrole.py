@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.unit.mmrole_rm import FIXTURE, FakeRewardModel, request_parts
+from tests.unit.mmrole_rm import FIXTURE, FakeChatServer, request_parts
 
 ROOT = Path(__file__).resolve().parents[2]
 CMRP = str(Path(sys.executable).parent / "cmrp")
@@ -42,7 +42,7 @@ def test_fit_on_mmrole_dialogues_then_mmrole_eval(tmp_path):
         seen.append((answer, len(parts)))
         return f"Model A is weaker. [Scores]: ({0 if metric == 'Fluency' else 4}, 8)"
 
-    server = FakeRewardModel(reply)
+    server = FakeChatServer(reply)
     try:
         proc = subprocess.run(
             [CMRP, "eval", str(out), "--mmrole-tests", str(FIXTURE), "--images", str(images), "--max-new-tokens", "6",

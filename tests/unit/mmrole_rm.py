@@ -1,5 +1,5 @@
-"""Shared by the MMRole-Eval tests: MMRole's released reviews (fixture) and a local OpenAI-compatible server
-that answers in the reward model's format."""
+"""Shared by the judge tests: MMRole's released reviews (fixture) and a local OpenAI-compatible chat server
+(127.0.0.1, a port the OS picks) that answers as the test says, e.g. in MMRole's reward model's format."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ KINDS = ("comment", "human-role", "inter-role")
 CSV_KEYS = ("Instruction Adherence", "Fluency", "Coherency", "Image-Text Relevance", "Response Accuracy",
             "Personality Consistency", "Knowledge Consistency", "Tone Consistency")
 
-__all__ = ["CSV_KEYS", "FIXTURE", "KINDS", "MODEL", "FakeRewardModel", "published", "request_parts", "reviews"]
+__all__ = ["CSV_KEYS", "FIXTURE", "KINDS", "MODEL", "FakeChatServer", "published", "request_parts", "reviews"]
 
 
 def reviews(kind: str) -> list[dict]:
@@ -49,11 +49,13 @@ def request_parts(body: dict) -> tuple[str, str, str, list[dict]]:
     return question, answer, metric, [part for part in content if part["type"] == "image_url"]
 
 
-class FakeRewardModel:
-    """A chat-completions server on 127.0.0.1 (port chosen by the OS) whose replies come from `reply(body)`."""
+class FakeChatServer:
+    """A chat-completions server on 127.0.0.1 (port chosen by the OS): `reply(body)` gives the answer's text, or
+    (HTTP status, text). Every request body and Authorization header is recorded."""
 
-    def __init__(self, reply: Callable[[dict], str]):
+    def __init__(self, reply: Callable[[dict], str | tuple[int, str]]):
         self.requests: list[dict] = []
+        self.auth: list[str | None] = []
         self.lock = threading.Lock()
         server = self
 
@@ -65,7 +67,15 @@ class FakeRewardModel:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:
                     server.requests.append(body)
-                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply(body)}}]}).encode()
+                    server.auth.append(self.headers.get("Authorization"))
+                answer = reply(body)
+                status, content = (200, answer) if isinstance(answer, str) else answer
+                if status != 200:
+                    self.send_response(status)
+                    self.end_headers()
+                    self.wfile.write(b"server error")
+                    return
+                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))

@@ -23,7 +23,7 @@ from cmrp.evaluation.mmrole_eval import (
     score_answers,
     table_rows,
 )
-from tests.unit.mmrole_rm import CSV_KEYS, FIXTURE, KINDS, FakeRewardModel, published, request_parts, reviews
+from tests.unit.mmrole_rm import CSV_KEYS, FIXTURE, KINDS, FakeChatServer, published, request_parts, reviews
 
 
 def test_released_reviews_give_mmroles_published_scores():
@@ -120,7 +120,7 @@ def _released_reviewer(said: dict, problems: list[str], with_image: bool = True)
 def test_cmrp_eval_reproduces_mmroles_table_end_to_end(tmp_path, capsys):
     root, answers, said = _release(tmp_path)
     problems: list[str] = []
-    server = FakeRewardModel(_released_reviewer(said, problems))
+    server = FakeChatServer(_released_reviewer(said, problems))
     try:
         args = ["eval", "--mmrole-tests", str(root), "--answers", str(answers), "--judge-url", server.url,
                 "--judge-model", "MMRole-Eval_RM", "--out", str(tmp_path / "out"), "--judge-concurrency", "8"]
@@ -152,7 +152,7 @@ def test_missing_images_are_an_error_unless_allowed(tmp_path):
     root, answers, said = _release(tmp_path, images=False)
     tests = load_tests(root)
     problems: list[str] = []
-    server = FakeRewardModel(_released_reviewer(said, problems, with_image=False))
+    server = FakeChatServer(_released_reviewer(said, problems, with_image=False))
     try:
         client = JudgeClient(server.url, "MMRole-Eval_RM", concurrency=8, retry_wait=0.0)
         with pytest.raises(DataError, match=r"216 of 216 test images are not found .*--allow-missing-images"):

@@ -129,12 +129,28 @@ class _Files:
     def __init__(self, root: Path, problems: list[Problem]):
         self.root, self.problems = root, problems
         self._records: dict[Path, tuple[_Doc, list[tuple[str, dict]]]] = {}
+        self._mappings: dict[str, list[tuple[Path, _Doc, dict]]] = {}
+        self.scripts: dict[str, list[str]] | None = None  # roles.json, read once
 
     def rel(self, file: Path) -> str:
         return file.relative_to(self.root).as_posix() if file.is_relative_to(self.root) else file.as_posix()
 
     def doc(self, file: Path) -> _Doc:
         return _Doc(self.rel(file), self.problems)
+
+    def mappings(self, pattern: str, expected: str) -> list[tuple[Path, _Doc, dict]]:
+        """The JSON objects of the profiles/ files matching `pattern` (cached); other content is an error."""
+        if pattern not in self._mappings:
+            found = []
+            for file in sorted((self.root / "profiles").glob(pattern)):
+                doc = self.doc(file)
+                ok, data = _parse_json(file, doc)
+                if ok and isinstance(data, dict):
+                    found.append((file, doc, data))
+                elif ok:
+                    doc.error("(root)", f"should map {expected}, got {_describe(data)}")
+            self._mappings[pattern] = found
+        return self._mappings[pattern]
 
     def records(self, file: Path) -> tuple[_Doc, list[tuple[str, dict]]]:
         """The record objects of a file holding a JSON list of records (cached)."""
@@ -194,23 +210,16 @@ def _roles(files: _Files, dialogues: list[Path], formatted: list[Path]) -> list[
 
 
 def _roles_json(files: _Files) -> dict[str, list[str]]:
-    """script -> names, over every profiles/<dist>/roles.json."""
-    out: dict[str, list[str]] = {}
-    for file in sorted((files.root / "profiles").glob("*/roles.json")):
-        doc = files.doc(file)
-        ok, data = _parse_json(file, doc)
-        if not ok:
-            continue
-        if not isinstance(data, dict):
-            doc.error("(root)", f"should map scripts to lists of names, got {_describe(data)} "
-                                "(use {\"Script\": [\"Name\", ...]})")
-            continue
-        for script, names in data.items():
-            if isinstance(names, list) and all(isinstance(n, str) for n in names):
-                out.setdefault(str(script), []).extend(names)
-            else:
-                doc.warn(_join("", str(script)), f"should be a list of names, got {_describe(names)}; ignored")
-    return out
+    """script -> names, over every profiles/<dist>/roles.json (read once)."""
+    if files.scripts is None:
+        files.scripts = {}
+        for _, doc, data in files.mappings("*/roles.json", "scripts to lists of names (use {\"Script\": [\"Name\"]})"):
+            for script, names in data.items():
+                if isinstance(names, list) and all(isinstance(n, str) for n in names):
+                    files.scripts.setdefault(str(script), []).extend(names)
+                else:
+                    doc.warn(_join("", str(script)), f"should be a list of names, got {_describe(names)}; ignored")
+    return files.scripts
 
 
 def _detailed_text(doc: _Doc, data: Any) -> tuple[str | None, dict[str, str]]:
@@ -238,14 +247,7 @@ def _profile(files: _Files, name: str, descriptions: list[str]) -> tuple[Profile
     fields: dict[str, Any] = {"source": FORMAT}
     notes: dict[str, dict[str, Any]] = {}
     short: tuple[str, str] | None = None
-    for file in sorted((files.root / "profiles").glob("*/profiles.json")):
-        doc = files.doc(file)
-        ok, data = _parse_json(file, doc)
-        if not ok:
-            continue
-        if not isinstance(data, dict):
-            doc.error("(root)", f"should map names to profile texts, got {_describe(data)} (use {{\"Name\": \"...\"}})")
-            continue
+    for file, doc, data in files.mappings("*/profiles.json", "names to profile texts (use {\"Name\": \"...\"})"):
         for who, value in data.items():
             if _key(str(who)) != _key(name):
                 continue
