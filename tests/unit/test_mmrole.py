@@ -135,6 +135,8 @@ def test_a_folder_of_test_files_only_says_so(capsys):
         assert "holds only MMRole test files (" in out and "there is nothing to train on" in out
     assert "in-distribution/comment_test.json: 3 records; in-distribution/human-role_test.json: 2 records" in \
         inspect_mmrole(FIXTURE / "data" / "test")[1][0].message
+    with pytest.raises(DataError, match="holds only MMRole test files"):  # what `cmrp fit` loads the data with
+        load_character(FIXTURE / "data" / "test", format="mmrole", character="Iron Man")
 
 
 def test_validate_prints_per_file_counts(capsys):
