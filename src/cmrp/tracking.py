@@ -9,6 +9,7 @@ Every string that reaches MLflow or that file is passed through secret redaction
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -170,7 +171,7 @@ class TrackingLogger:
         try:
             self.pending.parent.mkdir(parents=True, exist_ok=True)
             with self.pending.open("a") as f:
-                f.write(dumps(record, ensure_ascii=True) + "\n")
+                f.write(dumps(_finite_or_text(record), ensure_ascii=True) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as err:  # e.g. a full disk: training still goes on, this is said once
@@ -206,6 +207,14 @@ class TrackingLogger:
 
 
 _LIGHTNING_CLASS: list[type] = []
+
+
+def _finite_or_text(record: dict[str, Any]) -> dict[str, Any]:
+    """A metrics record for the JSON queue: NaN and ±inf as the strings "nan", "inf", "-inf" (strict JSON has no
+    such numbers; `float()` reads them back on sync, so the values reach MLflow unchanged)."""
+    if record.get("op") != "metrics":
+        return record
+    return {**record, "metrics": {k: v if math.isfinite(v) else str(v) for k, v in record["metrics"].items()}}
 
 
 def _lightning_class() -> type:
@@ -287,7 +296,7 @@ def sync_pending(output_dir: str | Path, tracking_uri: str | None = None) -> dic
         for i in range(0, len(params), 100):
             client.log_batch(run_id, params=params[i:i + 100])
         metrics = [Metric(k, float(v), int(r["timestamp"]), int(r["step"])) for r in records if r["op"] == "metrics"
-                   for k, v in r["metrics"].items() if v is not None]  # null: a NaN/inf value (strict JSON)
+                   for k, v in r["metrics"].items()]
         for i in range(0, len(metrics), 1000):
             client.log_batch(run_id, metrics=metrics[i:i + 1000])
         artifacts, missing = 0, []

@@ -175,6 +175,10 @@ def test_answers_formats_and_mistakes(tmp_path):
         (tmp_path / "d" / name).write_text(json.dumps({"same": "twice"}))
     with pytest.raises(DataError, match="record 'same' is answered twice"):
         read_answers(tmp_path / "d")
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "comment_test.json").write_text(json.dumps([dict(reviews("comment")[0], image="../../x.jpg")]))
+    with pytest.raises(DataError, match=r"comment_test.json: \[0\].image: '../../x.jpg' leaves images/"):
+        load_tests(tmp_path / "t")  # never read (and sent to the judge) a file outside images/
     tests = load_tests(FIXTURE)
     assert [name for name, _ in tests] == [f"{d}/{k}_test.json" for d in ("in-distribution", "out-of-distribution")
                                            for k in KINDS]

@@ -591,6 +591,9 @@ def load_test_files(path: Path | str) -> tuple[list[tuple[str, list[dict]]], lis
             doc.known_keys(record, p, _RECORD_KEYS)
             for key in ("id", "role", "other_role", "image"):
                 doc.get(record, key, p, str)
+            image = record.get("image")
+            if isinstance(image, str) and (Path(image).is_absolute() or ".." in Path(image).parts):
+                doc.error(_join(p, "image"), f"{image!r} leaves images/ (use a path relative to images/)")
             convs = doc.objects(record, "conversations", p, required=True)
             if len(convs) < 2:
                 doc.error(_join(p, "conversations"), "needs the prompt (\"user\") and the reference reply "
