@@ -9,6 +9,7 @@ Every string that reaches MLflow or that file is passed through secret redaction
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cmrp.errors import CmrpError
+from cmrp.jsonio import dumps
 
 __all__ = ["TrackingLogger", "default_tracking_uri", "make_logger", "pending_file", "redact_text", "sync_pending"]
 
@@ -169,7 +171,7 @@ class TrackingLogger:
         try:
             self.pending.parent.mkdir(parents=True, exist_ok=True)
             with self.pending.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(dumps(_finite_or_text(record), ensure_ascii=True) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as err:  # e.g. a full disk: training still goes on, this is said once
@@ -205,6 +207,14 @@ class TrackingLogger:
 
 
 _LIGHTNING_CLASS: list[type] = []
+
+
+def _finite_or_text(record: dict[str, Any]) -> dict[str, Any]:
+    """A metrics record for the JSON queue: NaN and ±inf as the strings "nan", "inf", "-inf" (strict JSON has no
+    such numbers; `float()` reads them back on sync, so the values reach MLflow unchanged)."""
+    if record.get("op") != "metrics":
+        return record
+    return {**record, "metrics": {k: v if math.isfinite(v) else str(v) for k, v in record["metrics"].items()}}
 
 
 def _lightning_class() -> type:

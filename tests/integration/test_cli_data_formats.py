@@ -27,9 +27,9 @@ def test_validate_rolescape_root_and_folder(capsys):
 
 
 def test_validate_mmrole(capsys):
-    assert main(["data", "validate", str(MMROLE), "--character", "Captain Ada"]) == 0
+    assert main(["data", "validate", str(MMROLE), "--character", "Iron Man"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == (
-        "OK: Captain Ada: 2 images, 3 scenes, 0 knowledge QA, 0 VQA, 0 T2I; test: 2 images, 3 scenes, 0 knowledge QA, "
-        "0 VQA, 0 T2I; 0 warning(s)")
+        "OK: Iron Man: 2 images, 7 scenes, 0 knowledge QA, 0 VQA, 0 T2I; test: 0 images, 2 scenes, 0 knowledge QA, "
+        "0 VQA, 0 T2I; 7 warning(s)")
     assert main(["data", "validate", "--format", "rolescape20", str(MMROLE)]) == 2
     assert "not a RoleScape-20 release (expected train/<Name>/ folders" in capsys.readouterr().err

@@ -69,7 +69,7 @@ def test_nan_losses_are_skipped_and_an_unreachable_server_defers_logging(tmp_pat
     assert records[0]["op"] == "run" and records[-1] == {"op": "status", "status": "FINISHED"}
     steps = {r["step"]: r["metrics"] for r in records if r["op"] == "metrics" and "train/loss" in r["metrics"]}
     assert sorted(steps) == list(range(8))
-    assert [s for s, m in steps.items() if m["train/loss"] != m["train/loss"]] == [2, 3]  # NaN at steps 3, 4
+    assert [s for s, m in steps.items() if m["train/loss"] == "nan"] == [2, 3]  # NaN at steps 3, 4 (strict JSON)
     assert steps[7]["train/nonfinite_steps"] == 2
     assert {Path(r["path"]).name for r in records if r["op"] == "artifact"} == {"recipe.yaml", "metrics.json",
                                                                                 "samples.png"}

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -18,47 +16,18 @@ from cmrp.evaluation.judge import (
     parse_score,
     ratio_scores,
 )
+from tests.unit.mmrole_rm import FakeChatServer
 
 GOOD_PAIRS = json.dumps({m: [6, 8] for m in MMROLE_METRICS})
 
 
-class FakeJudge:
+class FakeJudge(FakeChatServer):
     """Answers by the marker in the question's `response` text: R-GOOD -> "Score: 6", R-BOLD -> "**5/7**",
     R-JSON -> {"score": 4}, R-GARBLED -> no score at all, R-FAIL -> HTTP 500, R-FIXED -> garbled first, then a
     score when asked again, R-PAIRS -> MMRole pairs. Records every request body and Authorization header."""
 
     def __init__(self):
-        self.requests: list[dict] = []
-        self.auth: list[str | None] = []
-        self.lock = threading.Lock()
-        judge = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep test output quiet
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with judge.lock:
-                    judge.requests.append(body)
-                    judge.auth.append(self.headers.get("Authorization"))
-                status, content = judge.answer(body)
-                if status != 200:
-                    self.send_response(status)
-                    self.end_headers()
-                    self.wfile.write(b"server error")
-                    return
-                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        super().__init__(self.answer)
 
     def answer(self, body: dict) -> tuple[int, str]:
         prompt = body["messages"][1]["content"]
@@ -76,10 +45,6 @@ class FakeJudge:
         if "R-PAIRS" in prompt:
             return 200, f"Reply A is weaker on knowledge.\n{GOOD_PAIRS}"
         return 200, "Step 1: the facts match. Step 2: specific.\nScore: 6"
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -175,3 +140,21 @@ def test_templates_override(tmp_path):
     templates = load_templates(tmp_path)
     assert templates["personality"].safe_substitute(name="Kiko", response="hi") == "Rate Kiko: hi"
     assert "$profile" in templates["memorization"].template
+
+
+def test_rm_pair_requests_carry_their_messages_and_are_cached(tmp_path):
+    """Protocol `mmrole`: prebuilt messages (image parts included) go out as they are; "[Scores]: (0, 7)" is a
+    valid verdict; an unreadable one is asked again; the parsed pair is cached."""
+    server = FakeChatServer(lambda body: "[Scores]: (0, 7)" if len(body["messages"]) > 2 else "I cannot decide.")
+    messages = [{"role": "system", "content": "You judge."},
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                                             {"type": "text", "text": "Which is better?"}]}]
+    request = JudgeRequest("mmrole:fluency", {}, kind="rm_pair", messages=messages)
+    try:
+        result = JudgeClient(server.url, "rm", cache_dir=tmp_path, retry_wait=0.0).score(request)
+        assert (result.value, result.attempts) == ((0.0, 7.0), 2)
+        assert server.requests[0]["messages"] == messages and server.requests[1]["messages"][:2] == messages
+        again = JudgeClient(server.url, "rm", cache_dir=tmp_path).score(request)
+        assert again.cached and again.value == (0.0, 7.0) and len(server.requests) == 2
+    finally:
+        server.close()

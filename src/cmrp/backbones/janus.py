@@ -35,6 +35,7 @@ from cmrp.backbones.bagel.packing import ImageLoader
 from cmrp.backbones.common import answer_questions, select_lora_targets
 from cmrp.data.tasks import Example, Segment
 from cmrp.errors import ConfigError, WeightsError
+from cmrp.jsonio import write_json
 from cmrp.registry import BACKBONES
 from cmrp.sampling.rollout import Rollout, TokenTrajectory
 from cmrp.sampling.tokens import guided_logits, sample_token_sequence, token_step
@@ -292,8 +293,8 @@ class JanusAdapter:
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(str(tmp), safe_serialization=True)
         self.tokenizer.save(tmp)
-        (tmp / EXTRAS_FILE).write_text(json.dumps({"adapter": "janus", "extras": self.extras,
-                                                   "card": _plain(self.card)}, indent=2))
+        write_json(tmp / EXTRAS_FILE, {"adapter": "janus", "extras": self.extras, "card": _plain(self.card)},
+                   ensure_ascii=True)
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)

@@ -21,6 +21,7 @@ from typing import Any
 
 from cmrp.chat.session import CharacterInfo, ChatSession, Reply
 from cmrp.errors import ConfigError, WeightsError
+from cmrp.jsonio import write_json
 
 __all__ = ["CARD_FILE", "CharacterPool", "load_character", "load_chat_source", "save_character"]
 
@@ -132,7 +133,7 @@ def save_character(run_dir: str | Path, out_dir: str | Path, *, max_thumbnails: 
         "finetune": {"mode": str(cfg.finetune.mode), "r": cfg.finetune.get("r"), "alpha": cfg.finetune.get("alpha")},
         "sampling": info.extra["image_kwargs"],  # guidance / timestep shift the images are drawn with
     }
-    (staging / CARD_FILE).write_text(json.dumps(card, indent=2, ensure_ascii=False))
+    write_json(staging / CARD_FILE, card)
     if out.exists():
         out.rmdir()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,13 +9,13 @@ with both in the same context (the backbone's `think_and_sample`; the thinking i
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cmrp.data.tasks import Example, Segment
+from cmrp.jsonio import write_json
 
 __all__ = ["CharacterInfo", "ChatSession", "Reply", "parse_user_line"]
 
@@ -138,7 +138,5 @@ class ChatSession:
         """The conversation as JSON (roles, texts, image paths)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.transcript(), indent=2, ensure_ascii=False))
-        tmp.replace(path)
+        write_json(path, self.transcript())
         return path

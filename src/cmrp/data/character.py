@@ -60,10 +60,12 @@ class Turn:
 
 @dataclass
 class Scene:
-    """A dialogue: alternating user / character turns."""
+    """A dialogue: alternating user / character turns. On a test split, the first `context_turns` turns are
+    given context, not held-out replies to score (an MMRole test record: its history, then one reply)."""
 
     id: str
     turns: list[Turn]
+    context_turns: int = 0
 
 
 @dataclass
@@ -126,6 +128,7 @@ class Character:
     root: Path | None = None
     source_format: str = "native"
     warnings: list[str] = field(default_factory=list)
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)  # per file read: what it gave (`data validate`)
 
     @property
     def reference_images(self) -> list[ImageRef]:

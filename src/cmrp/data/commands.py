@@ -115,5 +115,16 @@ def _validate(args: argparse.Namespace) -> int:
     if errors or character is None:
         print(f"FAILED: {args.dir}: {len(errors)} error(s), {n_warnings} warning(s)")
         return 1
+    _print_sources(character)
     print(f"OK: {character.name}: {_counts(character.train)}; test: {_counts(character.test)}; {n_warnings} warning(s)")
     return 0
+
+
+def _print_sources(character) -> None:
+    """Per file read, what it gave (readers of multi-file releases fill `Character.sources`)."""
+    if not character.sources:
+        return
+    print(f"files read for {character.name}:")
+    for file, counts in character.sources.items():
+        parts = [f"{k.replace('_', ' ')} {v}" for k, v in counts.items() if v]
+        print(f"  {file}: {', '.join(parts) or 'nothing'}")

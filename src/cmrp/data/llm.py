@@ -12,7 +12,6 @@ import base64
 import hashlib
 import io
 import json
-import os
 import random
 import threading
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cmrp.errors import CmrpError, DataError
+from cmrp.jsonio import write_json
 
 __all__ = [
     "ChatClient",
@@ -123,9 +123,7 @@ class ResponseCache:
 
     def put(self, key: str, item: str, value: Any) -> None:
         path = self.path(key)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps({"item": item, "value": value}, ensure_ascii=False, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
+        write_json(path, {"item": item, "value": value}, indent=1)
 
 
 @dataclass

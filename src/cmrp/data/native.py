@@ -37,6 +37,7 @@ from cmrp.data.character import (
 )
 from cmrp.data.validate import Problem, errors_of, problems_error
 from cmrp.errors import DataError
+from cmrp.jsonio import write_json
 
 __all__ = [
     "CHARACTER_FILE",
@@ -272,7 +273,7 @@ def _parse_turn(doc: _Doc, path: str, item: dict, known: set[str], split: str) -
 def _parse_scenes(doc: _Doc, data: dict, known: set[str], split: str) -> list[Scene]:
     scenes, seen = [], {}
     for path, item in doc.objects(data, "scenes", ""):
-        doc.known_keys(item, path, ("id", "turns"))
+        doc.known_keys(item, path, ("id", "turns", "context_turns"))
         scene_id = doc.get(item, "id", path, str, fix='give the scene an id, e.g. "scene_001"')
         if scene_id is not None:
             if scene_id in seen:
@@ -282,7 +283,11 @@ def _parse_scenes(doc: _Doc, data: dict, known: set[str], split: str) -> list[Sc
         turns = doc.objects(item, "turns", path, required=True, fix=fix)
         if "turns" in item and isinstance(item["turns"], list) and not item["turns"]:
             doc.error(_join(path, "turns"), f"is empty ({fix})")
-        scenes.append(Scene(scene_id or "", [_parse_turn(doc, p, t, known, split) for p, t in turns]))
+        context = doc.get(item, "context_turns", path, int, required=False) or 0
+        if context < 0 or context >= max(1, len(turns)):
+            doc.error(_join(path, "context_turns"), f"is {context}; the scene has {len(turns)} turn(s) (count the "
+                                                    "turns before the held-out reply, or leave it out)")
+        scenes.append(Scene(scene_id or "", [_parse_turn(doc, p, t, known, split) for p, t in turns], context))
     return scenes
 
 
@@ -426,14 +431,10 @@ def read_character(path: Path | str) -> Character:
 
 def _write_json(path: Path, data: Any) -> None:
     """Deterministic JSON (key order as built), written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+        write_json(path, data)
     except (TypeError, ValueError) as err:
         raise DataError(f"{path.name}: cannot be written as JSON: {err} (profile fields must be plain JSON data)") from None
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _save_png(image: ImageRef, dst: Path) -> None:
@@ -491,7 +492,8 @@ def _split_json(split: CharacterSplit, files: dict[str, str]) -> dict[str, Any]:
     return {
         "images": [{"id": i.id, "file": files[i.id], "caption": i.caption, "attributes": i.attributes}
                    for i in split.images.values()],
-        "scenes": [{"id": s.id, "turns": [_turn_json(t) for t in s.turns]} for s in split.scenes],
+        "scenes": [{"id": s.id, "turns": [_turn_json(t) for t in s.turns],
+                    **({"context_turns": s.context_turns} if s.context_turns else {})} for s in split.scenes],
         "knowledge_qa": _qa_json(split.knowledge_open, split.knowledge_mcq),
         "vqa": [{"image_id": v.image_id, **_qa_json(v.open, v.mcq)} for v in split.vqa],
         "t2i": t2i,

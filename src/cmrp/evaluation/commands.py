@@ -18,9 +18,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "multimodal role-play, text-to-image (CLIP-I, CLIP-T, DINO, diversity), knowledge-QA and VQA "
         "multiple choice, and optionally an LLM judge. For sandbox characters the shipped attribute probe "
         "also scores images for identity fidelity and prompt faithfulness. Writes report.html and "
-        "eval.json and logs both to a new MLflow run in the run's database.",
+        "eval.json and logs both to a new MLflow run in the run's database. With --mmrole-tests it instead scores "
+        "a model's answers (--answers, or the checkpoint's own) on MMRole's official test files as MMRole-Eval "
+        "does: one request per metric to its reward model, the per-record ratio averaged per file.",
     )
-    p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR", help="a `cmrp fit` output_dir (or its checkpoint/)")
+    p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR", nargs="?", default=None,
+                   help="a `cmrp fit` output_dir (or its checkpoint/); not needed with --mmrole-tests and --answers")
     p.add_argument("--baseline", default="base",
                    help="`base` (default): the same architecture re-initialised from the run's backbone card; "
                    "a run directory: another checkpoint; `none`: no baseline")
@@ -46,19 +49,49 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="tries per item before a score is recorded as missing (default 3)")
     judge.add_argument("--judge-templates", type=Path, default=None,
                        help="folder of *.txt templates overriding the shipped ones (same names)")
+    mmrole = p.add_argument_group(
+        "MMRole-Eval on MMRole's test files",
+        "protocol mmrole: one request per metric to a reward model (e.g. YanqiDai/MMRole-Eval_RM served at "
+        "--judge-url), per-record ratio averaged per file; writes answers/, reviews/ and mmrole_eval.json to --out")
+    mmrole.add_argument("--mmrole-tests", type=Path, default=None, metavar="DIR",
+                        help="MMRole_dataset's root, its data/test, or a folder of <kind>_test.json files")
+    mmrole.add_argument("--answers", type=Path, default=None, metavar="FILE",
+                        help="a model's answers to score instead of a checkpoint's: MMRole's answers format (the "
+                        "test records with conversations[1].answer; a file or a folder of them) or {id: answer}")
+    mmrole.add_argument("--images", type=Path, default=None, metavar="DIR",
+                        help="MMRole_dataset's images/ (default: the images/ folder beside the test files)")
+    mmrole.add_argument("--allow-missing-images", action="store_true",
+                        help="score records whose image is missing without it (counted in the report)")
+    mmrole.add_argument("--mmrole-limit", type=int, default=None, metavar="N",
+                        help="only the first N records of each test file (a quick check; the table needs all)")
     p.set_defaults(handler=_eval)
 
 
 def _check_args(args: argparse.Namespace) -> None:
     from cmrp.errors import ConfigError
 
-    for name in ("max_items", "samples", "steps", "max_new_tokens", "judge_concurrency", "judge_attempts"):
-        if getattr(args, name) < 1:
+    for name in ("max_items", "samples", "steps", "max_new_tokens", "judge_concurrency", "judge_attempts",
+                 "mmrole_limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.answers is not None and args.mmrole_tests is None:
+        raise ConfigError("--answers goes with --mmrole-tests DIR (the test files the answers are for)")
+    if args.mmrole_tests is not None and (args.answers is None) == (args.checkpoint is None):
+        raise ConfigError("--mmrole-tests: give either a run directory (its checkpoint answers the test records) "
+                          "or --answers FILE (a model's answers), not both")
+    if args.answers is not None and args.judge_url is None:
+        raise ConfigError("--answers: scoring needs the reward model; give --judge-url and --judge-model (e.g. a "
+                          "vLLM server of YanqiDai/MMRole-Eval_RM)")
+    if args.mmrole_tests is None and args.checkpoint is None:
+        raise ConfigError("cmrp eval: give the run directory of a `cmrp fit` run (or --mmrole-tests with --answers)")
     if (args.judge_url is None) != (args.judge_model is None):
         raise ConfigError("--judge-url and --judge-model go together: give both to use a judge, or neither")
     if args.judge_templates is not None and not args.judge_templates.is_dir():
         raise ConfigError(f"--judge-templates {args.judge_templates}: not a folder")
+
+
+_JSON_PROTOCOL = ("json: the paper's 1-7 scores, and MMRole-Eval's eight metrics in one request per turn "
+                  "(for MMRole's own protocol: cmrp eval --mmrole-tests)")
 
 
 def _visual_replies(items: list, model: Any, baseline: Any, task: str, k: int = 4) -> list[dict[str, Any]]:
@@ -128,6 +161,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         "baseline_source": baseline_source,
         "settings": settings,
         "judge_endpoint": f"{judge.url} ({judge.model})" if judge is not None else None,
+        "judge_protocol": _JSON_PROTOCOL if judge is not None else None,
         "model": {"numbers": model_eval.numbers, "timings": model_eval.timings},
         "baseline": {"numbers": baseline_eval.numbers, "timings": baseline_eval.timings} if baseline_eval else None,
         "reference": reference_numbers(character, cfg, feats, opts, size),
@@ -164,7 +198,27 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def _eval_mmrole(args: argparse.Namespace) -> int:
+    from cmrp.evaluation.mmrole_eval import format_table, run_mmrole_eval
+
+    report = run_mmrole_eval(args)
+    if report.get("rows"):
+        print(f"MMRole-Eval, protocol {report['protocol']} (one request per metric), judge {report['judge_endpoint']}")
+        print(format_table(report["rows"]))
+        if report["without_image"] or report["missing_scores"]:
+            print(f"note: {report['without_image']} record(s) scored without their image, "
+                  f"{report['missing_scores']} score(s) missing (unreadable after retries)")
+        print(f"reviews:     {report['reviews']}")
+    else:
+        print(f"answers:     {report['answers']}  (score them: add --judge-url URL --judge-model MODEL)")
+    print(f"numbers:     {report['files']['json']}")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
+    if args.mmrole_tests is not None:
+        _check_args(args)
+        return _eval_mmrole(args)
     report = run_eval(args)
     model = report["model"]["numbers"]
     base = (report.get("baseline") or {}).get("numbers") or {}

@@ -1,10 +1,13 @@
 """LLM-as-judge through any OpenAI-compatible `/v1/chat/completions` endpoint (standard library only).
 
-Two protocols:
+Requests of three kinds:
 - the UniCharacter paper's Memorization, Personality and Diversity: one answer (or a set of answers
   for Diversity) scored 1-7 after step-by-step reasoning;
-- MMRole-Eval's eight metrics: the judge scores the model's reply and a reference reply side by side
-  (1-10 each); a metric is reported as sum(model scores) / sum(reference scores) over the items.
+- MMRole-Eval's eight metrics in one JSON request (protocol `json`, `templates/mmrole_pairwise.txt`): the
+  judge scores the model's reply and a reference reply side by side (0-10 each) on all eight at once;
+- MMRole-Eval's own protocol (`mmrole`, built by `cmrp.evaluation.mmrole_eval`): one request per metric,
+  with the image, in the wording MMRole's reward model was trained on, answered "..., [Scores]: (A, B)".
+Either way a metric is MMRole's aggregate: the mean over items of the ratio A / B (`ratio_scores`).
 
 Prompts are editable `string.Template` files (`templates/*.txt`, `$name` placeholders; a folder given
 as `templates_dir` overrides any of them). Every parsed answer is cached on disk under the SHA-256 of
@@ -30,6 +33,7 @@ from string import Template
 from typing import Any
 
 from cmrp.errors import CmrpError
+from cmrp.jsonio import write_json
 
 __all__ = [
     "MMROLE_METRICS",
@@ -41,6 +45,7 @@ __all__ = [
     "TEMPLATE_NAMES",
     "load_templates",
     "parse_pair_scores",
+    "parse_rm_scores",
     "parse_score",
     "ratio_scores",
 ]
@@ -138,7 +143,7 @@ def _pair(value: Any, lo: float, hi: float) -> tuple[float, float] | None:
     return None
 
 
-def parse_pair_scores(text: str, metrics: tuple[str, ...] = MMROLE_METRICS, lo: float = 1,
+def parse_pair_scores(text: str, metrics: tuple[str, ...] = MMROLE_METRICS, lo: float = 0,
                       hi: float = 10) -> dict[str, tuple[float, float] | None]:
     """(model, reference) score pairs per metric from a JSON object (`{"fluency": [7, 8]}`, or
     `{"fluency": {"model": 7, "reference": 8}}`) or lines such as "Fluency: 7, 8" / "fluency: (7, 8)".
@@ -162,15 +167,31 @@ def parse_pair_scores(text: str, metrics: tuple[str, ...] = MMROLE_METRICS, lo: 
     return out
 
 
+_RM_SCORES = re.compile(r"\[Scores\]\s*:?\s*\(?\s*(?:[^\d(),:\n]{0,24}:\s*)?(\d+(?:\.\d+)?)\s*,\s*"
+                        r"(?:[^\d(),:\n]{0,24}:\s*)?(\d+(?:\.\d+)?)")
+
+
+def parse_rm_scores(text: str, lo: float = 0, hi: float = 10) -> tuple[float, float] | None:
+    """The (model A, model B) pair of a reply in MMRole-Eval's format, "{evaluation}, [Scores]: (A, B)" (also
+    "[Scores]: A, B" and labelled numbers, "(Model A: 7, Model B: 8)"); the last such statement wins. A score
+    of 0 is valid (MMRole's reward model gives it). None when there is no pair within [lo, hi]."""
+    found = None
+    for match in _RM_SCORES.finditer(text):
+        a, b = _in_range(match.group(1), lo, hi), _in_range(match.group(2), lo, hi)
+        found = (a, b) if a is not None and b is not None else None
+    return found
+
+
 def ratio_scores(pairs: list[dict[str, tuple[float, float] | None] | None],
                  metrics: tuple[str, ...] = MMROLE_METRICS) -> dict[str, float | None]:
-    """MMRole-Eval's aggregate: per metric sum(model) / sum(reference) over the items that have the
-    pair, and `overall` the mean of the metric ratios. None where no item was scored."""
+    """MMRole-Eval's aggregate (its eval/RM_result.py): per metric the mean over items of model / reference,
+    over the items that have the pair (a reference score of 0 leaves the item out: its ratio is undefined);
+    `overall` the mean of the metric means. None where no item was scored."""
     out: dict[str, float | None] = {}
     for metric in metrics:
-        got = [p[metric] for p in pairs if p is not None and p.get(metric) is not None]
-        ref = sum(b for _, b in got)  # type: ignore[misc]
-        out[metric] = (sum(a for a, _ in got) / ref) if got and ref > 0 else None  # type: ignore[misc]
+        ratios = [a / b for p in pairs if p is not None and p.get(metric) is not None
+                  for a, b in [p[metric]] if b > 0]  # type: ignore[misc]
+        out[metric] = sum(ratios) / len(ratios) if ratios else None
     known = [v for v in out.values() if v is not None]
     out["overall"] = sum(known) / len(known) if known else None
     return out
@@ -181,9 +202,10 @@ def ratio_scores(pairs: list[dict[str, tuple[float, float] | None] | None],
 class JudgeRequest:
     """One question for the judge: a template, its fields, and how to read the answer."""
 
-    template: str  # a TEMPLATE_NAMES entry other than "system"
+    template: str  # a TEMPLATE_NAMES entry other than "system" (with `messages`: only a label for the cache)
     fields: dict[str, str]
-    kind: str = "score"  # "score" (1-7) | "pairs" (MMRole (model, reference) pairs)
+    kind: str = "score"  # "score" (1-7) | "pairs" (MMRole pairs, JSON) | "rm_pair" (one "[Scores]: (A, B)")
+    messages: list[dict[str, Any]] | None = None  # the chat messages as a protocol built them (text and images)
 
 
 @dataclass
@@ -233,7 +255,7 @@ class JudgeClient:
         return f"JudgeClient(url={self.url!r}, model={self.model!r})"
 
     # -- transport --------------------------------------------------------------------------------------
-    def _post(self, messages: list[dict[str, str]]) -> str:
+    def _post(self, messages: list[dict[str, Any]]) -> str:
         body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature}).encode()
         headers = {"Content-Type": "application/json"}
         if self._api_key:
@@ -260,14 +282,16 @@ class JudgeClient:
         return content
 
     # -- one request ------------------------------------------------------------------------------------
-    def messages(self, request: JudgeRequest) -> list[dict[str, str]]:
+    def messages(self, request: JudgeRequest) -> list[dict[str, Any]]:
+        if request.messages is not None:
+            return request.messages
         template = self.templates.get(request.template)
         if template is None or request.template == "system":
             raise ValueError(f"unknown judge template {request.template!r}; known: {TEMPLATE_NAMES[1:]}")
         return [{"role": "system", "content": self.templates["system"].safe_substitute().strip()},
                 {"role": "user", "content": template.safe_substitute(request.fields).strip()}]
 
-    def _key(self, request: JudgeRequest, messages: list[dict[str, str]]) -> str:
+    def _key(self, request: JudgeRequest, messages: list[dict[str, Any]]) -> str:
         import hashlib
 
         canonical = json.dumps({"url": self.url, "model": self.model, "kind": request.kind, "messages": messages,
@@ -279,6 +303,9 @@ class JudgeClient:
             pairs = parse_pair_scores(text)
             missing = [m for m, v in pairs.items() if v is None]
             return (pairs, None) if not missing else (None, f"no score pair for {', '.join(missing)}")
+        if request.kind == "rm_pair":
+            pair = parse_rm_scores(text)
+            return (pair, None) if pair is not None else (None, "no \"[Scores]: (A, B)\" with scores from 0 to 10")
         score = parse_score(text)
         return (score, None) if score is not None else (None, "no score from 1 to 7 found")
 
@@ -290,6 +317,8 @@ class JudgeClient:
             value = cached["value"]
             if request.kind == "pairs":
                 value = {m: tuple(v) if v is not None else None for m, v in value.items()}
+            elif request.kind == "rm_pair":
+                value = tuple(value)
             return JudgeResult(value, cached.get("raw", ""), 0, cached=True)
         problems: list[str] = []
         conversation = list(messages)
@@ -335,8 +364,5 @@ class JudgeClient:
     def _cache_put(self, key: str, request: JudgeRequest, value: Any, raw: str) -> None:
         if self.cache_dir is None:
             return
-        path = self.cache_dir / f"{key}.json"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         record = {"template": request.template, "model": self.model, "value": value, "raw": raw}
-        tmp.write_text(json.dumps(record, ensure_ascii=False, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
+        write_json(self.cache_dir / f"{key}.json", record, indent=1)

@@ -32,21 +32,15 @@ _COUNTS = {"items", "prompts", "samples_per_prompt", "prompts_with_target", "sho
 
 def clean_numbers(value: Any) -> Any:
     """JSON-safe copy: NaN/inf become null (strict JSON has no NaN), tensors become floats."""
-    if isinstance(value, dict):
-        return {str(k): clean_numbers(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [clean_numbers(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+    from cmrp.jsonio import to_strict
+
+    return to_strict(value)
 
 
 def write_json(report: dict[str, Any], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(clean_numbers(report), indent=2, allow_nan=False))
-    return path
+    from cmrp import jsonio
+
+    return jsonio.write_json(path, report, ensure_ascii=True)
 
 
 def delta_table(model: dict[str, Any], baseline: dict[str, Any] | None) -> list[tuple[str, Any, Any, Any]]:
@@ -232,7 +226,7 @@ def write_html(report: dict[str, Any], visuals: dict[str, Any], path: Path) -> P
             f"{html.escape(json.dumps(report.get('settings', {})))}")
     judge = report.get("judge_endpoint")
     if judge:
-        meta += f" · judge {html.escape(judge)}"
+        meta += f" · judge {html.escape(judge)}, protocol {html.escape(str(report.get('judge_protocol') or 'json'))}"
     body = [
         f"<h1>{html.escape(title)}</h1><div class='meta'>{meta}</div>",
         "<h2>Summary</h2>", _summary_table(report), _oracle_note(report),

@@ -154,13 +154,13 @@ def turn_items(character: Character, max_items: int) -> tuple[list[TurnItem], li
         history: list[Segment] = [Segment("text", "system", system_prompt(character))]
         lines: list[str] = []
         last_user_image: ImageRef | None = None
-        for turn in scene.turns:
+        for index, turn in enumerate(scene.turns):
             if turn.role == "character":
                 shown = images.get(turn.image_id) if turn.image_id else None
                 item = TurnItem(list(history), turn.text, "\n".join(lines[-6:]), last_user_image, shown,
                                 turn.generation_instruction)
                 target = mm_items if (shown is not None or last_user_image is not None) else text_items
-                if len(target) < max_items:
+                if len(target) < max_items and index >= scene.context_turns:  # context turns are no items
                     target.append(item)
                 history.append(Segment("text", "character", turn.text))
                 lines.append(f"{character.name}: {turn.text}")

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from cmrp.errors import WeightsError
+from cmrp.jsonio import write_json
 from cmrp.sandbox.renderer import ATTRIBUTE_VALUES, render
 
 __all__ = [
@@ -184,7 +185,7 @@ def save_asset(model: nn.Module, manifest: dict[str, Any], out_dir: Path, name: 
     save_file(tensors, str(tmp), metadata={"format": "pt", "cmrp": name})
     tmp.chmod(0o644)
     tmp.replace(weights)
-    meta.write_text(json.dumps(manifest, indent=2) + "\n")
+    write_json(meta, manifest, ensure_ascii=True)
     return weights, meta
 
 

@@ -15,13 +15,13 @@ it never saw. The package ships one (`weights: sandbox://base`, card `bagel-sand
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from pathlib import Path
 from typing import Any
 
 from cmrp.errors import ConfigError, WeightsError
+from cmrp.jsonio import write_json
 
 __all__ = ["BASE_MANIFEST", "heldout_numbers", "pretrain", "shipped_base", "world_examples"]
 
@@ -176,7 +176,7 @@ def pretrain(cfg: Any, out: Path) -> dict[str, Any]:
         "heldout": {"untrained": before, "pretrained": after},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
-    (out / BASE_MANIFEST).write_text(json.dumps(manifest, indent=2))
+    write_json(out / BASE_MANIFEST, manifest, ensure_ascii=True)
     logger.log_metrics({**{f"heldout/untrained/{k}": v for k, v in before.items()},
                         **{f"heldout/pretrained/{k}": v for k, v in after.items()}}, step=0)
     logger.log_artifact(out / BASE_MANIFEST)

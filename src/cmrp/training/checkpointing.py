@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from cmrp.errors import CmrpError, ConfigError
+from cmrp.jsonio import write_json
 
 __all__ = [
     "FORMAT",
@@ -168,7 +169,7 @@ def write_checkpoint(root: Path, weights: dict[str, torch.Tensor], state: dict[s
         save_file(tensors, str(tmp / WEIGHTS))
         torch.save(state, tmp / STATE)
         files = {f: (tmp / f).stat().st_size for f in (WEIGHTS, STATE)}
-        (tmp / MANIFEST).write_text(json.dumps({**manifest, "format": FORMAT, "files": files}, indent=1))
+        write_json(tmp / MANIFEST, {**manifest, "format": FORMAT, "files": files}, indent=1, ensure_ascii=True)
         for f in (WEIGHTS, STATE, MANIFEST):
             _fsync(tmp / f)
         _fsync(tmp)

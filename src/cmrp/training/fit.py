@@ -10,13 +10,13 @@ scheduler, RNG, data position and MLflow run, and stages already finished are no
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cmrp.errors import ConfigError
+from cmrp.jsonio import write_json
 
 __all__ = ["FitResult", "load_run_character", "run_fit", "run_sft"]
 
@@ -343,7 +343,7 @@ def run_fit(cfg: Any) -> FitResult:
     if not main:  # other ranks trained in step with rank 0; it alone writes and reports
         return FitResult(out, "", "", metrics, None, ckpt, timings, main=False)
     metrics_file = out / "metrics.json"
-    metrics_file.write_text(json.dumps(metrics, indent=2))
+    write_json(metrics_file, metrics)
     final = {**{f"eval/before/{k}": v for k, v in before.items()}, **{f"eval/after/{k}": v for k, v in after.items()}}
     if "grpo" in stages:
         for when in ("before", "after"):

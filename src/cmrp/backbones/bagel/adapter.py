@@ -18,6 +18,7 @@ from cmrp.backbones.common import answer_questions, select_lora_targets
 from cmrp.backbones.tokenizer import TextTokenizer
 from cmrp.data.tasks import Example, Segment
 from cmrp.errors import ConfigError, WeightsError
+from cmrp.jsonio import write_json
 from cmrp.registry import BACKBONES
 from cmrp.sampling.flow import flow_step, sample_flow, sampling_timesteps
 from cmrp.sampling.guidance import Guidance, combine_guidance
@@ -184,7 +185,7 @@ class BagelAdapter:
             save_safetensors_atomic(vae_state, path / AE_WEIGHTS_FILE)
         card = _plain(self.card)
         config = {"adapter": "bagel", "architecture": asdict(self.arch), "card": card}
-        (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        write_json(path / CONFIG_FILE, config, ensure_ascii=True)
         self.tokenizer.save(path)
         return path
 

@@ -38,6 +38,7 @@ from cmrp.backbones.bagel.model import Bagel, BagelArch, PositionEmbedding
 from cmrp.backbones.bagel.qwen2_mot import LLMConfig, RotaryEmbedding
 from cmrp.backbones.bagel.siglip import ViTConfig, conv_to_linear_weight
 from cmrp.errors import WeightsError
+from cmrp.jsonio import write_json
 
 __all__ = [
     "AE_FILE", "EMA_FILE", "EXTRA_FILE", "LLM_CONFIG", "VIT_CONFIG",
@@ -346,8 +347,8 @@ def save_official(model: Bagel, tokenizer: Any, path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     arch = model.arch
-    (path / LLM_CONFIG).write_text(json.dumps(_llm_json(arch.llm), indent=2))
-    (path / VIT_CONFIG).write_text(json.dumps(_vit_json(arch.vit), indent=2))
+    write_json(path / LLM_CONFIG, _llm_json(arch.llm), ensure_ascii=True)
+    write_json(path / VIT_CONFIG, _vit_json(arch.vit), ensure_ascii=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if arch.llm.tie_word_embeddings:
         state.pop("language_model.lm_head.weight", None)
@@ -359,12 +360,10 @@ def save_official(model: Bagel, tokenizer: Any, path: str | Path) -> Path:
         "vit_max_num_patch_per_side": arch.vit_max_num_patch_per_side, "vae": dict(arch.vae),
         "vit_resize": arch.vit_resize,
     }
-    (path / EXTRA_FILE).write_text(json.dumps(extra, indent=2))
+    write_json(path / EXTRA_FILE, extra, ensure_ascii=True)
     tokenizer.save(path)
     special = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
-    (path / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **special}, indent=2)
-    )
+    write_json(path / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", **special}, ensure_ascii=True)
     return path
 
 

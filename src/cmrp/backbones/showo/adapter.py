@@ -47,6 +47,7 @@ from cmrp.backbones.showo.prompting import render
 from cmrp.backbones.showo.text import ShowoText
 from cmrp.data.tasks import Example, Segment
 from cmrp.errors import ConfigError, WeightsError
+from cmrp.jsonio import write_json
 from cmrp.registry import BACKBONES
 from cmrp.sampling.rollout import Rollout, TokenTrajectory
 from cmrp.sampling.tokens import token_step
@@ -240,7 +241,7 @@ class ShowoAdapter:
                                   "min_mask_rate": self.min_mask_rate},
                      "training": {"image_loss_markers": self.image_loss_markers}},
         }
-        (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        write_json(path / CONFIG_FILE, config, ensure_ascii=True)
         (path / LLM_DIR).mkdir(exist_ok=True)
         model.showo.config.to_json_file(str(path / LLM_DIR / CONFIG_FILE))
         self.text.save(path / LLM_DIR)
@@ -248,7 +249,7 @@ class ShowoAdapter:
         vq_state = {k: v.detach().contiguous() for k, v in self.vq.state_dict().items()}
         save_safetensors_atomic(vq_state, path / VQ_DIR / WEIGHTS_FILE)
         vq_config = {"_class_name": "MAGVITv2", **self.vq.cfg.to_dict()}
-        (path / VQ_DIR / CONFIG_FILE).write_text(json.dumps(vq_config, indent=2))
+        write_json(path / VQ_DIR / CONFIG_FILE, vq_config, ensure_ascii=True)
         return path
 
     def to(self, device) -> ShowoAdapter:
