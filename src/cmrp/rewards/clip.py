@@ -22,7 +22,14 @@ from cmrp.rewards._ops import (
 )
 from cmrp.rewards.base import RewardContext, RewardOutput
 from cmrp.rewards.inputs import check_images, check_inputs
-from cmrp.rewards.pretrained import MissingModel, hf_fetch_hint, hf_load_how, hf_model_missing, load_hf
+from cmrp.rewards.pretrained import (
+    MissingModel,
+    hf_fetch_hint,
+    hf_hub_cache,
+    hf_load_how,
+    hf_model_missing,
+    load_hf,
+)
 
 __all__ = ["ClipSimilarity", "HfClipEncoder", "OpenClipEncoder", "load_hf_clip", "load_open_clip"]
 
@@ -203,9 +210,11 @@ def load_hf_clip(model: str, *, cache_dir: str | None = None, local_files_only: 
         raise WeightsError(f"clip_similarity `library: transformers` needs the transformers package ({err}): "
                            "`pip install transformers`, or pass an `encoder=` object to the term.") from None
 
+    cache = str(hf_hub_cache(cache_dir))  # the environment now, as check() reads it (not at import)
+
     def load(source: str, local_only: bool) -> HfClipEncoder:
-        net = CLIPModel.from_pretrained(source, cache_dir=cache_dir, local_files_only=local_only)
-        processor = CLIPProcessor.from_pretrained(source, cache_dir=cache_dir, local_files_only=local_only)
+        net = CLIPModel.from_pretrained(source, cache_dir=cache, local_files_only=local_only)
+        processor = CLIPProcessor.from_pretrained(source, cache_dir=cache, local_files_only=local_only)
         return HfClipEncoder(net, processor, interpolation)
 
     return load_hf(load, model, cache_dir=cache_dir, local_files_only=local_files_only,

@@ -21,7 +21,14 @@ from cmrp.rewards._ops import (
 )
 from cmrp.rewards.base import RewardContext, RewardOutput
 from cmrp.rewards.inputs import check_images, check_inputs
-from cmrp.rewards.pretrained import MissingModel, hf_fetch_hint, hf_load_how, hf_model_missing, load_hf
+from cmrp.rewards.pretrained import (
+    MissingModel,
+    hf_fetch_hint,
+    hf_hub_cache,
+    hf_load_how,
+    hf_model_missing,
+    load_hf,
+)
 
 __all__ = ["Dinov2Features", "TrainsetPenalty", "band_penalty", "dinov2_repo", "load_dinov2", "pixel_features"]
 
@@ -82,8 +89,10 @@ def load_dinov2(
             f"transformers`, or use `model: pixel` or pass a `features=` callable."
         ) from None
 
+    cache = str(hf_hub_cache(cache_dir))  # the environment now, as check() reads it (not at import)
+
     def load(source: str, local_only: bool) -> Dinov2Features:
-        net = Dinov2Model.from_pretrained(source, cache_dir=cache_dir, local_files_only=local_only)
+        net = Dinov2Model.from_pretrained(source, cache_dir=cache, local_files_only=local_only)
         return Dinov2Features(net, image_size)
 
     return load_hf(load, repo, cache_dir=cache_dir, local_files_only=local_files_only,

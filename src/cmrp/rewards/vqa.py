@@ -15,7 +15,14 @@ from cmrp.registry import REWARDS
 from cmrp.rewards._ops import module_device
 from cmrp.rewards.base import RewardContext, RewardOutput, VQAQuestion
 from cmrp.rewards.inputs import check_inputs
-from cmrp.rewards.pretrained import MissingModel, hf_fetch_hint, hf_load_how, hf_model_missing, load_hf
+from cmrp.rewards.pretrained import (
+    MissingModel,
+    hf_fetch_hint,
+    hf_hub_cache,
+    hf_load_how,
+    hf_model_missing,
+    load_hf,
+)
 
 __all__ = ["BlipVqaAnswerer", "VqaConsistency", "load_blip_vqa", "match_option", "normalise_answer", "score_answer",
            "token_f1"]
@@ -149,9 +156,11 @@ def load_blip_vqa(model: str, *, cache_dir: str | None = None, local_files_only:
         raise WeightsError(f"vqa_consistency `model: {model}` needs the transformers package ({err}): "
                            "`pip install transformers`, or drop `model:` for self-VQA.") from None
 
+    cache = str(hf_hub_cache(cache_dir))  # the environment now, as check() reads it (not at import)
+
     def load(source: str, local_only: bool) -> BlipVqaAnswerer:
-        net = BlipForQuestionAnswering.from_pretrained(source, cache_dir=cache_dir, local_files_only=local_only)
-        processor = BlipProcessor.from_pretrained(source, cache_dir=cache_dir, local_files_only=local_only)
+        net = BlipForQuestionAnswering.from_pretrained(source, cache_dir=cache, local_files_only=local_only)
+        processor = BlipProcessor.from_pretrained(source, cache_dir=cache, local_files_only=local_only)
         return BlipVqaAnswerer(net, processor, max_length)
 
     return load_hf(load, model, cache_dir=cache_dir, local_files_only=local_files_only,
