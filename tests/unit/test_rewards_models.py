@@ -242,3 +242,14 @@ def test_the_paper_presets_use_the_release_models_and_cite_their_source():
     for name in ("unicharacter", "unicharacter_release"):
         text = (resources.asset_dir("rewards") / f"{name}.yaml").read_text()
         assert "Tangc03/UniCharacter @ bb50c54" in text and "config/grpo.py:179-186" in text
+
+
+def test_cmrp_validate_lists_missing_reward_weights_without_failing(empty_caches, capsys):
+    from cmrp.cli import main
+
+    assert main(["validate", "recipes/bagel/sft_grpo.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("OK: ") and "note: reward preset 'unicharacter': 4 pretrained models" in out
+    assert "`hf download facebook/dinov2-base`" in out
+    assert main(["validate", "quickstart"]) == 0
+    assert "note:" not in capsys.readouterr().out  # the sandbox reward needs no downloads
