@@ -62,7 +62,8 @@ BAD = {
     "too few prompts": (IMAGES, PROMPTS[:3], IDS, "3 prompts for 4 images"),
     "one string": (IMAGES, "a", IDS, "prompts must be a list of 4 strings"),
     "short group ids": (IMAGES, PROMPTS, IDS[:3], "group_ids must have shape \\(4,\\), one id per image, got \\(3,\\)"),
-    "float group ids": (IMAGES, PROMPTS, IDS.float(), "group_ids must be integers, got dtype torch.float32"),
+    "fractional group ids": (IMAGES, PROMPTS, IDS.float() + 0.5, "group_ids must be integers, got torch.float32 values"),
+    "NaN group ids": (IMAGES, PROMPTS, torch.tensor([0.0, 0.0, 1.0, math.nan]), "group_ids must be integers"),
     "2-d group ids": (IMAGES, PROMPTS, IDS.view(2, 2), "group_ids must have shape \\(4,\\)"),
 }
 
@@ -83,6 +84,7 @@ def test_uint8_images_and_list_group_ids_are_accepted_and_converted():
     images, prompts, ids = check_inputs("reward", uint8, tuple(PROMPTS), [0, 0, 1, 1])
     assert images.dtype == torch.float32 and torch.allclose(images, IMAGES, atol=0.5 / 255 + 1e-6)
     assert prompts == PROMPTS and ids.dtype == torch.long
+    assert check_inputs("reward", IMAGES, PROMPTS, torch.zeros(4))[2].tolist() == [0, 0, 0, 0]  # whole floats
     reward = Composite({"brightness": (1.0, Brightness())})
     assert torch.allclose(reward(uint8, PROMPTS, group_ids=IDS).scores, Brightness()(IMAGES, PROMPTS, group_ids=IDS).scores,
                           atol=1e-2)

@@ -82,7 +82,8 @@ def check_prompts(prompts: Any, batch: int, where: str) -> list[str]:
 
 
 def check_group_ids(group_ids: Any, batch: int, where: str) -> torch.Tensor:
-    """Integer group ids `[batch]` (equal id = same GRPO group) as a long tensor on the CPU."""
+    """Integer group ids `[batch]` (equal id = same GRPO group) as a long tensor on the CPU; floats are
+    accepted only when every value is a whole number."""
     if isinstance(group_ids, torch.Tensor):
         ids = group_ids
     else:
@@ -94,10 +95,11 @@ def check_group_ids(group_ids: Any, batch: int, where: str) -> torch.Tensor:
     if ids.dim() != 1 or ids.shape[0] != batch:
         raise RewardInputError(f"{where}: group_ids must have shape ({batch},), one id per image, "
                                f"got {_shape(ids)}")
-    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise RewardInputError(f"{where}: group_ids must be integers, got dtype {ids.dtype} "
-                               "(number the groups 0, 1, 2, ...)")
-    return ids.long().cpu()
+    if ids.is_complex() or ids.dtype == torch.bool or (
+            ids.is_floating_point() and not bool((torch.isfinite(ids) & (ids == ids.round())).all())):
+        raise RewardInputError(f"{where}: group_ids must be integers, got {ids.dtype} values "
+                               f"{ids.flatten()[:4].tolist()} (number the groups 0, 1, 2, ...)")
+    return ids.long().cpu()  # integral floats (torch.zeros(B)) are fine
 
 
 def check_inputs(where: str, images: Any, prompts: Any, group_ids: Any) -> tuple[torch.Tensor, list[str], torch.Tensor]:
