@@ -184,16 +184,12 @@ def load_feature_set(name: str, *, clip_model: str = "openai/clip-vit-large-patc
         raise WeightsError(f"--features {name!r}: choose one of {', '.join(FEATURE_SETS)}")
     from cmrp.rewards.clip import load_hf_clip
     from cmrp.rewards.diversity import lpips_backbone_missing
-    from cmrp.rewards.pretrained import MissingModel, hf_fetch_hint, hf_model_missing, missing_models_error
+    from cmrp.rewards.pretrained import MissingModel, missing_hf_model, missing_models_error
     from cmrp.rewards.trainset import dinov2_repo, load_dinov2
 
     who = "cmrp eval --features pretrained"
-    missing = []
-    if hf_model_missing(clip_model, processor=True):
-        missing.append(MissingModel("CLIP-T / CLIP-I", f"{clip_model} (transformers CLIPModel)", hf_fetch_hint(clip_model)))
-    if hf_model_missing(dinov2_repo(dino_model)):
-        repo = dinov2_repo(dino_model)
-        missing.append(MissingModel("DINO", f"{repo} (transformers Dinov2Model)", hf_fetch_hint(repo)))
+    missing = missing_hf_model("CLIP-T / CLIP-I", clip_model, "CLIPModel", processor=True)
+    missing += missing_hf_model("DINO", dinov2_repo(dino_model), "Dinov2Model")
     lpips_missing = lpips_backbone_missing(lpips_net)
     if lpips_missing is not None:
         missing.append(MissingModel("diversity (LPIPS)", lpips_missing.model, lpips_missing.fix))

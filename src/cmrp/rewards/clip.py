@@ -22,14 +22,7 @@ from cmrp.rewards._ops import (
 )
 from cmrp.rewards.base import RewardContext, RewardOutput
 from cmrp.rewards.inputs import check_images, check_inputs
-from cmrp.rewards.pretrained import (
-    MissingModel,
-    hf_fetch_hint,
-    hf_hub_cache,
-    hf_load_how,
-    hf_model_missing,
-    load_hf,
-)
+from cmrp.rewards.pretrained import MissingModel, hf_fetch_hint, load_transformers, missing_hf_model
 
 __all__ = ["ClipSimilarity", "HfClipEncoder", "OpenClipEncoder", "load_hf_clip", "load_open_clip"]
 
@@ -203,24 +196,12 @@ class HfClipEncoder:
 def load_hf_clip(model: str, *, cache_dir: str | None = None, local_files_only: bool | None = None,
                  interpolation: str | None = None) -> HfClipEncoder:
     """A transformers CLIP (hub id such as `openai/clip-vit-large-patch14`, or a local directory) with its processor;
-    from local files first, the hub only when not offline (see `cmrp.rewards.pretrained.load_hf`)."""
-    try:
-        from transformers import CLIPModel, CLIPProcessor
-    except ImportError as err:
-        raise WeightsError(f"clip_similarity `library: transformers` needs the transformers package ({err}): "
-                           "`pip install transformers`, or pass an `encoder=` object to the term.") from None
-
-    cache = str(hf_hub_cache(cache_dir))  # the environment now, as check() reads it (not at import)
-
-    def load(source: str, local_only: bool) -> HfClipEncoder:
-        net = CLIPModel.from_pretrained(source, cache_dir=cache, local_files_only=local_only)
-        processor = CLIPProcessor.from_pretrained(source, cache_dir=cache, local_files_only=local_only)
-        return HfClipEncoder(net, processor, interpolation)
-
-    return load_hf(load, model, cache_dir=cache_dir, local_files_only=local_files_only,
-                   what=f"clip_similarity: CLIP model {model!r}",
-                   how=hf_load_how(model, cache_dir, "or set the clip_similarity kwarg `model:` to a local directory "
-                                   "holding a CLIPModel/CLIPProcessor `save_pretrained` copy, or pass an `encoder=`."))
+    from local files first, the hub only when not offline (see `cmrp.rewards.pretrained.load_transformers`)."""
+    return load_transformers(
+        model, ("CLIPModel", "CLIPProcessor"), lambda net, processor: HfClipEncoder(net, processor, interpolation),
+        cache_dir=cache_dir, local_files_only=local_files_only, what=f"clip_similarity: CLIP model {model!r}",
+        alternative="or set the clip_similarity kwarg `model:` to a local directory holding a CLIPModel/CLIPProcessor "
+                    "`save_pretrained` copy, or pass an `encoder=` object to the term.")
 
 
 def open_clip_missing(model: str, pretrained: str, cache_dir: str | None = None) -> MissingModel | None:
@@ -316,11 +297,8 @@ class ClipSimilarity:
         if self.encoder is not None or self._named is not None:
             return []
         if self.library == "transformers":
-            if hf_model_missing(self.model, cache_dir=self.cache_dir, processor=True):
-                return [MissingModel("clip_similarity", f"{self.model} (transformers CLIPModel + CLIPProcessor)",
-                                     hf_fetch_hint(self.model, self.cache_dir),
-                                     "or set the kwarg `model:` to a local save_pretrained directory")]
-            return []
+            return missing_hf_model("clip_similarity", self.model, "CLIPModel + CLIPProcessor", cache_dir=self.cache_dir,
+                                    processor=True, alternative="or set the kwarg `model:` to a local directory")
         missing = open_clip_missing(self.model, self.pretrained, self.cache_dir)
         return [missing] if missing is not None else []
 

@@ -26,7 +26,8 @@ __all__ = [
     "hf_hub_cache",
     "hf_load_how",
     "hf_model_missing",
-    "load_hf",
+    "load_transformers",
+    "missing_hf_model",
     "missing_models_error",
     "offline",
     "torch_checkpoints_dir",
@@ -121,6 +122,14 @@ def hf_model_missing(repo: str, *, cache_dir: str | None = None, processor: bool
     return not all(any(cached(f) for f in group) for group in groups)
 
 
+def missing_hf_model(who: str, repo: str, classes: str, *, cache_dir: str | None = None, processor: bool = False,
+                     alternative: str = "") -> list[MissingModel]:
+    """`[MissingModel]` for a hub model not on this machine (see `hf_model_missing`), else `[]`."""
+    if not hf_model_missing(repo, cache_dir=cache_dir, processor=processor):
+        return []
+    return [MissingModel(who, f"{repo} (transformers {classes})", hf_fetch_hint(repo, cache_dir), alternative)]
+
+
 def torch_file_missing(url: str) -> Path | None:
     """The path a torch.hub / torchvision download of `url` would be cached at, if it is not there yet."""
     path = torch_checkpoints_dir() / url.rsplit("/", 1)[-1]
@@ -146,13 +155,23 @@ def missing_models_error(missing: Sequence[MissingModel], header: str, footer: s
     return WeightsError("\n".join(lines))
 
 
-def load_hf(load: Callable[[str, bool], T], repo: str, *, cache_dir: str | None, local_files_only: bool | None,
-            what: str, how: str) -> T:
-    """`load(source, local_only)` from a local directory or the hub cache first; from the hub only when not
-    offline and `local_files_only` is not True. Any failure is a WeightsError: `what` names the model,
-    `how` says how to provide it."""
+def load_transformers(repo: str, classes: Sequence[str], build: Callable[..., T], *, cache_dir: str | None,
+                      local_files_only: bool | None, what: str, alternative: str) -> T:
+    """`build(*parts)` from the transformers `classes` (a model, its processor ...) loaded with `from_pretrained`
+    from `repo`: a local directory, or the hub cache first and the hub itself only when not offline and
+    `local_files_only` is not True. Any failure is one WeightsError: `what` names the model, then how to
+    provide it and `alternative` (what to do instead)."""
     from cmrp.rewards._ops import reason
 
+    try:
+        import transformers
+
+        parts = [getattr(transformers, name) for name in classes]
+    except ImportError as err:
+        raise WeightsError(f"{what} needs the transformers package ({err}): `pip install transformers`, "
+                           f"{alternative}") from None
+    cache = str(hf_hub_cache(cache_dir))  # the environment now, as the checks read it (not at import)
+    how = hf_load_how(repo, cache_dir, alternative)
     path = Path(repo).expanduser()
     is_local = path.exists()
     if not is_local and _is_local_reference(repo):
@@ -167,7 +186,7 @@ def load_hf(load: Callable[[str, bool], T], repo: str, *, cache_dir: str | None,
     error: Exception = RuntimeError("no attempt made")
     for local_only in attempts:
         try:
-            return load(source, local_only)
+            return build(*(cls.from_pretrained(source, cache_dir=cache, local_files_only=local_only) for cls in parts))
         except Exception as err:  # missing files / no network come as OSError, ValueError, ...
             error = err
     raise WeightsError(f"{what} could not be loaded from {repo!r}: {reason(error)}. {how}") from None

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cmrp.errors import ConfigError, WeightsError
+from cmrp.errors import ConfigError
 from cmrp.registry import REWARDS
 from cmrp.rewards._ops import (
     IdentityCache,
@@ -21,14 +21,7 @@ from cmrp.rewards._ops import (
 )
 from cmrp.rewards.base import RewardContext, RewardOutput
 from cmrp.rewards.inputs import check_images, check_inputs
-from cmrp.rewards.pretrained import (
-    MissingModel,
-    hf_fetch_hint,
-    hf_hub_cache,
-    hf_load_how,
-    hf_model_missing,
-    load_hf,
-)
+from cmrp.rewards.pretrained import MissingModel, load_transformers, missing_hf_model
 
 __all__ = ["Dinov2Features", "TrainsetPenalty", "band_penalty", "dinov2_repo", "load_dinov2", "pixel_features"]
 
@@ -78,25 +71,12 @@ def load_dinov2(
     directory. The local cache is tried first; the hub only when not offline and `local_files_only`
     is not True. Raises WeightsError saying how to provide the weights."""
     repo = dinov2_repo(model)
-    how = hf_load_how(repo, cache_dir, "or set the trainset_penalty kwarg `model:` to a local directory holding the "
-                      "model's config.json and weights (a `save_pretrained` copy). Without weights use `model: pixel` "
-                      "or pass a `features=` callable.")
-    try:
-        from transformers import Dinov2Model
-    except ImportError as err:
-        raise WeightsError(
-            f"trainset_penalty model {model!r} needs the transformers package ({err}): `pip install "
-            f"transformers`, or use `model: pixel` or pass a `features=` callable."
-        ) from None
-
-    cache = str(hf_hub_cache(cache_dir))  # the environment now, as check() reads it (not at import)
-
-    def load(source: str, local_only: bool) -> Dinov2Features:
-        net = Dinov2Model.from_pretrained(source, cache_dir=cache, local_files_only=local_only)
-        return Dinov2Features(net, image_size)
-
-    return load_hf(load, repo, cache_dir=cache_dir, local_files_only=local_files_only,
-                   what=f"trainset_penalty: DINOv2 model {repo!r}", how=how)
+    return load_transformers(
+        repo, ("Dinov2Model",), lambda net: Dinov2Features(net, image_size), cache_dir=cache_dir,
+        local_files_only=local_files_only, what=f"trainset_penalty: DINOv2 model {repo!r}",
+        alternative="or set the trainset_penalty kwarg `model:` to a local directory holding the model's config.json "
+                    "and weights (a `save_pretrained` copy); without weights use `model: pixel` or pass a `features=` "
+                    "callable.")
 
 
 def band_penalty(similarity: torch.Tensor, tau_low: float, tau_high: float, scale: float) -> torch.Tensor:
@@ -173,11 +153,8 @@ class TrainsetPenalty:
         """The DINOv2 files the first call would load and cannot find locally (nothing is loaded)."""
         if self.features is not None or self._named is not None:
             return []
-        repo = dinov2_repo(self.model)
-        if hf_model_missing(repo, cache_dir=self.cache_dir):
-            return [MissingModel("trainset_penalty", f"{repo} (transformers Dinov2Model)", hf_fetch_hint(repo, self.cache_dir),
-                                 "or set the kwarg `model:` to a local save_pretrained directory")]
-        return []
+        return missing_hf_model("trainset_penalty", dinov2_repo(self.model), "Dinov2Model", cache_dir=self.cache_dir,
+                                alternative="or set the kwarg `model:` to a local directory")
 
     @torch.no_grad()
     def __call__(

@@ -10,19 +10,12 @@ from typing import Any
 
 import torch
 
-from cmrp.errors import ConfigError, WeightsError
+from cmrp.errors import ConfigError
 from cmrp.registry import REWARDS
 from cmrp.rewards._ops import module_device
 from cmrp.rewards.base import RewardContext, RewardOutput, VQAQuestion
 from cmrp.rewards.inputs import check_inputs
-from cmrp.rewards.pretrained import (
-    MissingModel,
-    hf_fetch_hint,
-    hf_hub_cache,
-    hf_load_how,
-    hf_model_missing,
-    load_hf,
-)
+from cmrp.rewards.pretrained import MissingModel, load_transformers, missing_hf_model
 
 __all__ = ["BlipVqaAnswerer", "VqaConsistency", "load_blip_vqa", "match_option", "normalise_answer", "score_answer",
            "token_f1"]
@@ -148,23 +141,12 @@ class BlipVqaAnswerer:
 def load_blip_vqa(model: str, *, cache_dir: str | None = None, local_files_only: bool | None = None,
                   max_length: int = 50) -> BlipVqaAnswerer:
     """BLIP VQA (`Salesforce/blip-vqa-base`, or a local directory) with its processor, local files first."""
-    how = hf_load_how(model, cache_dir, "or set the vqa_consistency kwarg `model:` to a local save_pretrained "
-                      "directory, or drop it for self-VQA.")
-    try:
-        from transformers import BlipForQuestionAnswering, BlipProcessor
-    except ImportError as err:
-        raise WeightsError(f"vqa_consistency `model: {model}` needs the transformers package ({err}): "
-                           "`pip install transformers`, or drop `model:` for self-VQA.") from None
-
-    cache = str(hf_hub_cache(cache_dir))  # the environment now, as check() reads it (not at import)
-
-    def load(source: str, local_only: bool) -> BlipVqaAnswerer:
-        net = BlipForQuestionAnswering.from_pretrained(source, cache_dir=cache, local_files_only=local_only)
-        processor = BlipProcessor.from_pretrained(source, cache_dir=cache, local_files_only=local_only)
-        return BlipVqaAnswerer(net, processor, max_length)
-
-    return load_hf(load, model, cache_dir=cache_dir, local_files_only=local_files_only,
-                   what=f"vqa_consistency: BLIP VQA model {model!r}", how=how)
+    return load_transformers(
+        model, ("BlipForQuestionAnswering", "BlipProcessor"),
+        lambda net, processor: BlipVqaAnswerer(net, processor, max_length),
+        cache_dir=cache_dir, local_files_only=local_files_only, what=f"vqa_consistency: BLIP VQA model {model!r}",
+        alternative="or set the vqa_consistency kwarg `model:` to a local save_pretrained directory, or drop it "
+                    "for self-VQA.")
 
 
 def _ask(
@@ -222,12 +204,9 @@ class VqaConsistency:
         """The BLIP files the first call would load and cannot find locally (self-VQA needs none)."""
         if self.answerer is not None or self.model is None:
             return []
-        if hf_model_missing(self.model, cache_dir=self.cache_dir, processor=True):
-            return [MissingModel("vqa_consistency", f"{self.model} (transformers BlipForQuestionAnswering + BlipProcessor)",
-                                 hf_fetch_hint(self.model, self.cache_dir),
-                                 "or set the kwarg `model:` to a local save_pretrained directory, or drop it for "
-                                 "self-VQA")]
-        return []
+        return missing_hf_model("vqa_consistency", self.model, "BlipForQuestionAnswering + BlipProcessor",
+                                cache_dir=self.cache_dir, processor=True,
+                                alternative="or set the kwarg `model:` to a local directory, or drop it for self-VQA")
 
     def _answerer(self, context: RewardContext | None, device: torch.device) -> Any:
         with self._lock:
