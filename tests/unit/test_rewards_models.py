@@ -5,7 +5,6 @@ the UniCharacter models (transformers CLIP, BLIP-VQA, DINOv2) work on tiny rando
 from __future__ import annotations
 
 import socket
-import time
 
 import pytest
 import torch
@@ -45,11 +44,9 @@ def empty_caches(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("preset", ["unicharacter", "unicharacter_release"])
-def test_building_the_paper_reward_without_weights_lists_every_missing_model_fast(empty_caches, preset):
-    start = time.perf_counter()
+def test_building_the_paper_reward_without_weights_lists_every_missing_model(empty_caches, preset):
     with pytest.raises(WeightsError) as err:
         build_reward(load_reward_preset(preset))
-    elapsed = time.perf_counter() - start
     message = str(err.value)
     assert message.startswith(f"reward preset {preset!r}: 4 pretrained models not on this machine")
     for model in UNICHARACTER_MODELS:
@@ -58,7 +55,38 @@ def test_building_the_paper_reward_without_weights_lists_every_missing_model_fas
                 "`hf download facebook/dinov2-base`", f"into {empty_caches / 'torch' / 'hub' / 'checkpoints'}/"):
         assert fix in message
     assert str(empty_caches / "hf" / "hub") in message
-    assert elapsed < 5.0  # well under 1 s on an idle machine; the bound only catches a load or a download
+
+
+FRESH_BUILD = """
+import socket, sys, time
+def no_network(*args, **kwargs):
+    raise AssertionError("a socket was opened")
+socket.socket.connect = socket.socket.connect_ex = no_network
+start = time.perf_counter()
+from cmrp.config import load_reward_preset
+from cmrp.errors import WeightsError
+from cmrp.rewards import build_reward
+try:
+    build_reward(load_reward_preset("unicharacter"))
+except WeightsError as err:
+    print("listed", str(err).count("  - "))
+print("seconds", round(time.perf_counter() - start, 3))
+print("loaded", ",".join(m for m in ("transformers", "open_clip", "lpips", "torchvision", "torchmetrics") if m in sys.modules))
+"""
+
+
+def test_the_check_loads_no_model_library_in_a_fresh_process(tmp_path):
+    """Why failing is fast: the check reads file names only — no model library is even imported."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch")}
+    env.pop("HF_HUB_CACHE", None)
+    proc = subprocess.run([sys.executable, "-c", FRESH_BUILD], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = dict(line.split(" ", 1) if " " in line else (line, "") for line in proc.stdout.splitlines())
+    assert lines["listed"] == "4" and lines["loaded"] == ""  # `seconds`: printed for the curious, not asserted
 
 
 def test_check_passes_once_the_files_are_in_the_caches(empty_caches):
