@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ def _one_to_chw(image: Any) -> torch.Tensor:
         return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
     tensor = _as_tensor(image)
     if tensor.dim() != 3:
-        raise ValueError(f"expected an image with 3 dimensions (HWC or CHW), got shape {tuple(tensor.shape)}")
+        raise RewardInputError(f"expected an image with 3 dimensions (HWC or CHW), got shape {tuple(tensor.shape)}")
     return tensor.permute(2, 0, 1) if _channels_last(tensor.shape) else tensor
 
 
@@ -57,7 +58,7 @@ def to_image_tensor(images: Any) -> torch.Tensor:
         images = _as_tensor(images)
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         got = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
-        raise ValueError(f"expected a batch of images [B,3,H,W] or [B,H,W,3], got {got}")
+        raise RewardInputError(f"expected a batch of images [B,3,H,W] or [B,H,W,3], got {got}")
     if _channels_last(images.shape):
         images = images.permute(0, 3, 1, 2)
     if images.dtype == torch.uint8:
@@ -104,7 +105,8 @@ def _questions(items: Any) -> list[VQAQuestion]:
     return out
 
 
-_folder_cache: dict[tuple[str, tuple[int, int]], torch.Tensor] = {}
+_FOLDERS_KEPT = 4  # characters' reference sets kept loaded (one tensor each, so the terms' feature caches hit)
+_folder_cache: OrderedDict[tuple[str, tuple[int, int]], torch.Tensor] = OrderedDict()
 _folder_lock = threading.Lock()
 
 
@@ -116,6 +118,7 @@ def _folder_images(folder: str | Path, size: tuple[int, int], root: str | Path |
     key = (str(path.resolve()), size)
     with _folder_lock:
         if key in _folder_cache:
+            _folder_cache.move_to_end(key)
             return _folder_cache[key]
     if not path.is_dir():
         raise RewardInputError(f"reference_images_path {str(folder)!r}: no such folder (looked at {path}); "
@@ -129,6 +132,8 @@ def _folder_images(folder: str | Path, size: tuple[int, int], root: str | Path |
     images = load_images([ImageRef(f.stem, f) for f in files], size)
     with _folder_lock:
         _folder_cache[key] = images
+        while len(_folder_cache) > _FOLDERS_KEPT:
+            _folder_cache.popitem(last=False)
     return images
 
 
@@ -168,9 +173,10 @@ def _multi_scores(out: RewardOutput, abstain_value: float) -> dict[str, list[flo
         bad = torch.isnan(total).nonzero(as_tuple=True)[0].tolist()
         reasons = {name: entry["info"].get("abstained") for name, entry in out.info.items()
                    if isinstance(entry, Mapping) and isinstance(entry.get("info"), Mapping)}
-        why = "; ".join(f"{name}: {text}" for name, text in reasons.items() if text) or "every term abstained"
+        why = "; ".join(f"{name}: {text}" for name, text in reasons.items() if text) or out.info.get("abstained")
         raise RewardInputError(f"every reward term abstained for samples {bad[:8]}, so `avg` has no value there and "
-                               f"Flow-GRPO's advantages would be NaN ({why}); give the terms what they need")
+                               f"Flow-GRPO's advantages would be NaN ({why or 'no reason given'}); give the terms "
+                               "what they need")
     details = {"avg": total.tolist()}
     for name, entry in out.info.items():
         if isinstance(entry, Mapping) and isinstance(entry.get("scores"), torch.Tensor):

@@ -152,7 +152,6 @@ class HfClipEncoder:
     CLIPScore does, so both give the same embeddings); `bilinear` / `bicubic` resize tensors directly
     (short side to the processor's size, centre crop, its mean/std), as UniCharacter's CLIP scorer does
     with torchvision transforms (flow_grpo/flow_grpo/clip_scorer.py:23-29, bilinear by default).
-    `logit_scale`: the model's learned temperature (100 for OpenAI CLIP), so `logits_per_image = logit_scale * cos`.
     """
 
     def __init__(self, model: Any, processor: Any, interpolation: str | None = None):
@@ -164,7 +163,6 @@ class HfClipEncoder:
         self.crop = _size(getattr(image_processor, "crop_size", None) or {}, "height", self.size)
         self.mean = tuple(getattr(image_processor, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073))
         self.std = tuple(getattr(image_processor, "image_std", None) or (0.26862954, 0.26130258, 0.27577711))
-        self.logit_scale = float(model.logit_scale.exp()) if hasattr(model, "logit_scale") else 100.0
 
     @property
     def device(self) -> torch.device:
