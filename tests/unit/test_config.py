@@ -528,7 +528,8 @@ def test_shipped_reward_presets_match_the_paper():
         "lpips_diversity": 0.1,
         "trainset_penalty": 0.15,
     }
-    assert terms["trainset_penalty"]["kwargs"] == {"tau_low": 0.5, "tau_high": 0.9}
+    kwargs = terms["trainset_penalty"]["kwargs"]
+    assert (kwargs["tau_low"], kwargs["tau_high"]) == (0.5, 0.9)
     for ablation, dropped in [
         ("no_vqa", "vqa_consistency"),
         ("no_clip", "clip_similarity"),

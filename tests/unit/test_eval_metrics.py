@@ -187,3 +187,180 @@ def test_report_helpers():
     rows = delta_table({"acc": 0.75, "items": 8}, {"acc": 0.5, "items": 8})
     assert rows == [("acc", 0.75, 0.5, 0.25), ("items", 8, 8, None)]
     assert png_data_uri(torch.rand(3, 4, 4)).startswith("data:image/png;base64,")
+
+
+# --- torchmetrics: CLIPScore, LPIPS, FID / KID; the pretrained feature set ------------------------------
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_clip_t_is_torchmetrics_clipscore_for_a_transformers_clip(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    import torchmetrics.functional.multimodal as tm
+
+    from cmrp.rewards.clip import load_hf_clip
+    from tests.unit import tiny_hf
+
+    encoder = load_hf_clip(str(tiny_hf.clip_dir(tmp_path)), local_files_only=True)
+    calls = []
+    real = tm.clip_score
+    monkeypatch.setattr(tm, "clip_score", lambda *a, **k: calls.append(1) or real(*a, **k))
+    images, texts = _images(3, seed=1), ["a red cat", "blue", "green grass"]
+    value = M.clip_t(encoder, images, texts)
+    assert calls == [1]
+    # torchmetrics (processor preprocessing, floored at 0) equals our encoder's paired cosine
+    cosine = M.paired_cosine(encoder.encode_image(images), encoder.encode_text(texts))
+    assert value == pytest.approx(max(cosine, 0.0), abs=1e-5)
+
+
+class PooledFeatures(torch.nn.Module):
+    """A tiny FID feature net: 2x2 average-pooled pixels (12 features)."""
+
+    num_features = 12
+
+    def forward(self, images):
+        return torch.nn.functional.adaptive_avg_pool2d(images.float(), 2).flatten(1)
+
+
+def _frechet(a: torch.Tensor, b: torch.Tensor) -> float:
+    """FID from its definition: |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), sample covariances."""
+    import numpy as np
+    import scipy.linalg
+
+    a, b = a.double().numpy(), b.double().numpy()
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = scipy.linalg.sqrtm(sa @ sb).real
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sa + sb - 2 * root))
+
+
+def test_fid_and_kid_through_torchmetrics_with_a_small_sample_guard():
+    net = PooledFeatures()
+    real, fake = _images(40, seed=2), (_images(30, seed=3) * 0.3 + 0.7)
+    same = M.fid_kid(net, real, real)
+    out = M.fid_kid(net, real, fake, kid_subsets=10)
+    assert same["fid"] == pytest.approx(0.0, abs=1e-4)
+    assert out["fid"] == pytest.approx(_frechet(net(real), net(fake)), rel=1e-3) and out["fid"] > 0.01
+    assert abs(same["kid_mean"]) < 0.01 * out["kid_mean"]  # KID is unbiased: about 0 for one distribution
+    assert (out["fid_real_images"], out["fid_generated_images"]) == (40, 30)
+    tiny = M.fid_kid(net, real[:1], fake)
+    assert math.isnan(tiny["fid"]) and math.isnan(tiny["kid_mean"]) and "at least 2" in tiny["fid_note"]
+    assert math.isfinite(M.fid_kid(net, real[:3], fake[:2])["kid_mean"])  # KID subsets shrink to the smaller set
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_torchmetrics_lpips_distance_per_pair(monkeypatch):
+    import torchmetrics.functional.image.lpips as tm_lpips
+
+    from cmrp.evaluation.features import LpipsMetric
+
+    original = tm_lpips._get_tv_model_features  # a random AlexNet instead of ImageNet weights (no download)
+    monkeypatch.setattr(tm_lpips, "_get_tv_model_features", lambda net, pretrained=False: original(net, False))
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    distance = LpipsMetric(LearnedPerceptualImagePatchSimilarity(net_type="alex", reduction="none", normalize=True))
+    a, b = _images(3, seed=4).repeat_interleave(1, 0), _images(3, seed=5)
+    a = torch.nn.functional.interpolate(a, size=32)
+    b = torch.nn.functional.interpolate(b, size=32)
+    d = distance(a, torch.cat([a[:1], b[1:]]))
+    assert d.shape == (3,) and d[0].item() == pytest.approx(0.0, abs=1e-6) and (d[1:] > 0).all()
+    ids = torch.tensor([0, 0, 1])
+    assert M.within_prompt_diversity(distance, a, ids) == pytest.approx(distance(a[:1], a[1:2]).item(), abs=1e-6)
+
+
+def test_pretrained_features_without_weights_list_every_missing_model_and_only_real_options(tmp_path, monkeypatch):
+    import socket
+
+    from cmrp.errors import WeightsError
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(socket.socket, "connect", lambda *a: (_ for _ in ()).throw(AssertionError("network")))
+    with pytest.raises(WeightsError) as err:
+        load_feature_set("pretrained")
+    message = str(err.value)
+    assert message.startswith("cmrp eval --features pretrained: 3 pretrained models not on this machine")
+    for model in ("openai/clip-vit-large-patch14", "facebook/dinov2-small", "alexnet-owt-7be5be79.pth"):
+        assert model in message
+    assert "`--features sandbox`" in message and "`--features pixel`" in message
+    assert "kwarg" not in message  # eval has no term kwargs to set
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_pretrained_feature_set_loads_local_models_and_notes_missing_inception(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    import cmrp.evaluation.features as F
+    from cmrp.rewards.clip import HfClipEncoder
+    from cmrp.rewards.trainset import Dinov2Features
+    from tests.unit import tiny_hf
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    hub = tmp_path / "hf" / "hub"
+    tiny_hf.fake_hub_cache(hub, "openai/clip-vit-large-patch14", tiny_hf.clip_dir(tmp_path))
+    tiny_hf.fake_hub_cache(hub, "facebook/dinov2-small", tiny_hf.dinov2_dir(tmp_path))
+    monkeypatch.setattr("cmrp.rewards.diversity.lpips_backbone_missing", lambda net: None)
+    monkeypatch.setattr(F, "load_lpips_metric", lambda net: F.LpipsMetric(torch.nn.Identity()))
+    feats = load_feature_set("pretrained")
+    assert isinstance(feats.clip, HfClipEncoder) and feats.clip.interpolation is None
+    assert isinstance(feats.dino, Dinov2Features) and feats.inception is None
+    assert feats.notes and "FID/KID not computed" in feats.notes[0] and "weights-inception" in feats.notes[0]
+
+
+def test_t2i_reports_fid_and_kid_when_the_feature_set_has_an_inception_net():
+    from types import SimpleNamespace
+
+    from cmrp.data.tasks import ImagePrompt
+    from cmrp.evaluation.features import FeatureSet
+    from cmrp.evaluation.runner import EvalOptions, ModelEval, _t2i
+    from cmrp.rewards.diversity import pixel_distance
+    from cmrp.rewards.trainset import pixel_features
+
+    class Sampler:
+        def sample_images(self, contexts, n, steps, seed, **kwargs):
+            return SimpleNamespace(images=_images(len(contexts) * n, seed=seed + 7))
+
+    character = SimpleNamespace(train=SimpleNamespace(images={}), test=SimpleNamespace(images={}),
+                                profile=SimpleNamespace(fields={}))
+    prompts = [ImagePrompt(Example("t2i", [Segment("text", "user", f"draw {i}")]), f"a red thing {i}") for i in range(3)]
+    refs = _images(5, seed=9)
+    numbers = {}
+    for inception in (None, PooledFeatures()):
+        result = ModelEval()
+        feats = FeatureSet("pixel", ColourWordClip(), pixel_features, pixel_distance, inception)
+        _t2i(Sampler(), character, prompts, feats, refs, EvalOptions(samples=2, batch_size=8), result)
+        numbers[inception is None] = result.numbers["t2i"]
+    assert "fid" not in numbers[True]
+    got = numbers[False]
+    assert (got["fid_real_images"], got["fid_generated_images"]) == (5, 6)
+    assert got["fid"] == pytest.approx(_frechet(PooledFeatures()(refs), PooledFeatures()(_images(6, seed=7))), rel=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore")
+def test_inception_loads_from_the_torch_hub_cache_only(tmp_path, monkeypatch):
+    """FID's InceptionV3 is read from $TORCH_HOME/hub/checkpoints (a random-weights file of the right layout
+    here) and never downloaded; without the file FID/KID are skipped with the fix."""
+    fidelity = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    import socket
+
+    from cmrp.evaluation.features import INCEPTION_URL, inception_missing, load_inception
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(socket.socket, "connect", lambda *a: (_ for _ in ()).throw(AssertionError("network")))
+    assert INCEPTION_URL.rsplit("/", 1)[-1] in inception_missing().fix
+    with monkeypatch.context() as patch:  # build the network without its weights, to write a file of its layout
+        patch.setattr(fidelity.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+        patch.setattr(fidelity, "load_state_dict_from_url", lambda *a, **k: {})
+        torch.manual_seed(0)
+        layout = fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save(layout.state_dict(), checkpoints / INCEPTION_URL.rsplit("/", 1)[-1])
+    assert inception_missing() is None
+    net = load_inception()
+    images = _images(4, seed=11)
+    features = net(images)
+    assert features.shape == (4, 2048)
+    out = M.fid_kid(net, images, torch.flip(images, dims=[0]))
+    assert out["fid"] == pytest.approx(0.0, abs=1e-3)  # the same four images in another order

@@ -44,9 +44,18 @@ def _validate(args: argparse.Namespace) -> int:
     card, preset = resolve_recipe_parts(cfg)
     BACKBONES.get(card.adapter, where=f"backbone card {card.name!r}, key 'adapter'")
     parts = [f"backbone {card.name}", f"stages {'+'.join(cfg.stages)}", f"finetune {cfg.finetune.mode}"]
+    missing = []
     if preset is not None:
+        from cmrp.rewards import build_reward
+
         parts.append(f"rewards {preset['name']}")
+        missing = build_reward(preset, check=False).missing_weights()  # file look-ups only, nothing loads
     print(f"OK: {display_path(find_recipe(args.recipe))} ({', '.join(parts)})")
+    if missing:
+        from cmrp.rewards.pretrained import missing_models_error
+
+        notice = missing_models_error(missing, f"reward preset {preset['name']!r}")
+        print(f"note: {notice}\n`cmrp fit` stops when its grpo stage builds this reward, until they are there.")
     return 0
 
 

@@ -15,7 +15,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "eval",
         help="evaluate a checkpoint (vs a baseline): role-play, T2I, QA; HTML + JSON report, logged to MLflow",
         description="Evaluate the checkpoint of a `cmrp fit` run on its character's held-out split: text and "
-        "multimodal role-play, text-to-image (CLIP-I, CLIP-T, DINO, diversity), knowledge-QA and VQA "
+        "multimodal role-play, text-to-image (CLIP-I, CLIP-T, DINO, diversity; FID/KID with Inception weights), "
+        "knowledge-QA and VQA "
         "multiple choice, and optionally an LLM judge. For sandbox characters the shipped attribute probe "
         "also scores images for identity fidelity and prompt faithfulness. Writes report.html and "
         "eval.json and logs both to a new MLflow run in the run's database. With --mmrole-tests it instead scores "
@@ -34,8 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=48, help="length limit of generated replies (default 48)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--features", choices=("pixel", "sandbox", "pretrained"), default="pretrained",
-                   help="`pretrained`: open_clip CLIP, DINOv2, LPIPS from local caches; `sandbox`: the small "
-                   "CLIP and image-feature models trained on sandbox renders (shipped); `pixel`: weight-free proxies")
+                   help="`pretrained`: CLIP ViT-L/14, DINOv2, LPIPS (and InceptionV3 for FID/KID when present) from "
+                   "local caches; `sandbox`: the small CLIP and image-feature models trained on sandbox renders "
+                   "(shipped); `pixel`: weight-free proxies")
     p.add_argument("--device", default="cpu", help="torch device for the models and feature nets (default cpu)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: the run's own, sqlite:///<run>/mlflow.db)")
@@ -158,6 +160,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         "checkpoint": str(ckpt),
         "character": character.name,
         "features": feats.name,
+        "feature_notes": feats.notes,
         "baseline_source": baseline_source,
         "settings": settings,
         "judge_endpoint": f"{judge.url} ({judge.model})" if judge is not None else None,

@@ -1,4 +1,10 @@
-"""Feature extractors for evaluation: pretrained (open_clip CLIP, DINOv2, LPIPS) or weight-free proxies.
+"""Feature extractors for evaluation: pretrained (CLIP, DINOv2, LPIPS, Inception) or weight-free proxies.
+
+`pretrained` loads, from local caches only: OpenAI CLIP ViT-L/14 through transformers (CLIP-T is then
+torchmetrics' CLIPScore / 100, and CLIP-I uses the same embeddings), DINOv2 through transformers (our
+feature model, `cmrp.rewards.trainset`), LPIPS-alex through torchmetrics, and, when its weights are on the
+machine, torch-fidelity's InceptionV3 for FID / KID (torchmetrics). Every missing required model is listed
+in one error; missing Inception weights only skip FID / KID (the report says how to enable them).
 
 `pixel` exists so `cmrp eval` runs on a CPU without downloaded weights (the sandbox, CI): DINO becomes
 16x16 mean-centred pixels, LPIPS mean absolute pixel difference (both from `cmrp.rewards`), and CLIP
@@ -14,16 +20,19 @@ image features, LPIPS stays the pixel distance. Meaningful for sandbox character
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from cmrp.errors import WeightsError
 
-__all__ = ["FEATURE_SETS", "ColourWordClip", "FeatureSet", "load_feature_set"]
+__all__ = ["FEATURE_SETS", "INCEPTION_URL", "ColourWordClip", "FeatureSet", "InceptionFeatures", "LpipsMetric",
+           "inception_missing", "load_feature_set", "load_inception", "load_lpips_metric"]
 
 FEATURE_SETS = ("pixel", "sandbox", "pretrained")
+# torch-fidelity's InceptionV3 weights, the network FID is defined with (torchmetrics loads it through torch-fidelity)
+INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 
 # basic colour terms with a typical sRGB value each (0-255)
 _PALETTE: dict[str, tuple[int, int, int]] = {
@@ -66,21 +75,102 @@ class ColourWordClip:
         return torch.where(out.sum(dim=1, keepdim=True) > 0, shares - shares.mean(dim=1, keepdim=True), shares)
 
 
+class LpipsMetric:
+    """torchmetrics' LPIPS as a distance `(a, b) -> [N]` on images in [0,1] (per pair, no reduction)."""
+
+    def __init__(self, metric: Any):
+        self.metric = metric
+
+    def to(self, device: str | torch.device) -> LpipsMetric:
+        self.metric.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        self.metric.reset()
+        device = next(self.metric.parameters()).device
+        self.metric.update(a.float().clamp(0, 1).to(device), b.float().clamp(0, 1).to(device))
+        return self.metric.compute().flatten().float().cpu()
+
+
+def load_lpips_metric(net: str = "alex") -> LpipsMetric:
+    """torchmetrics' `LearnedPerceptualImagePatchSimilarity`; its linear heads ship with torchmetrics, the
+    backbone comes from the torch hub cache (checked first, so nothing is downloaded)."""
+    from cmrp.rewards.diversity import lpips_backbone_missing
+
+    missing = lpips_backbone_missing(net)
+    if missing is not None:
+        raise WeightsError(f"LPIPS {net!r}: {missing.fix}")
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    return LpipsMetric(LearnedPerceptualImagePatchSimilarity(net_type=net, reduction="none", normalize=True))
+
+
+class InceptionFeatures(torch.nn.Module):
+    """torch-fidelity's InceptionV3 (pool features, 2048-d) on float images in [0,1]: quantised to uint8 the
+    way torchmetrics' FID does with `normalize=True`, so FID and KID can share one loaded network."""
+
+    num_features = 2048
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net((images.float().clamp(0, 1) * 255).byte())
+
+
+def inception_missing() -> Any:
+    """A `MissingModel` when torch-fidelity or the Inception weights are not here, else None."""
+    import importlib.util
+
+    from cmrp.rewards.pretrained import MissingModel, torch_fetch_hint, torch_file_missing
+
+    if importlib.util.find_spec("torch_fidelity") is None:
+        return MissingModel("FID/KID", "torch-fidelity's InceptionV3", "`pip install torch-fidelity`")
+    if torch_file_missing(INCEPTION_URL) is not None:
+        return MissingModel("FID/KID", f"InceptionV3 weights ({INCEPTION_URL.rsplit('/', 1)[-1]})",
+                            torch_fetch_hint(INCEPTION_URL))
+    return None
+
+
+def load_inception() -> InceptionFeatures:
+    """The FID InceptionV3 from the torch hub cache (never downloaded); WeightsError when it is not there."""
+    missing = inception_missing()
+    if missing is not None:
+        raise WeightsError(f"{missing.model}: {missing.fix}")
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    from cmrp.rewards.pretrained import torch_checkpoints_dir
+
+    path = torch_checkpoints_dir() / INCEPTION_URL.rsplit("/", 1)[-1]
+    try:
+        net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                 feature_extractor_weights_path=str(path))
+    except Exception as err:  # a truncated or foreign file
+        raise WeightsError(f"{path}: cannot load the InceptionV3 weights ({type(err).__name__}: {err}); download "
+                           f"{INCEPTION_URL} again") from None
+    return InceptionFeatures(net)
+
+
 @dataclass
 class FeatureSet:
-    """The three feature nets the metrics need, and the name the report shows."""
+    """The feature nets the metrics need, and the name the report shows. `inception` (FID/KID) is optional:
+    None when its weights are absent, with the reason in `notes`."""
 
     name: str
     clip: Any  # encode_image(images) -> [B, D], encode_text(list[str]) -> [B, D]
     dino: Callable[[torch.Tensor], torch.Tensor]
     distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    inception: Any = None  # images [N,3,H,W] in [0,1] -> [N, 2048]
+    notes: list[str] = field(default_factory=list)
 
 
-def load_feature_set(name: str, *, clip_model: str = "ViT-B-32", clip_pretrained: str = "openai",
-                     dino_model: str = "dinov2-small", lpips_net: str = "alex",
-                     device: str | torch.device = "cpu") -> FeatureSet:
-    """`pixel`: weight-free proxies. `sandbox`: the shipped sandbox CLIP and probe features. `pretrained`: open_clip CLIP, DINOv2 and LPIPS from local caches;
-    a missing weight raises WeightsError naming it, how to provide it, and `--features pixel`."""
+def load_feature_set(name: str, *, clip_model: str = "openai/clip-vit-large-patch14", dino_model: str = "dinov2-small",
+                     lpips_net: str = "alex", device: str | torch.device = "cpu") -> FeatureSet:
+    """`pixel`: weight-free proxies. `sandbox`: the shipped sandbox CLIP and probe features. `pretrained`:
+    CLIP, DINOv2, LPIPS (and Inception for FID/KID when present) from local caches; every missing required
+    model is listed in one WeightsError with its fix, before anything loads."""
     from cmrp.rewards.diversity import pixel_distance
     from cmrp.rewards.trainset import pixel_features
 
@@ -92,15 +182,27 @@ def load_feature_set(name: str, *, clip_model: str = "ViT-B-32", clip_pretrained
         return FeatureSet("sandbox", sandbox_clip(), sandbox_image_features(), pixel_distance)
     if name != "pretrained":
         raise WeightsError(f"--features {name!r}: choose one of {', '.join(FEATURE_SETS)}")
-    from cmrp.rewards.clip import load_open_clip
-    from cmrp.rewards.diversity import load_lpips
-    from cmrp.rewards.trainset import load_dinov2
+    from cmrp.rewards.clip import load_hf_clip
+    from cmrp.rewards.diversity import lpips_backbone_missing
+    from cmrp.rewards.pretrained import MissingModel, missing_hf_model, missing_models_error
+    from cmrp.rewards.trainset import dinov2_repo, load_dinov2
 
-    try:
-        clip = load_open_clip(clip_model, clip_pretrained).to(device)
-        dino = load_dinov2(dino_model).to(device)
-        distance = load_lpips(lpips_net).to(device)
-    except WeightsError as err:
-        raise WeightsError(f"cmrp eval --features pretrained: {err} Or run with `--features pixel` "
-                           "(weight-free proxies) to evaluate without these weights.") from None
-    return FeatureSet("pretrained", clip, dino, distance)
+    who = "cmrp eval --features pretrained"
+    missing = missing_hf_model("CLIP-T / CLIP-I", clip_model, "CLIPModel", processor=True)
+    missing += missing_hf_model("DINO", dinov2_repo(dino_model), "Dinov2Model")
+    lpips_missing = lpips_backbone_missing(lpips_net)
+    if lpips_missing is not None:
+        missing.append(MissingModel("diversity (LPIPS)", lpips_missing.model, lpips_missing.fix))
+    if missing:
+        raise missing_models_error(missing, who, "Or run with `--features sandbox` (the small shipped models; sandbox "
+                                   "characters only) or `--features pixel` (weight-free proxies).")
+    clip = load_hf_clip(clip_model, local_files_only=True).to(device)
+    dino = load_dinov2(dino_model, local_files_only=True).to(device)
+    distance = load_lpips_metric(lpips_net).to(device)
+    inception, notes = None, []
+    absent = inception_missing()
+    if absent is None:
+        inception = load_inception().to(device)
+    else:
+        notes.append(f"FID/KID not computed: {absent.model} is not on this machine; {absent.fix}")
+    return FeatureSet("pretrained", clip, dino, distance, inception, notes)

@@ -1,8 +1,10 @@
 """Evaluation metrics as pure functions: tensors and strings in, numbers out.
 
 Feature extractors are injected (any `encode_image` / `encode_text` encoder for CLIP, any
-`images -> [B, D]` callable for DINO, any `(a, b) -> [N]` distance for diversity), so the same
-numbers can be computed with pretrained nets on a GPU or with weight-free proxies in tests.
+`images -> [B, D]` callable for DINO, any `(a, b) -> [N]` distance for diversity, any
+`images -> [B, D]` module for FID/KID), so the same numbers can be computed with pretrained nets on a
+GPU or with weight-free proxies in tests. Where torchmetrics defines a metric it computes it: CLIP-T
+(CLIPScore, for a transformers CLIP), FID and KID; LPIPS comes in as its distance.
 A metric with nothing to measure returns NaN rather than a made-up value.
 """
 
@@ -25,6 +27,7 @@ __all__ = [
     "clip_t",
     "dino_similarity",
     "distinct_n",
+    "fid_kid",
     "mcq_accuracy_by_generation",
     "mcq_accuracy_by_likelihood",
     "mean_cosine",
@@ -69,11 +72,20 @@ def clip_i(encoder: Any, images: torch.Tensor, references: torch.Tensor) -> floa
 
 
 def clip_t(encoder: Any, images: torch.Tensor, texts: Sequence[str]) -> float:
-    """CLIP-T: mean CLIP cosine of each image with its own text (the prompt, or the reply it came with)."""
+    """CLIP-T: mean CLIP cosine of each image with its own text (the prompt, or the reply it came with).
+    For a transformers CLIP (an encoder with `torchmetrics_model()`) it is torchmetrics' CLIPScore / 100
+    (which floors the mean at 0); otherwise the mean paired cosine of the encoder's embeddings."""
     if len(texts) != images.shape[0]:
         raise ValueError(f"clip_t: {len(texts)} texts for {images.shape[0]} images")
     if not texts:
         return NAN
+    pair = getattr(encoder, "torchmetrics_model", None)
+    if callable(pair):
+        from torchmetrics.functional.multimodal import clip_score
+
+        device = getattr(encoder, "device", images.device)
+        pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).to(device)
+        return float(clip_score(list(pixels), list(texts), model_name_or_path=pair)) / 100.0
     return paired_cosine(encoder.encode_image(images), encoder.encode_text(list(texts)))
 
 
@@ -110,6 +122,42 @@ def within_prompt_diversity(distance: Callable[[torch.Tensor, torch.Tensor], tor
         d = distance(images[idx[i]], images[idx[j]]).float()
         per_group.append(float(d.mean()))
     return sum(per_group) / len(per_group) if per_group else NAN
+
+
+def fid_kid(features: torch.nn.Module, real: torch.Tensor, generated: torch.Tensor, *, min_images: int = 2,
+            kid_subsets: int = 100, kid_subset_size: int = 1000) -> dict[str, Any]:
+    """FID and KID (torchmetrics) between real and generated images in [0,1], on `features` (an
+    `images -> [N, D]` module: torch-fidelity's InceptionV3 for the standard numbers, anything for tests).
+
+    Small samples: below `min_images` on either side both are NaN (the covariance needs two); KID's subset
+    size is capped at the smaller set. FID from a few dozen images is strongly biased upward, so compare
+    it only between runs with the same image counts (which the result records)."""
+    n_real, n_gen = int(real.shape[0]), int(generated.shape[0])
+    out: dict[str, Any] = {"fid": NAN, "kid_mean": NAN, "kid_std": NAN, "fid_real_images": n_real,
+                           "fid_generated_images": n_gen}
+    if min(n_real, n_gen) < max(2, min_images):
+        out["fid_note"] = f"not computed: needs at least {max(2, min_images)} real and generated images"
+        return out
+    import warnings
+
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    device = next(features.parameters(), torch.zeros(0)).device
+    real, generated = real.float().clamp(0, 1).to(device), generated.float().clamp(0, 1).to(device)
+    fid = FrechetInceptionDistance(feature=features, normalize=True).to(device)
+    with warnings.catch_warnings():  # KID's "saves all features in a buffer" warning
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(feature=features, subsets=kid_subsets,
+                                      subset_size=min(kid_subset_size, n_real, n_gen), normalize=True).to(device)
+    with torch.no_grad():
+        for metric in (fid, kid):
+            metric.update(real, real=True)
+            metric.update(generated, real=False)
+        out["fid"] = float(fid.compute())
+        kid_mean, kid_std = kid.compute()
+    out["kid_mean"], out["kid_std"] = float(kid_mean), float(kid_std)
+    return out
 
 
 # -- persona statistics ----------------------------------------------------------------------------

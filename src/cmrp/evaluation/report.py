@@ -78,8 +78,8 @@ def _fmt(value: Any) -> str:
     return html.escape(str(value))
 
 
-_LOWER_IS_BETTER = {"self_repetition", "empty_rate"}
-_NEUTRAL = {"mean_words", "answer_parse_rate"}
+_LOWER_IS_BETTER = {"self_repetition", "empty_rate", "fid", "kid_mean"}
+_NEUTRAL = {"mean_words", "answer_parse_rate", "kid_std", "fid_real_images", "fid_generated_images"}
 
 
 def _delta(value: Any, key: str = "") -> str:
@@ -143,7 +143,8 @@ def _summary_table(report: dict[str, Any]) -> str:
                 ("text_roleplay", "catchphrase_rate"), ("multimodal_roleplay", "cross_modal_clip_t"),
                 ("multimodal_roleplay", "identity_fidelity"),
                 ("t2i", "clip_i_references"), ("t2i", "clip_t"), ("t2i", "dino_references"),
-                ("t2i", "dino_max_reference"), ("t2i", "diversity"), ("t2i", "identity_fidelity"), ("t2i", "prompt_faithfulness"),
+                ("t2i", "dino_max_reference"), ("t2i", "diversity"), ("t2i", "fid"), ("t2i", "kid_mean"),
+                ("t2i", "identity_fidelity"), ("t2i", "prompt_faithfulness"),
                 ("knowledge_qa", "mcq_acc_likelihood"), ("vqa", "mcq_acc_likelihood"),
                 ("judge", "personality"), ("judge", "mmrole_overall")]
     model = report["model"]["numbers"]
@@ -227,6 +228,8 @@ def write_html(report: dict[str, Any], visuals: dict[str, Any], path: Path) -> P
     judge = report.get("judge_endpoint")
     if judge:
         meta += f" · judge {html.escape(judge)}, protocol {html.escape(str(report.get('judge_protocol') or 'json'))}"
+    for note in report.get("feature_notes") or []:  # e.g. why FID/KID is missing, and how to enable it
+        meta += f"<br>{html.escape(note)}"
     body = [
         f"<h1>{html.escape(title)}</h1><div class='meta'>{meta}</div>",
         "<h2>Summary</h2>", _summary_table(report), _oracle_note(report),

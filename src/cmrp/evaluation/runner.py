@@ -292,7 +292,7 @@ def _t2i(adapter, character, prompts, feats: FeatureSet, refs: torch.Tensor, opt
     group_ids = torch.arange(len(prompts)).repeat_interleave(n)
     texts = [p.prompt for p in prompts for _ in range(n)]
     emb = feats.clip.encode_image(images)
-    numbers["clip_t"] = M.paired_cosine(emb, feats.clip.encode_text(texts))
+    numbers["clip_t"] = M.clip_t(feats.clip, images, texts)
     numbers["clip_i_references"] = M.clip_i(feats.clip, images, refs)
     numbers["dino_references"] = M.dino_similarity(feats.dino, images, refs)
     numbers["dino_max_reference"] = M.max_reference_similarity(feats.dino, images, refs)
@@ -311,6 +311,9 @@ def _t2i(adapter, character, prompts, feats: FeatureSet, refs: torch.Tensor, opt
         numbers["clip_i_target"] = _mean(clip_target)
         numbers["dino_target"] = _mean(dino_target)
         numbers["prompts_with_target"] = len(with_target)
+    if feats.inception is not None:  # FID/KID of the samples vs the character's real images (references, targets)
+        real = torch.cat([refs, targets]) if with_target else refs
+        numbers.update(M.fid_kid(feats.inception, real, images))
     result.numbers["t2i"] = numbers
 
 

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 __all__ = [
     "IdentityCache",
-    "check_images",
     "cosine_matrix",
     "fit_square",
     "module_device",
@@ -38,21 +37,13 @@ def named_feature_model(name: str, term: str, kwarg: str) -> Callable[[], Any]:
     return FEATURE_MODELS.get(name, where=f"{term} kwarg `{kwarg}`")
 
 
-def check_images(images: torch.Tensor, term: str) -> torch.Tensor:
-    """Float32 `[B,3,H,W]`; a wrong shape is a caller bug, so it raises ValueError naming the term."""
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"{term}: images must be a float tensor [B,3,H,W] in [0,1], got {shape}")
-    if not images.is_floating_point():
-        raise ValueError(f"{term}: images must be float in [0,1], got dtype {images.dtype}")
-    return images.float()
-
-
-def fit_square(images: torch.Tensor, size: int, mode: str = "shortest", interpolation: str = "bicubic"):
+def fit_square(images: torch.Tensor, size: int, mode: str = "shortest", interpolation: str = "bicubic",
+               crop: int | None = None):
     """Resize a batch to `size`x`size` the way image preprocessors do, without going through PIL.
 
-    `shortest`: scale the short side to `size`, then centre-crop; `squash`: resize both sides;
-    `longest`: scale the long side to `size`, then pad with zeros (centred).
+    `shortest`: scale the short side to `size`, then centre-crop `crop`x`crop` (default `size`; DINOv2's
+    processor resizes to 256 and crops 224); `squash`: resize both sides; `longest`: scale the long side
+    to `size`, then pad with zeros (centred).
     """
     height, width = images.shape[-2:]
     if mode == "squash":
@@ -72,8 +63,9 @@ def fit_square(images: torch.Tensor, size: int, mode: str = "shortest", interpol
     if mode == "longest":
         top, left = (size - height) // 2, (size - width) // 2
         return F.pad(images, (left, size - width - left, top, size - height - top))
-    top, left = (height - size) // 2, (width - size) // 2
-    return images[..., top : top + size, left : left + size]
+    side = min(crop or size, height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return images[..., top : top + side, left : left + side]
 
 
 def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

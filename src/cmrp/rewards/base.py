@@ -41,10 +41,19 @@ class RewardContext:
 
 @dataclass
 class RewardOutput:
-    """Scores `[B]` float32 (NaN = abstain) and anything worth logging about how they came about."""
+    """Scores `[B]` float32 (NaN = abstain) and anything worth logging about how they came about.
+
+    A term that abstains because an optional input is missing says why once, in `info["abstained"]`
+    (a sentence), with `info["n_abstained"]` samples affected."""
 
     scores: torch.Tensor
     info: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def abstain(cls, batch: int, reason: str, device: torch.device | str = "cpu", **info: Any) -> RewardOutput:
+        """Every sample abstains (NaN) for `reason`."""
+        scores = torch.full((batch,), float("nan"), dtype=torch.float32, device=device)
+        return cls(scores, {"abstained": reason, "n_abstained": batch, **info})
 
 
 @runtime_checkable

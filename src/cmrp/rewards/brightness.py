@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from cmrp.registry import REWARDS
-from cmrp.rewards._ops import check_images
 from cmrp.rewards.base import RewardContext, RewardOutput
+from cmrp.rewards.inputs import check_inputs
 
 __all__ = ["Brightness", "luminance"]
 
@@ -38,6 +38,7 @@ class Brightness:
         group_ids: torch.Tensor,
         context: RewardContext | None = None,
     ) -> RewardOutput:
-        lum = luminance(check_images(images, "brightness"))
+        images, prompts, group_ids = check_inputs("brightness", images, prompts, group_ids)
+        lum = luminance(images)
         scores = lum if self.target is None else -(lum - self.target).abs()
         return RewardOutput(scores.float(), {"luminance": lum.mean().item()})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import time
@@ -15,6 +16,8 @@ from cmrp.errors import CmrpError, ConfigError
 from cmrp.registry import REWARDS
 from cmrp.rewards._ops import nan_stats
 from cmrp.rewards.base import Reward, RewardContext, RewardOutput
+from cmrp.rewards.inputs import check_images, check_inputs
+from cmrp.rewards.pretrained import MissingModel, missing_models_error
 
 __all__ = ["Composite", "build_reward", "scalar_metrics"]
 
@@ -25,18 +28,38 @@ class Composite:
 
     `info[term]` = `{weight, scores (raw [B]), mean, std (NaN-aware), time_s, info (the term's own)}`.
     With `parallel`, terms run in threads (feature nets release the GIL, so CLIP, DINO, LPIPS and VQA
-    overlap); every term sees the same inputs and must not modify them.
+    overlap); every term sees the same inputs and must not modify them. Inputs are validated once here
+    (`cmrp.rewards.inputs`): uint8 images become floats in [0,1] before any term sees them.
     """
 
-    def __init__(self, terms: Mapping[str, tuple[float, Reward]], parallel: bool = True):
+    def __init__(self, terms: Mapping[str, tuple[float, Reward]], parallel: bool = True, name: str | None = None):
         if not terms:
             raise ConfigError("a composite reward needs at least one term")
         self.terms = {name: (float(weight), term) for name, (weight, term) in terms.items()}
         self.parallel = parallel
+        self.name = name
 
     @property
     def weights(self) -> dict[str, float]:
         return {name: weight for name, (weight, _) in self.terms.items()}
+
+    def missing_weights(self) -> list[MissingModel]:
+        """Every pretrained model a term would load on its first call and cannot find on this machine.
+        Resolved from file names only: nothing is loaded or downloaded (terms without a
+        `missing_weights()` method need none)."""
+        missing: list[MissingModel] = []
+        for _, term in self.terms.values():
+            check = getattr(term, "missing_weights", None)
+            missing += list(check()) if callable(check) else []
+        return missing
+
+    def check(self) -> None:
+        """Raise one WeightsError listing every missing pretrained model with its fix (see `missing_weights`)."""
+        missing = self.missing_weights()
+        if missing:
+            where = f"reward preset {self.name!r}" if self.name else "reward"
+            raise missing_models_error(missing, where, "Or use a preset that needs no downloads (e.g. `rewards: "
+                                       "sandbox`), or pass your own nets (build_reward(..., term_kwargs=...)).")
 
     def _run(
         self, name: str, term: Reward, images, prompts, group_ids, context
@@ -59,7 +82,11 @@ class Composite:
         group_ids: torch.Tensor,
         context: RewardContext | None = None,
     ) -> RewardOutput:
+        images, prompts, group_ids = check_inputs("reward", images, prompts, group_ids)
         context = context if context is not None else RewardContext()
+        if context.reference_images is not None:
+            context = dataclasses.replace(
+                context, reference_images=check_images(context.reference_images, "RewardContext.reference_images"))
         args = (images, prompts, group_ids, context)
         if self.parallel and len(self.terms) > 1:
             with ThreadPoolExecutor(max_workers=len(self.terms), thread_name_prefix="reward") as pool:
@@ -148,11 +175,14 @@ def build_reward(
     *,
     term_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
     parallel: bool = True,
+    check: bool = True,
 ) -> Composite:
     """A `Composite` from a preset `{name, description, terms: {term: {weight, kwargs}}}` (what
     `cmrp.config.load_reward_preset` returns). `term_kwargs[term]` adds or overrides constructor kwargs
     (to inject feature nets or an `answerer`); entries for terms the preset lacks are ignored, so one
-    set of injections serves every ablation. Terms with weight 0 are skipped."""
+    set of injections serves every ablation. Terms with weight 0 are skipped. With `check` (default),
+    `Composite.check()` fails here, listing every pretrained model that is not on this machine, rather
+    than at the first call; `check=False` lets terms load (and, online, download) them lazily."""
     where = f"reward preset {preset.get('name', '<inline>')!r}"
     terms_spec = preset.get("terms") or {}
     if not terms_spec:
@@ -170,4 +200,7 @@ def build_reward(
         terms[name] = (weight, _construct(name, cls, kwargs, where))
     if not terms:
         raise ConfigError(f"{where}: every term has weight 0; give at least one a non-zero weight")
-    return Composite(terms, parallel=parallel)
+    reward = Composite(terms, parallel=parallel, name=preset.get("name"))
+    if check:
+        reward.check()
+    return reward

@@ -11,13 +11,21 @@ import torch
 
 from cmrp.errors import ConfigError, WeightsError
 from cmrp.registry import REWARDS
-from cmrp.rewards._ops import check_images, module_device, reason
+from cmrp.rewards._ops import module_device, reason
 from cmrp.rewards.base import RewardContext, RewardOutput
+from cmrp.rewards.inputs import check_inputs
+from cmrp.rewards.pretrained import (
+    TORCHVISION_WEIGHTS,
+    MissingModel,
+    offline,
+    torch_fetch_hint,
+    torch_file_missing,
+)
 
 __all__ = ["LpipsDiversity", "group_pairs", "load_lpips", "pixel_distance"]
 
 NETS = ("alex", "vgg", "squeeze", "pixel")
-_TORCHVISION_WEIGHTS = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights", "squeeze": "SqueezeNet1_1_Weights"}
+ASSIGN = ("sample", "group")
 
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -27,13 +35,13 @@ def pixel_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.float() - b.float()).abs().flatten(1).mean(dim=1)
 
 
-def _torchvision_file(net: str) -> str:
-    try:
-        import torchvision.models as models
-
-        return getattr(models, _TORCHVISION_WEIGHTS[net]).IMAGENET1K_V1.url.rsplit("/", 1)[-1]
-    except Exception:  # only used to word an error message
-        return f"the torchvision ImageNet weights of {net}"
+def lpips_backbone_missing(net: str) -> MissingModel | None:
+    """LPIPS `net`'s torchvision ImageNet backbone weights, if they are not in the torch hub cache."""
+    url = TORCHVISION_WEIGHTS[net]
+    if torch_file_missing(url) is None:
+        return None
+    return MissingModel("lpips_diversity", f"LPIPS {net!r} backbone ({url.rsplit('/', 1)[-1]}, torchvision ImageNet)",
+                        torch_fetch_hint(url))
 
 
 class LpipsDistance:
@@ -54,7 +62,8 @@ class LpipsDistance:
 
 def load_lpips(net: str, *, version: str = "0.1", model_path: str | None = None) -> LpipsDistance:
     """LPIPS with an `alex`/`vgg`/`squeeze` backbone. Its linear heads ship with the `lpips` package;
-    the backbone's ImageNet weights come from torchvision's cache ($TORCH_HOME/hub/checkpoints)."""
+    the backbone's ImageNet weights come from torchvision's cache ($TORCH_HOME/hub/checkpoints), and are
+    downloaded there only when `HF_HUB_OFFLINE`/`TRANSFORMERS_OFFLINE` do not say offline."""
     try:
         import lpips
     except ImportError as err:
@@ -62,17 +71,19 @@ def load_lpips(net: str, *, version: str = "0.1", model_path: str | None = None)
             f"lpips_diversity net {net!r} needs the lpips package ({err}): `pip install lpips`, or use "
             f"`net: pixel` (no weights) or pass a `distance=` callable to the term."
         ) from None
+    missing = lpips_backbone_missing(net)
+    if missing is not None and offline():
+        raise WeightsError(f"lpips_diversity: the LPIPS {net!r} backbone is not in the torch hub cache and the "
+                           f"machine is offline: {missing.fix}. Otherwise use `net: pixel` or pass a `distance=` callable.")
     try:
         with warnings.catch_warnings():  # torchvision's `pretrained=` deprecation, inside lpips
             warnings.simplefilter("ignore", UserWarning)
             module = lpips.LPIPS(net=net, version=version, model_path=model_path, verbose=False)
-    except Exception as err:  # offline downloads fail with URLError, OSError, RuntimeError, ...
-        filename = _torchvision_file(net)
+    except Exception as err:  # downloads fail with URLError, OSError, RuntimeError, ...
         raise WeightsError(
-            f"lpips_diversity could not load the LPIPS {net!r} network: {reason(err)}. "
-            f"It needs torchvision's ImageNet backbone weights ({filename}) in the torch hub cache: copy the "
-            f"file into $TORCH_HOME/hub/checkpoints/ (default ~/.cache/torch/hub/checkpoints/), or download "
-            f"it once with network access. Otherwise use `net: pixel` or pass a `distance=` callable."
+            f"lpips_diversity could not load the LPIPS {net!r} network: {reason(err)}. It needs torchvision's "
+            f"ImageNet backbone weights: {torch_fetch_hint(TORCHVISION_WEIGHTS[net])}. Otherwise use `net: pixel` "
+            f"or pass a `distance=` callable."
         ) from None
     return LpipsDistance(module)
 
@@ -91,7 +102,11 @@ class LpipsDiversity:
     """Per sample, the mean perceptual distance to the other members of its group.
 
     The batch mean over a group therefore equals the group's mean pairwise distance. A group of one
-    abstains (NaN). Only the pairs i<j are computed, `pair_batch_size` pairs per forward pass.
+    abstains (NaN, `info["abstained"]` says so). Only the pairs i<j are computed, `pair_batch_size` pairs
+    per forward pass. `assign: group` gives every member the group's mean pairwise distance instead
+    (the paper's R_div = 1/(G(G-1)) sum_{i!=j} LPIPS(x_i, x_j), as UniCharacter assigns it,
+    flow_grpo/flow_grpo/rewards.py:121-127); note that a per-group constant cancels in group-normalised
+    GRPO advantages, so with `group` the term changes the logged reward but not the policy update.
 
     `net`: `alex` (default) / `vgg` / `squeeze` — LPIPS from the `lpips` package; `pixel` — mean
     absolute pixel difference, a cheap weight-free proxy for the sandbox and tests. `distance`: any
@@ -106,18 +121,33 @@ class LpipsDiversity:
         version: str = "0.1",
         model_path: str | None = None,
         resize: int | None = None,
+        assign: str = "sample",
         pair_batch_size: int = 32,
         device: str | None = None,
         distance: Distance | None = None,
     ):
         if distance is None and net not in NETS:
             raise ConfigError(f"lpips_diversity: net must be one of {', '.join(NETS)}, got {net!r}")
+        if assign not in ASSIGN:
+            raise ConfigError(f"lpips_diversity: assign must be one of {', '.join(ASSIGN)}, got {assign!r}")
         if pair_batch_size < 1:
             raise ConfigError(f"lpips_diversity: pair_batch_size must be >= 1, got {pair_batch_size!r}")
         self.net, self.version, self.model_path = net, version, model_path
-        self.resize, self.pair_batch_size, self.device = resize, int(pair_batch_size), device
+        self.resize, self.assign, self.pair_batch_size, self.device = resize, assign, int(pair_batch_size), device
         self.distance: Distance | None = pixel_distance if distance is None and net == "pixel" else distance
         self._lock = threading.Lock()
+
+    def missing_weights(self) -> list[MissingModel]:
+        """The lpips package and backbone weights the first call would load, if they are not here."""
+        if self.distance is not None:
+            return []
+        import importlib.util
+
+        if importlib.util.find_spec("lpips") is None:
+            return [MissingModel("lpips_diversity", "the lpips package", "`pip install lpips`",
+                                 "or use `net: pixel`")]
+        missing = lpips_backbone_missing(self.net)
+        return [missing] if missing is not None else []
 
     def _distance(self, device: torch.device) -> Distance:
         with self._lock:
@@ -131,10 +161,8 @@ class LpipsDiversity:
     def __call__(
         self, images: torch.Tensor, prompts: list[str], *, group_ids: torch.Tensor, context: RewardContext
     ) -> RewardOutput:
-        images = check_images(images, "lpips_diversity")
+        images, prompts, group_ids = check_inputs("lpips_diversity", images, prompts, group_ids)
         batch = images.shape[0]
-        if group_ids.numel() != batch:
-            raise ValueError(f"lpips_diversity: {group_ids.numel()} group ids for {batch} images")
         if self.resize:
             size = (int(self.resize), int(self.resize))
             images = torch.nn.functional.interpolate(images, size=size, mode="bilinear", antialias=True)
@@ -152,7 +180,14 @@ class LpipsDiversity:
             totals.index_add_(0, second, pair_distances)
         others = (sizes - 1).float()
         scores = torch.where(others > 0, totals / others.clamp(min=1), torch.tensor(float("nan")))
-        info = {"n_pairs": int(first.numel()), "singleton_groups": int((sizes == 1).sum().item())}
+        if self.assign == "group":  # each member gets its group's mean (= mean over members of `scores`)
+            same = group_ids[:, None] == group_ids[None, :]
+            scores = torch.where(others > 0, (same.float() @ torch.nan_to_num(scores)) / sizes.float(), scores)
+        singletons = int((sizes == 1).sum().item())
+        info: dict[str, Any] = {"n_pairs": int(first.numel()), "singleton_groups": singletons}
+        if singletons:
+            info["abstained"] = f"{singletons} of {batch} samples are alone in their group (no pair to compare)"
+            info["n_abstained"] = singletons
         if first.numel():
             info["mean_pair_distance"] = pair_distances.mean().item()
         return RewardOutput(scores.to(images.device), info)

@@ -2,30 +2,28 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from cmrp.errors import ConfigError, WeightsError
+from cmrp.errors import ConfigError
 from cmrp.registry import REWARDS
 from cmrp.rewards._ops import (
     IdentityCache,
-    check_images,
     cosine_matrix,
     fit_square,
     module_device,
     named_feature_model,
     normalise,
-    reason,
 )
 from cmrp.rewards.base import RewardContext, RewardOutput
+from cmrp.rewards.inputs import check_images, check_inputs
+from cmrp.rewards.pretrained import MissingModel, load_transformers, missing_hf_model
 
-__all__ = ["Dinov2Features", "TrainsetPenalty", "band_penalty", "load_dinov2", "pixel_features"]
+__all__ = ["Dinov2Features", "TrainsetPenalty", "band_penalty", "dinov2_repo", "load_dinov2", "pixel_features"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,12 +40,14 @@ def pixel_features(images: torch.Tensor) -> torch.Tensor:
 
 
 class Dinov2Features:
-    """A transformers `Dinov2Model` as `images [B,3,H,W] in [0,1] -> CLS features [B,D]`
-    (shortest side to `image_size`, centre crop, ImageNet normalisation)."""
+    """A transformers `Dinov2Model` as `images [B,3,H,W] in [0,1] -> CLS features [B,D]`, preprocessed as
+    its image processor does: shortest side to `resize_size` (default `image_size` * 256 / 224, i.e. 256
+    for 224), bicubic, centre crop `image_size`, ImageNet normalisation."""
 
-    def __init__(self, model: Any, image_size: int = 224):
+    def __init__(self, model: Any, image_size: int = 224, resize_size: int | None = None):
         self.model = model.eval().requires_grad_(False)
         self.image_size = image_size
+        self.resize_size = resize_size or round(image_size * 256 / 224)
 
     def to(self, device: torch.device | str) -> Dinov2Features:
         self.model.to(device)
@@ -55,16 +55,13 @@ class Dinov2Features:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         device = module_device(self.model) or images.device
-        pixels = fit_square(images.to(device).float(), self.image_size)
+        pixels = fit_square(images.to(device).float(), self.resize_size, crop=self.image_size)
         out = self.model(pixel_values=normalise(pixels, IMAGENET_MEAN, IMAGENET_STD))
         return out.last_hidden_state[:, 0].float()
 
 
-def _offline() -> bool:
-    return any(
-        os.environ.get(name, "").lower() in ("1", "true", "yes")
-        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
+def dinov2_repo(model: str) -> str:
+    return f"facebook/{model}" if model in _SHORT_NAMES else model
 
 
 def load_dinov2(
@@ -73,41 +70,13 @@ def load_dinov2(
     """Load DINOv2 from a hub id (`facebook/dinov2-small`, or the short `dinov2-small`) or a local
     directory. The local cache is tried first; the hub only when not offline and `local_files_only`
     is not True. Raises WeightsError saying how to provide the weights."""
-    repo = f"facebook/{model}" if model in _SHORT_NAMES else model
-    how = (
-        f"Provide them by setting the trainset_penalty kwarg `model:` to a local directory holding the "
-        f"model's config.json and weights (e.g. a `save_pretrained` copy of {repo}), or by downloading "
-        f"{repo} once with network into the Hugging Face cache ($HF_HOME/hub, default ~/.cache/huggingface; "
-        f"or the `cache_dir:` kwarg). Without weights use `model: pixel` or pass a `features=` callable."
-    )
-    path = Path(repo).expanduser()
-    is_local = path.exists()
-    if not is_local and (repo.startswith((".", "/", "~")) or repo.count("/") > 1):
-        raise WeightsError(f"trainset_penalty: DINOv2 weights directory {repo!r} does not exist. {how}")
-    try:
-        from transformers import Dinov2Model
-    except ImportError as err:
-        raise WeightsError(
-            f"trainset_penalty model {model!r} needs the transformers package ({err}): `pip install "
-            f"transformers`, or use `model: pixel` or pass a `features=` callable."
-        ) from None
-    source = str(path) if is_local else repo
-    if is_local or local_files_only or (_offline() and local_files_only is None):
-        attempts = [True]
-    elif local_files_only is False:
-        attempts = [False]
-    else:  # cache first, then the hub
-        attempts = [True, False]
-    error: Exception = RuntimeError("no attempt made")
-    for local_only in attempts:
-        try:
-            net = Dinov2Model.from_pretrained(source, cache_dir=cache_dir, local_files_only=local_only)
-            return Dinov2Features(net, image_size)
-        except Exception as err:  # missing files / no network come as OSError, ValueError, ...
-            error = err
-    raise WeightsError(
-        f"trainset_penalty could not load DINOv2 model {repo!r}: {reason(error)}. {how}"
-    ) from None
+    repo = dinov2_repo(model)
+    return load_transformers(
+        repo, ("Dinov2Model",), lambda net: Dinov2Features(net, image_size), cache_dir=cache_dir,
+        local_files_only=local_files_only, what=f"trainset_penalty: DINOv2 model {repo!r}",
+        alternative="or set the trainset_penalty kwarg `model:` to a local directory holding the model's config.json "
+                    "and weights (a `save_pretrained` copy); without weights use `model: pixel` or pass a `features=` "
+                    "callable.")
 
 
 def band_penalty(similarity: torch.Tensor, tau_low: float, tau_high: float, scale: float) -> torch.Tensor:
@@ -122,7 +91,7 @@ class TrainsetPenalty:
     """Penalise images too unlike or too like the character's reference (training) images.
 
     `s` = max cosine similarity between the image's features and the reference images' features
-    (`context.reference_images`, required). Reward: 0 for `tau_low <= s <= tau_high`;
+    (`context.reference_images`; without them the term abstains, `info["abstained"]` says so). Reward: 0 for `tau_low <= s <= tau_high`;
     `-(tau_low - s) * penalty_scale` below (off-character); `-(s - tau_high) * penalty_scale` above
     (a near copy of a training image). Defaults tau_low 0.5, tau_high 0.9, penalty_scale 1.0.
     `info["max_similarity"]` holds the raw `s` per sample.
@@ -133,6 +102,7 @@ class TrainsetPenalty:
     (default; also `dinov2-base`..., a hub id or a local directory) — transformers' `Dinov2Model`, CLS
     token of the last hidden state at `image_size` px with ImageNet normalisation; or `pixel` — 16x16
     mean-centred pixels, a weight-free proxy. Reference features are cached per reference tensor.
+    UniCharacter uses DINOv2-base with slope 2 (`penalty_scale: 2.0`, flow_grpo/flow_grpo/dino_scorer.py:145,149).
     """
 
     def __init__(
@@ -179,19 +149,25 @@ class TrainsetPenalty:
                 ).to(self.device or device)
             return self.features
 
+    def missing_weights(self) -> list[MissingModel]:
+        """The DINOv2 files the first call would load and cannot find locally (nothing is loaded)."""
+        if self.features is not None or self._named is not None:
+            return []
+        return missing_hf_model("trainset_penalty", dinov2_repo(self.model), "Dinov2Model", cache_dir=self.cache_dir,
+                                alternative="or set the kwarg `model:` to a local directory")
+
     @torch.no_grad()
     def __call__(
         self, images: torch.Tensor, prompts: list[str], *, group_ids: torch.Tensor, context: RewardContext
     ) -> RewardOutput:
-        images = check_images(images, "trainset_penalty")
+        images, prompts, group_ids = check_inputs("trainset_penalty", images, prompts, group_ids)
         refs = context.reference_images if context is not None else None
         if refs is None or refs.shape[0] == 0:
-            raise ConfigError(
-                "trainset_penalty needs the character's reference images in RewardContext.reference_images "
-                "([R,3,H,W] in [0,1]); give the character reference images, or drop the term from the preset."
-            )
+            return RewardOutput.abstain(images.shape[0], "no reference images in RewardContext.reference_images "
+                                        "to compare with", images.device)
         features = self._features(images.device)
-        ref_features = self._ref_cache.get(refs, lambda r: features(check_images(r, "reference_images")))
+        ref_features = self._ref_cache.get(
+            refs, lambda r: features(check_images(r, "RewardContext.reference_images")))
         similarity = cosine_matrix(features(images), ref_features).max(dim=1).values.cpu()
         scores = band_penalty(similarity, self.tau_low, self.tau_high, self.penalty_scale)
         info = {

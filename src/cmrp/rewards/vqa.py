@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import string
+import threading
 from collections import Counter
 from typing import Any
 
@@ -11,10 +12,13 @@ import torch
 
 from cmrp.errors import ConfigError
 from cmrp.registry import REWARDS
-from cmrp.rewards._ops import check_images
+from cmrp.rewards._ops import module_device
 from cmrp.rewards.base import RewardContext, RewardOutput, VQAQuestion
+from cmrp.rewards.inputs import check_inputs
+from cmrp.rewards.pretrained import MissingModel, load_transformers, missing_hf_model
 
-__all__ = ["VqaConsistency", "match_option", "normalise_answer", "score_answer", "token_f1"]
+__all__ = ["BlipVqaAnswerer", "VqaConsistency", "load_blip_vqa", "match_option", "normalise_answer", "score_answer",
+           "token_f1"]
 
 _ARTICLES = {"a", "an", "the"}
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -88,8 +92,11 @@ def question_kind(question: VQAQuestion) -> str:
     return "open"
 
 
-def score_answer(question: VQAQuestion, answer: str) -> float:
-    """1/0 for MCQ and yes/no questions, token F1 in [0, 1] for open questions."""
+def score_answer(question: VQAQuestion, answer: str, exact: bool = False) -> float:
+    """1/0 for MCQ and yes/no questions, token F1 in [0, 1] for open questions. `exact`: 1 only when the
+    lower-cased, stripped answer equals the expected one (UniCharacter's rule, vqa_scorer.py:88-99)."""
+    if exact:
+        return float(str(answer).strip().lower() == str(question.answer).strip().lower())
     kind = question_kind(question)
     if kind == "mcq":
         assert question.options is not None
@@ -98,6 +105,48 @@ def score_answer(question: VQAQuestion, answer: str) -> float:
     if kind == "yesno":
         return float(_yes_no(answer) == normalise_answer(question.answer))
     return token_f1(answer, question.answer)
+
+
+class BlipVqaAnswerer:
+    """A transformers `BlipForQuestionAnswering` as `.answer(images, questions, options) -> list[str]`.
+
+    Like UniCharacter's VQA scorer (flow_grpo/flow_grpo/vqa_scorer.py:78-86) each image goes through the
+    BLIP processor as 8-bit RGB and the answer is generated greedily (`max_length` tokens); options are not
+    shown to BLIP, its free answer is matched to them. Questions go in batches of `batch_size`.
+    """
+
+    def __init__(self, model: Any, processor: Any, max_length: int = 50, batch_size: int = 16):
+        self.model = model.eval().requires_grad_(False)
+        self.processor = processor
+        self.max_length, self.batch_size = int(max_length), int(batch_size)
+
+    def to(self, device: torch.device | str) -> BlipVqaAnswerer:
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def answer(self, images: torch.Tensor, questions: list[str], options: list[list[str] | None]) -> list[str]:
+        device = module_device(self.model) or torch.device("cpu")
+        uint8 = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        answers: list[str] = []
+        for start in range(0, len(questions), self.batch_size):
+            batch = self.processor(images=list(uint8[start:start + self.batch_size]),
+                                   text=list(questions[start:start + self.batch_size]),
+                                   padding=True, return_tensors="pt").to(device)
+            out = self.model.generate(**batch, max_length=self.max_length)
+            answers += [text.strip() for text in self.processor.batch_decode(out, skip_special_tokens=True)]
+        return answers
+
+
+def load_blip_vqa(model: str, *, cache_dir: str | None = None, local_files_only: bool | None = None,
+                  max_length: int = 50) -> BlipVqaAnswerer:
+    """BLIP VQA (`Salesforce/blip-vqa-base`, or a local directory) with its processor, local files first."""
+    return load_transformers(
+        model, ("BlipForQuestionAnswering", "BlipProcessor"),
+        lambda net, processor: BlipVqaAnswerer(net, processor, max_length),
+        cache_dir=cache_dir, local_files_only=local_files_only, what=f"vqa_consistency: BLIP VQA model {model!r}",
+        alternative="or set the vqa_consistency kwarg `model:` to a local save_pretrained directory, or drop it "
+                    "for self-VQA.")
 
 
 def _ask(
@@ -113,46 +162,92 @@ def _ask(
 
 @REWARDS.register("vqa_consistency")
 class VqaConsistency:
-    """Asks `context.questions[b]` about `images[b]` and scores the answers (self-VQA by default).
+    """Asks `context.questions[b]` about `images[b]` and scores the answers.
 
     MCQ: 1 when the chosen option (text after normalisation, or a letter such as `B` / `B.`) is the
     correct one; yes/no: 1 when the first yes/no word of the answer matches; open: token F1 after
     normalisation (lowercase, no punctuation or articles), so sentence-long answers get credit for
-    containing the answer. A sample's score is the weighted mean over its questions, NaN when it has
-    none. All questions of a batch go to the answerer in one call.
+    containing the answer. `exact_match: true` instead gives 1 only for the expected answer, lower-cased
+    (UniCharacter's rule). A sample's score is the weighted mean over its questions; a sample without
+    questions abstains (NaN, `info["abstained"]` says why) unless `fallback_question` is set, e.g.
+    `"Does this image accurately depict: {prompt}?"`, which is asked with expected answer "yes" (as
+    UniCharacter does, flow_grpo/flow_grpo/vqa_scorer.py:108-134). All questions of a batch go to the
+    answerer in one call.
 
-    `answerer`: an object with `.answer(images, questions, options) -> list[str]` (or that callable
-    itself); by default `context.backbone`, i.e. the policy being trained answers about its own images.
+    The answerer: `answerer=` (an object with `.answer(images, questions, options) -> list[str]`, or that
+    callable itself); else `model:` a BLIP VQA hub id or directory (transformers `BlipForQuestionAnswering`,
+    e.g. `Salesforce/blip-vqa-base`, loaded from local caches on the first call, `max_length` answer
+    tokens); else `context.backbone`, i.e. the policy being trained answers about its own images (self-VQA).
     """
 
-    def __init__(self, *, answerer: Any = None):
+    def __init__(
+        self,
+        *,
+        answerer: Any = None,
+        model: str | None = None,
+        cache_dir: str | None = None,
+        local_files_only: bool | None = None,
+        max_length: int = 50,
+        exact_match: bool = False,
+        fallback_question: str | None = None,
+        device: str | None = None,
+    ):
+        if fallback_question is not None and "{prompt}" not in fallback_question:
+            raise ConfigError(f"vqa_consistency: fallback_question must contain {{prompt}}, got {fallback_question!r}")
         self.answerer = answerer
+        self.model, self.cache_dir, self.local_files_only = model, cache_dir, local_files_only
+        self.max_length, self.exact_match, self.fallback_question = int(max_length), bool(exact_match), fallback_question
+        self.device = device
+        self._lock = threading.Lock()
+
+    def missing_weights(self) -> list[MissingModel]:
+        """The BLIP files the first call would load and cannot find locally (self-VQA needs none)."""
+        if self.answerer is not None or self.model is None:
+            return []
+        return missing_hf_model("vqa_consistency", self.model, "BlipForQuestionAnswering + BlipProcessor",
+                                cache_dir=self.cache_dir, processor=True,
+                                alternative="or set the kwarg `model:` to a local directory, or drop it for self-VQA")
+
+    def _answerer(self, context: RewardContext | None, device: torch.device) -> Any:
+        with self._lock:
+            if self.answerer is None and self.model is not None:
+                self.answerer = load_blip_vqa(self.model, cache_dir=self.cache_dir,
+                                              local_files_only=self.local_files_only,
+                                              max_length=self.max_length).to(self.device or device)
+            if self.answerer is not None:
+                return self.answerer
+        return context.backbone if context is not None else None
+
+    def _questions(self, per_sample: list[list[VQAQuestion]] | None, prompts: list[str]) -> list[list[VQAQuestion]]:
+        batch = len(prompts)
+        if per_sample is None:
+            per_sample = [[] for _ in range(batch)]
+        elif len(per_sample) != batch:
+            raise ValueError(f"vqa_consistency: context.questions has {len(per_sample)} entries for {batch} images")
+        if self.fallback_question is None:
+            return [list(questions) for questions in per_sample]
+        return [list(questions) or [VQAQuestion(self.fallback_question.format(prompt=prompt), "yes")]
+                for questions, prompt in zip(per_sample, prompts, strict=True)]
 
     @torch.no_grad()
     def __call__(
         self, images: torch.Tensor, prompts: list[str], *, group_ids: torch.Tensor, context: RewardContext
     ) -> RewardOutput:
-        images = check_images(images, "vqa_consistency")
+        images, prompts, group_ids = check_inputs("vqa_consistency", images, prompts, group_ids)
         batch = images.shape[0]
-        scores = torch.full((batch,), float("nan"), dtype=torch.float32)
-        per_sample = context.questions if context is not None else None
-        if per_sample is None:
-            return RewardOutput(scores.to(images.device), {"n_questions": 0})
-        if len(per_sample) != batch:
-            raise ValueError(
-                f"vqa_consistency: context.questions has {len(per_sample)} entries for {batch} images"
-            )
-
+        per_sample = self._questions(context.questions if context is not None else None, prompts)
         owners = [b for b, questions in enumerate(per_sample) for _ in questions]
         flat = [q for questions in per_sample for q in questions]
         if not flat:
-            return RewardOutput(scores.to(images.device), {"n_questions": 0})
-        answerer = self.answerer if self.answerer is not None else context.backbone
+            return RewardOutput.abstain(batch, "no VQA questions in RewardContext.questions", images.device,
+                                        n_questions=0)
+        answerer = self._answerer(context, images.device)
         if answerer is None:
             raise ConfigError(
                 "vqa_consistency has questions to ask but no answerer: set RewardContext.backbone (self-VQA, "
-                "the GRPO trainer does this) or pass an `answerer` object with .answer(images, questions, "
-                "options), e.g. build_reward(preset, term_kwargs={'vqa_consistency': {'answerer': model}})."
+                "the GRPO trainer does this), give the term `model:` (a BLIP VQA model) or pass an `answerer` "
+                "object with .answer(images, questions, options), e.g. "
+                "build_reward(preset, term_kwargs={'vqa_consistency': {'answerer': model}})."
             )
         index = torch.tensor(owners, dtype=torch.long, device=images.device)
         answers = _ask(
@@ -163,10 +258,11 @@ class VqaConsistency:
                 f"vqa_consistency: the answerer returned {len(answers)} answers for {len(flat)} questions"
             )
 
+        scores = torch.full((batch,), float("nan"), dtype=torch.float32)
         totals, weights = [0.0] * batch, [0.0] * batch
         by_kind: dict[str, list[float]] = {"mcq": [], "yesno": [], "open": []}
         for owner, question, answer in zip(owners, flat, answers, strict=True):
-            value = score_answer(question, answer)
+            value = score_answer(question, answer, self.exact_match)
             by_kind[question_kind(question)].append(value)
             totals[owner] += question.weight * value
             weights[owner] += question.weight
@@ -174,6 +270,10 @@ class VqaConsistency:
             if weights[b] > 0:
                 scores[b] = totals[b] / weights[b]
         info: dict[str, Any] = {"n_questions": len(flat)}
+        without = sum(w == 0 for w in weights)
+        if without:
+            info["abstained"] = f"{without} of {batch} samples have no VQA questions in RewardContext.questions"
+            info["n_abstained"] = without
         for kind, values in by_kind.items():
             if values:
                 info[f"{kind}_mean"] = sum(values) / len(values)
