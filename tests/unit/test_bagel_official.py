@@ -49,7 +49,7 @@ def _outputs(adapter: BagelAdapter, paths) -> tuple[torch.Tensor, torch.Tensor]:
     batch = adapter.collate(examples(paths))
     torch.manual_seed(123)  # the same noise and timesteps for the image loss
     with torch.no_grad():
-        hidden, _ = adapter._forward(batch, None)
+        hidden = adapter._forward(batch, None)[0]
         logits = adapter.model.language_model.lm_head(hidden)
         torch.manual_seed(123)
         mse = adapter.losses(batch)["mse"]
@@ -282,7 +282,7 @@ def test_flux_autoencoder_shapes_and_original_key_names():
         assert z.shape == (2, 4, 2, 3)
         y = ae.decode(z)
         assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
-        # encode is the posterior mean, normalised: deterministic, and the shift/scale are applied
+        # encode is the posterior mean by default, normalised: deterministic, and the shift/scale are applied
         moments = ae.encoder(x * 2 - 1)
         assert torch.equal(ae.encode(x), cfg.scale_factor * (moments[:, :4] - cfg.shift_factor))
     with pytest.raises(ValueError, match="not a multiple"):
@@ -298,6 +298,28 @@ def test_flux_autoencoder_shapes_and_original_key_names():
         assert k in keys, k
     assert not any("up.0.upsample" in k or "down.2.downsample" in k for k in keys)  # none at the ends
     assert ae.state_dict()["encoder.conv_out.weight"].shape[0] == 8  # mean + log-variance
+
+
+def test_vae_posterior_key_samples_by_default_and_mean_is_deterministic(tmp_path):
+    """`architecture.vae_posterior`: `sample` (official; noise from the given generator) or `mean`; kept by
+    save_official; a bad value names the key."""
+    img = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    sampled = _flux_adapter()
+    assert sampled.arch.vae_posterior == "sample"
+    model = sampled.bagel
+    with torch.no_grad():
+        mean = model.vae.encode(img)
+        a, b = (model.encode_latents(img, torch.Generator().manual_seed(s)) for s in (1, 2))
+        again = model.encode_latents(img, torch.Generator().manual_seed(1))
+    assert torch.equal(a, again) and not torch.allclose(a, b) and not torch.allclose(a, mean)
+    torch.manual_seed(0)
+    deterministic = BagelAdapter.build(small_card(vae=TINY_FLUX, max_latent_size=8, vae_posterior="mean"), corpus=CORPUS)
+    deterministic.bagel.vae.load_state_dict(model.vae.state_dict())
+    with torch.no_grad():
+        assert torch.equal(deterministic.bagel.encode_latents(img, torch.Generator().manual_seed(1)), mean)
+    assert read_official_arch(deterministic.save_official(tmp_path / "mean")).vae_posterior == "mean"
+    with pytest.raises(ConfigError, match="architecture.vae_posterior"):
+        BagelAdapter.build(small_card(vae_posterior="mode"), corpus=CORPUS)
 
 
 def test_flux_autoencoder_at_the_official_size_has_flux_s_key_set():
@@ -405,7 +427,7 @@ def test_adapter_packs_understood_images_at_their_own_aspect_ratio(tmp_path):
     assert isinstance(batch.vit_pixels, list)
     assert [tuple(img.shape[-2:]) for img in batch.vit_pixels] == [(16, 32), (32, 32)]  # H x W, patch multiples
     assert batch.is_vit.sum(1).tolist() == [(16 // patch) * (32 // patch), (32 // patch) ** 2, 0]
-    assert tuple(batch.gen_pixels.shape[-2:]) == (adapter.image_size, adapter.image_size)
+    assert tuple(batch.vae_pixels.shape[-2:]) == (adapter.image_size, adapter.image_size)
     losses = adapter.losses(batch)
     assert torch.isfinite(losses["ce"]) and torch.isfinite(losses["mse"])
     together = adapter.score_text([vqa(paths["wide"]), vqa(paths["square"])])
