@@ -378,8 +378,8 @@ SAMPLING = {
                         cfg_interval=[0.4, 1.0], cfg_renorm_type="channel", cfg_renorm_min=0.2),
     "t2i_text_channel": dict(inputs=[{"text": PERSONA}, {"text": PROMPT}], cfg_text_scale=4.0, cfg_img_scale=1.5,
                              cfg_interval=[0.0, 0.8], cfg_renorm_type="text_channel", cfg_renorm_min=0.0),
-    # a text scale of 1 switches every guidance off, the image scale included
-    "text_scale_one": dict(inputs=[{"text": PERSONA}, {"text": PROMPT}], cfg_text_scale=1.0, cfg_img_scale=2.0,
+    # a text scale of 1 switches every guidance off, the image guidance of an input image included
+    "text_scale_one": dict(inputs=[{"image": "c"}, {"text": PROMPT}], cfg_text_scale=1.0, cfg_img_scale=2.0,
                            cfg_interval=[0.0, 1.0], cfg_renorm_type="global", cfg_renorm_min=0.0),
     # the text-free branch keeps the earlier text segments (persona, first turn)
     "dialogue": dict(inputs=[{"text": PERSONA}, {"text": TURNS[0]}, {"text": PROMPT}], cfg_text_scale=4.0,

@@ -31,7 +31,7 @@ CHECKS = {
     "t2i_global": "sampling: text + image CFG, interval (0.4, 1], renorm global",
     "t2i_channel": "sampling: text + image CFG, renorm channel (min 0.2)",
     "t2i_text_channel": "sampling: text + image CFG, interval (0, 0.8], renorm text_channel",
-    "text_scale_one": "sampling: text scale 1 turns image guidance off",
+    "text_scale_one": "sampling: text scale 1 turns guidance off (input image, image scale 2)",
     "dialogue": "sampling: text-free branch keeps the earlier text segments",
     "image_conditioned": "sampling: input image (VAE + ViT), text + image CFG",
 }
