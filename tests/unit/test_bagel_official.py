@@ -235,6 +235,26 @@ def test_qwen2_tokenizer_files_load_through_transformers(tmp_path):
         TextTokenizer.load(tmp_path / "empty")
 
 
+def test_a_locally_trained_tokenizer_reads_back_through_qwen2_files(official_dir, tmp_path):
+    """`train-bpe` BAGEL tokenizers split text as Qwen2 does, so the vocab.json + merges.txt that save_official
+    writes give the same ids in a Qwen2Tokenizer (what the official code loads), digits and specials included."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    adapter, path = official_dir
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy(path / name, tmp_path / name)
+    qwen2 = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
+    for text in [*CORPUS[:3], "Rex counted 1234 shells; it's 9 o'clock!\nNew line"]:
+        assert qwen2.encode(text, add_special_tokens=False) == adapter.tokenizer.encode(text), text
+    tok = adapter.tokenizer
+    markers = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>"]
+    assert qwen2.convert_tokens_to_ids(markers) == [tok.bos_id, tok.eos_id, tok.start_of_image, tok.end_of_image,
+                                                    tok.pad_id]
+    assert [tok.encode("1234")] == [[tok.encode(d)[0] for d in "1234"]]  # Qwen2 splits digits one by one
+
+
 def test_official_configs_map_to_our_architecture(tmp_path):
     """llm_config.json / vit_config.json as the official folder has them; the sizes no json carries come
     from the weights' shapes (here a header-only ema file)."""
