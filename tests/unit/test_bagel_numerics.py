@@ -171,6 +171,15 @@ def test_guidance_interval_is_lo_exclusive_hi_inclusive():
         Guidance(0.5)
 
 
+def test_recipe_with_image_guidance_but_text_scale_one_is_rejected():
+    from cmrp.config import load_recipe
+    from cmrp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cfg_img_scale.*cfg_scale > 1"):
+        load_recipe("quickstart", ["grpo.cfg_img_scale=1.5"])
+    assert load_recipe("quickstart", ["grpo.cfg_img_scale=1.5", "grpo.cfg_scale=2.0"]).grpo.cfg_img_scale == 1.5
+
+
 def test_recipe_sampling_kwargs_only_send_what_is_set():
     from omegaconf import OmegaConf
 
