@@ -92,12 +92,12 @@ def test_mot_routing_uses_gen_weights_only_for_gen_tokens(adapter, image_paths):
     batch = adapter.collate(examples(image_paths))
     torch.manual_seed(1)
     adapter.model.eval()
-    h_ref, _ = adapter._forward(batch, None)
+    h_ref = adapter._forward(batch, None)[0]
     gen_layer = adapter.model.language_model.model.layers[0].mlp_moe_gen
     with torch.no_grad():
         gen_layer.down_proj.weight.add_(torch.randn_like(gen_layer.down_proj.weight))
     torch.manual_seed(1)
-    h_new, _ = adapter._forward(batch, None)
+    h_new = adapter._forward(batch, None)[0]
     changed = (h_new - h_ref).abs().amax(-1) > 1e-6
     valid = batch.valid
     # text / ViT tokens of samples without generated images are unaffected: gen tokens are invisible
@@ -157,12 +157,12 @@ def test_cached_prefix_matches_full_forward(adapter):
            Example("c", [t("user", "what colour is it? it is red and blue")])]
     full = [Example("c", [*e.segments, t("character", "hi there", True)]) for e in ctx]
     batch = adapter.collate(full)
-    hidden_full, _ = adapter._forward(batch, None)
+    hidden_full = adapter._forward(batch, None)[0]
     logits_full = adapter.model.language_model.lm_head(hidden_full)
     # greedy decoding through the cache must pick the argmax of the full forward at each step
     tok = adapter.tokenizer
     reply = tok.encode("hi there")
-    header = [tok.bos_id, *tok.encode("character\n")]
+    header = [tok.bos_id]  # a text segment starts with a bare bos (no role header)
     for i, e in enumerate(ctx):
         prefix_len = len(adapter.collate([e]).input_ids[0])
         pos = prefix_len + len(header) - 1

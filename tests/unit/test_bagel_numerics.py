@@ -144,13 +144,20 @@ def test_renorm_min_and_never_scaling_up():
     assert torch.allclose(small, 0.5 * V_C)
 
 
-def test_scales_of_one_give_the_conditional_velocity_and_per_sample_scales():
+def test_a_text_scale_of_one_switches_all_guidance_off():
+    """BAGEL's rule: no guidance at all unless the text scale is > 1, whatever the image scale."""
     assert torch.equal(combine_guidance(V_C, V_T, V_I, 1.0, 1.0, "global"), V_C)
-    v_c, v_t, v_i = V_C.repeat(2, 1, 1), V_T.repeat(2, 1, 1), V_I.repeat(2, 1, 1)
-    out = combine_guidance(v_c, v_t, v_i, 2.0, torch.tensor([1.5, 1.0]), "none")
-    assert torch.allclose(out[0], GUIDED[0]) and torch.allclose(out[1], 2 * V_C[0])
-    with pytest.raises(ValueError, match="image-unconditional"):
+    assert torch.equal(combine_guidance(V_C, V_T, V_I, 1.0, 2.0, "none"), V_C)
+    assert not Guidance(1.0, 2.0).enabled and not Guidance(1.0, 2.0).image_enabled and Guidance(1.5, 2.0).image_enabled
+    assert Guidance(1.0, 2.0).as_kwargs() == {}
+    with pytest.raises(ValueError, match="image-free"):
         combine_guidance(V_C, V_T, None, 2.0, 1.5)
+
+
+def test_image_guidance_without_an_input_image_amplifies_the_text_guidance():
+    """No input image: the image-free branch is the conditional one, v = v_c + s_img (v_text - v_c)."""
+    out = combine_guidance(V_C, V_T, V_C, 2.0, 1.5, "none")
+    assert torch.allclose(out, V_C + 1.5 * (2 * V_C - V_C))
 
 
 def test_guidance_interval_is_lo_exclusive_hi_inclusive():
@@ -162,6 +169,15 @@ def test_guidance_interval_is_lo_exclusive_hi_inclusive():
         Guidance(2.0, renorm_type="local")
     with pytest.raises(ValueError, match=">= 1"):
         Guidance(0.5)
+
+
+def test_recipe_with_image_guidance_but_text_scale_one_is_rejected():
+    from cmrp.config import load_recipe
+    from cmrp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cfg_img_scale.*cfg_scale > 1"):
+        load_recipe("quickstart", ["grpo.cfg_img_scale=1.5"])
+    assert load_recipe("quickstart", ["grpo.cfg_img_scale=1.5", "grpo.cfg_scale=2.0"]).grpo.cfg_img_scale == 1.5
 
 
 def test_recipe_sampling_kwargs_only_send_what_is_set():
@@ -180,28 +196,53 @@ def with_image_context():
     return Example("t2i", [Segment("image", "user", pixels=picture(5)), text("user", "draw me like this")])
 
 
-def test_adapter_branches_drop_the_text_and_the_images(adapter):
+def test_adapter_branches_are_the_official_contexts(adapter):
+    """Text-free branch: the context before its last text segment (here the input image alone); image-free:
+    every text, no image. Outside the guidance interval the conditional velocity alone."""
     ctx = [with_image_context()]
     guidance = Guidance(3.0, 2.0, (0.5, 1.0), "global", 0.0)
-    text_free, img_free, img_scale = adapter._guidance_prefixes(ctx, guidance)  # noqa: SLF001
-    cache = adapter._encode_prefix(ctx)  # noqa: SLF001
-    v_fn = adapter._guided_velocity_fn(cache, text_free, 3.0, img_uncond=img_free, img_scale=img_scale,  # noqa: SLF001
-                                       guidance=guidance)
+    cache, batch = adapter._encode(ctx, image_output=True)  # noqa: SLF001
+    text_free, img_free = adapter._guidance_prefixes(ctx, cache, batch.text_free, guidance)  # noqa: SLF001
+    v_fn = adapter._guided_velocity_fn(cache, text_free, img_uncond=img_free, guidance=guidance)  # noqa: SLF001
     x = torch.randn(1, adapter.gen_tokens, adapter.bagel.patch_latent_dim, generator=torch.Generator().manual_seed(1))
     only_image = Example("t2i", [Segment("image", "user", pixels=picture(5))])
     only_text = Example("t2i", [text("user", "draw me like this")])
     with torch.no_grad():
         v_c = adapter._velocity_fn(cache)  # noqa: SLF001
-        v_t = adapter._velocity_fn(adapter._encode_prefix([only_image]))  # noqa: SLF001
-        v_i = adapter._velocity_fn(adapter._encode_prefix([only_text]))  # noqa: SLF001
+        v_t = adapter._velocity_fn(adapter._encode_prefix([only_image], image_output=True))  # noqa: SLF001
+        v_i = adapter._velocity_fn(adapter._encode_prefix([only_text], image_output=True))  # noqa: SLF001
         for t in (0.8, 0.3):
             tt = torch.full((1,), t)
+            assert torch.allclose(adapter._velocity_fn(text_free)(x, tt), v_t(x, tt), atol=1e-5)  # noqa: SLF001
             expected = combine_guidance(v_c(x, tt), v_t(x, tt), v_i(x, tt), 3.0, 2.0, "global") if t > 0.5 \
                 else v_c(x, tt)  # outside the interval: the conditional velocity alone
             assert torch.allclose(v_fn(x, tt), expected, atol=1e-5), t
-    assert img_scale.tolist() == [2.0]
-    # a context without input images is not image-guided
-    assert adapter._guidance_prefixes([only_text], guidance)[2].tolist() == [1.0]  # noqa: SLF001
+
+
+def test_text_free_branch_keeps_the_earlier_text_and_image_free_is_the_context(adapter):
+    """A dialogue: the text-free branch drops only the last text segment; without input images the
+    image-free branch is the conditional prefix itself (same object, computed once)."""
+    dialogue = Example("t2i", [text("system", "You are Rex."), text("user", "hello"), text("user", "draw me")])
+    earlier = Example("t2i", dialogue.segments[:2])
+    guidance = Guidance(3.0, 1.5)
+    cache, batch = adapter._encode([dialogue], image_output=True)  # noqa: SLF001
+    text_free, img_free = adapter._guidance_prefixes([dialogue], cache, batch.text_free, guidance)  # noqa: SLF001
+    assert img_free is cache
+    x = torch.randn(1, adapter.gen_tokens, adapter.bagel.patch_latent_dim, generator=torch.Generator().manual_seed(2))
+    tt = torch.full((1,), 0.6)
+    with torch.no_grad():
+        expected = adapter._velocity_fn(adapter._encode_prefix([earlier], image_output=True))(x, tt)  # noqa: SLF001
+        assert torch.allclose(adapter._velocity_fn(text_free)(x, tt), expected, atol=1e-5)  # noqa: SLF001
+        v_c = adapter._velocity_fn(cache)(x, tt)  # noqa: SLF001
+        guided = adapter._guided_velocity_fn(cache, text_free, img_uncond=img_free, guidance=guidance)(x, tt)  # noqa: SLF001
+    assert torch.allclose(guided, combine_guidance(v_c, expected, v_c, 3.0, 1.5, "global"), atol=1e-5)
+    # a prompt of one text segment: the text-free branch is the empty context
+    one = Example("t2i", [text("user", "draw me")])
+    cache, batch = adapter._encode([one], image_output=True)  # noqa: SLF001
+    empty = adapter._guidance_prefixes([one], cache, batch.text_free, guidance)[0]  # noqa: SLF001
+    with torch.no_grad():
+        v_empty = adapter._velocity_fn(adapter._unconditional_prefix())(x, tt)  # noqa: SLF001
+        assert torch.allclose(adapter._velocity_fn(empty)(x, tt), v_empty, atol=1e-5)  # noqa: SLF001
 
 
 @pytest.mark.parametrize("renorm", ["global", "text_channel"])
@@ -238,16 +279,14 @@ def test_rollout_logprobs_when_the_understanding_expert_trains(adapter):
 def test_flow_loss_target_is_noise_minus_clean(adapter, monkeypatch):
     """With a fixed t and fixed noise, and a velocity head that outputs a constant b, the loss is
     mean((b - (noise - x0))^2) and the model is fed x_t = (1 - t) x0 + t noise."""
-    import cmrp.backbones.bagel.adapter as module
-
     example = Example("t2i", [text("user", "draw"), Segment("image", "character", pixels=picture(7), generate=True,
                                                              train=True)])
     batch = adapter.collate([example])
+    batch.timestep_draws = torch.logit(torch.tensor([0.3]))  # t = sigmoid(draw) with the card's shift 1
     model = adapter.model
-    x0 = patchify(model.vae.encode(batch.gen_pixels), model.arch.latent_patch_size)
+    x0 = patchify(model.vae.encode(batch.vae_pixels), model.arch.latent_patch_size)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
     t = torch.tensor([0.3])
-    monkeypatch.setattr(module, "flow_timesteps", lambda n, shift, device=None: t.expand(n))
     monkeypatch.setattr(torch, "randn_like", lambda x: noise.clone())
     seen = {}
     original = model.latent_tokens
@@ -267,7 +306,7 @@ def test_flow_loss_target_is_noise_minus_clean(adapter, monkeypatch):
     finally:
         model.llm2vae.weight.data.copy_(weight)
         model.llm2vae.bias.data.copy_(bias)
-    assert torch.allclose(seen["x_t"], 0.7 * x0 + 0.3 * noise, atol=1e-6) and torch.allclose(seen["t"], t)
+    assert torch.allclose(seen["x_t"], 0.7 * x0 + 0.3 * noise, atol=1e-6) and torch.allclose(seen["t"], t, atol=1e-7)
     assert torch.allclose(mse, (b - (noise - x0)).pow(2).mean(), atol=1e-6)
     assert not torch.allclose(mse, (b - (x0 - noise)).pow(2).mean(), atol=1e-3)
 

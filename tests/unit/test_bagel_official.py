@@ -49,7 +49,7 @@ def _outputs(adapter: BagelAdapter, paths) -> tuple[torch.Tensor, torch.Tensor]:
     batch = adapter.collate(examples(paths))
     torch.manual_seed(123)  # the same noise and timesteps for the image loss
     with torch.no_grad():
-        hidden, _ = adapter._forward(batch, None)
+        hidden = adapter._forward(batch, None)[0]
         logits = adapter.model.language_model.lm_head(hidden)
         torch.manual_seed(123)
         mse = adapter.losses(batch)["mse"]
@@ -235,6 +235,26 @@ def test_qwen2_tokenizer_files_load_through_transformers(tmp_path):
         TextTokenizer.load(tmp_path / "empty")
 
 
+def test_a_locally_trained_tokenizer_reads_back_through_qwen2_files(official_dir, tmp_path):
+    """`train-bpe` BAGEL tokenizers split text as Qwen2 does, so the vocab.json + merges.txt that save_official
+    writes give the same ids in a Qwen2Tokenizer (what the official code loads), digits and specials included."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    adapter, path = official_dir
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy(path / name, tmp_path / name)
+    qwen2 = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
+    for text in [*CORPUS[:3], "Rex counted 1234 shells; it's 9 o'clock!\nNew line"]:
+        assert qwen2.encode(text, add_special_tokens=False) == adapter.tokenizer.encode(text), text
+    tok = adapter.tokenizer
+    markers = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>"]
+    assert qwen2.convert_tokens_to_ids(markers) == [tok.bos_id, tok.eos_id, tok.start_of_image, tok.end_of_image,
+                                                    tok.pad_id]
+    assert [tok.encode("1234")] == [[tok.encode(d)[0] for d in "1234"]]  # Qwen2 splits digits one by one
+
+
 def test_official_configs_map_to_our_architecture(tmp_path):
     """llm_config.json / vit_config.json as the official folder has them; the sizes no json carries come
     from the weights' shapes (here a header-only ema file)."""
@@ -282,7 +302,7 @@ def test_flux_autoencoder_shapes_and_original_key_names():
         assert z.shape == (2, 4, 2, 3)
         y = ae.decode(z)
         assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
-        # encode is the posterior mean, normalised: deterministic, and the shift/scale are applied
+        # encode is the posterior mean by default, normalised: deterministic, and the shift/scale are applied
         moments = ae.encoder(x * 2 - 1)
         assert torch.equal(ae.encode(x), cfg.scale_factor * (moments[:, :4] - cfg.shift_factor))
     with pytest.raises(ValueError, match="not a multiple"):
@@ -298,6 +318,28 @@ def test_flux_autoencoder_shapes_and_original_key_names():
         assert k in keys, k
     assert not any("up.0.upsample" in k or "down.2.downsample" in k for k in keys)  # none at the ends
     assert ae.state_dict()["encoder.conv_out.weight"].shape[0] == 8  # mean + log-variance
+
+
+def test_vae_posterior_key_samples_by_default_and_mean_is_deterministic(tmp_path):
+    """`architecture.vae_posterior`: `sample` (official; noise from the given generator) or `mean`; kept by
+    save_official; a bad value names the key."""
+    img = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    sampled = _flux_adapter()
+    assert sampled.arch.vae_posterior == "sample"
+    model = sampled.bagel
+    with torch.no_grad():
+        mean = model.vae.encode(img)
+        a, b = (model.encode_latents(img, torch.Generator().manual_seed(s)) for s in (1, 2))
+        again = model.encode_latents(img, torch.Generator().manual_seed(1))
+    assert torch.equal(a, again) and not torch.allclose(a, b) and not torch.allclose(a, mean)
+    torch.manual_seed(0)
+    deterministic = BagelAdapter.build(small_card(vae=TINY_FLUX, max_latent_size=8, vae_posterior="mean"), corpus=CORPUS)
+    deterministic.bagel.vae.load_state_dict(model.vae.state_dict())
+    with torch.no_grad():
+        assert torch.equal(deterministic.bagel.encode_latents(img, torch.Generator().manual_seed(1)), mean)
+    assert read_official_arch(deterministic.save_official(tmp_path / "mean")).vae_posterior == "mean"
+    with pytest.raises(ConfigError, match="architecture.vae_posterior"):
+        BagelAdapter.build(small_card(vae_posterior="mode"), corpus=CORPUS)
 
 
 def test_flux_autoencoder_at_the_official_size_has_flux_s_key_set():
@@ -405,7 +447,7 @@ def test_adapter_packs_understood_images_at_their_own_aspect_ratio(tmp_path):
     assert isinstance(batch.vit_pixels, list)
     assert [tuple(img.shape[-2:]) for img in batch.vit_pixels] == [(16, 32), (32, 32)]  # H x W, patch multiples
     assert batch.is_vit.sum(1).tolist() == [(16 // patch) * (32 // patch), (32 // patch) ** 2, 0]
-    assert tuple(batch.gen_pixels.shape[-2:]) == (adapter.image_size, adapter.image_size)
+    assert tuple(batch.vae_pixels.shape[-2:]) == (adapter.image_size, adapter.image_size)
     losses = adapter.losses(batch)
     assert torch.isfinite(losses["ce"]) and torch.isfinite(losses["mse"])
     together = adapter.score_text([vqa(paths["wide"]), vqa(paths["square"])])

@@ -16,9 +16,12 @@ from typing import Any
 
 from cmrp.errors import WeightsError
 
-__all__ = ["SPECIAL_TOKENS", "BackendTokenizer", "TextTokenizer"]
+__all__ = ["QWEN2_SPLIT", "SPECIAL_TOKENS", "BackendTokenizer", "TextTokenizer"]
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
+# Qwen2's pre-tokenization pattern (its tokenizer.json and the official Qwen2Tokenizer split text this way)
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 class BackendTokenizer:
@@ -66,11 +69,22 @@ class TextTokenizer(BackendTokenizer):
         self.end_of_image = ids["<|vision_end|>"]
 
     @classmethod
-    def train_bpe(cls, corpus: Iterable[str], vocab_size: int = 1024) -> TextTokenizer:
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    def train_bpe(cls, corpus: Iterable[str], vocab_size: int = 1024, pretokenizer: str = "bytelevel") -> TextTokenizer:
+        """`pretokenizer`: `bytelevel` (GPT-2's split) or `qwen2` (NFC + Qwen2's split, as Qwen2's tokenizer
+        files and the official Qwen2Tokenizer do: ids survive a round trip through vocab.json/merges.txt)."""
+        from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
         tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        if pretokenizer == "qwen2":
+            tok.normalizer = normalizers.NFC()
+            tok.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ])
+        elif pretokenizer == "bytelevel":
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        else:
+            raise ValueError(f"pretokenizer {pretokenizer!r}: use bytelevel or qwen2")
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,

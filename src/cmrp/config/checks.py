@@ -155,6 +155,9 @@ def _check_guidance(prov: Provenance, g: DictConfig) -> None:
     for key in ("cfg_scale", "cfg_img_scale"):
         if not 1 <= g[key] < math.inf:
             raise prov.error(("grpo", key), f"must be 1 or more (1 turns this guidance off), got {g[key]!r}")
+    if g.cfg_img_scale > 1 and g.cfg_scale <= 1:
+        raise prov.error(("grpo", "cfg_img_scale"), "has no effect while cfg_scale is 1: guidance (image guidance "
+                         "included) is on only when cfg_scale > 1, as in BAGEL; raise cfg_scale or set cfg_img_scale: 1")
     lo_hi = list(g.cfg_interval)
     if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1] <= 1:
         raise prov.error(("grpo", "cfg_interval"),

@@ -89,8 +89,8 @@ class GRPOConfig:
     window_size: int = 2  # SDE (trained) steps per rollout; >= sample_steps: every step
     window_range: list[float] = field(default_factory=lambda: [0.0, 0.5])  # where the window may start
     same_noise: bool = False  # a group's samples start from the same initial noise
-    cfg_scale: float = 1.0  # text guidance scale (context without its text; 1: none; the paper uses 4)
-    cfg_img_scale: float = 1.0  # image guidance scale (context without its input images; 1: none)
+    cfg_scale: float = 1.0  # text guidance scale (context before its last text segment; 1: no guidance; paper: 4)
+    cfg_img_scale: float = 1.0  # image guidance on top (context without its input images; 1: none; needs cfg_scale > 1)
     cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])  # guidance for t in (lo, hi]
     cfg_renorm_type: str = "global"  # global | channel | text_channel | none (BAGEL's CFG renorm)
     cfg_renorm_min: float = 0.0  # lower clamp of the renorm factor (1: no renorm)

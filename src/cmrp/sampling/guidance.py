@@ -1,29 +1,28 @@
-"""Classifier-free guidance of a flow velocity at BAGEL's fidelity: text and image guidance, a guidance
-interval and renormalisation.
+"""Classifier-free guidance of a flow velocity as BAGEL's official sampler does it: text and image guidance, a
+guidance interval and renormalisation.
 
 Three velocities are predicted for the same noisy latents:
 - `v_c`: the full context;
-- `v_t`: the context without its text (text guidance pushes away from it);
-- `v_i`: the context without its input images (image guidance pushes away from it).
+- `v_t`: the text-free context — the context as it was before its last text segment (earlier text kept;
+  the empty context for a one-segment prompt; the whole context when an image follows the last text);
+- `v_i`: the image-free context — every text segment, no input image (for a context without input images
+  it is the context itself, so `v_i = v_c` and image guidance amplifies the text guidance).
 
-Text guidance first, then image guidance on top of it:
+Guidance is on only when the text scale is > 1 (a text scale of 1 switches the image guidance off too);
+text guidance first, then image guidance (scale > 1) on top of it:
     v_text = v_t + s_text · (v_c − v_t)
     v_cfg  = v_i + s_img · (v_text − v_i)
 then the result is rescaled so its norm never exceeds the conditional one's:
 - `global`: one factor per sample, norms over all of its tokens and channels;
 - `channel`: one factor per token (norm over the latent channels);
 - `text_channel`: only the text-guided velocity is rescaled (per token), before image guidance;
-- `none`: no rescaling (plain CFG).
+- `none`: no rescaling (plain CFG; not an official type).
 The factor is clamp(‖v_c‖ / ‖v‖, renorm_min, 1) (renorm_min = 1 turns renorm off too).
 Guidance applies only at times t with lo < t ≤ hi (`interval`, t = 1 is pure noise); elsewhere the
 velocity is `v_c` and the unconditional branches need not be computed at all.
 
-Departure from the official sampler (which skips all guidance unless the text scale is > 1): image
-guidance also applies with a text scale of 1 (then v_text = v_c). Per-sample scales are allowed so a
-batch can mix contexts with and without input images (image scale 1 for those without).
-
 Pure tensor maths, shared by every flow-head adapter, so sampling and GRPO's log-prob recomputation
-combine the branches identically.
+combine the branches identically. `tests/parity/test_bagel_sampling.py` checks it against the official code.
 """
 
 from __future__ import annotations
@@ -60,7 +59,13 @@ class Guidance:
 
     @property
     def enabled(self) -> bool:
-        return self.text_scale != 1.0 or self.img_scale != 1.0
+        """Guidance does anything: the text scale is > 1 (BAGEL guides nothing otherwise, images included)."""
+        return self.text_scale > 1.0
+
+    @property
+    def image_enabled(self) -> bool:
+        """Image guidance applies (on top of text guidance)."""
+        return self.enabled and self.img_scale > 1.0
 
     def active(self, t: float) -> bool:
         """Whether guidance applies at time t (lo < t <= hi) and does anything."""
@@ -102,14 +107,6 @@ def guidance_active(t: float, interval: tuple[float, float]) -> bool:
     return lo < float(t) <= hi
 
 
-def _per_sample(scale, ref: torch.Tensor) -> torch.Tensor:
-    """A float or [B] scale as a tensor broadcastable against ref [B, ...]."""
-    s = torch.as_tensor(scale, dtype=ref.dtype, device=ref.device)
-    if s.dim() == 0:
-        return s
-    return s.reshape(-1, *([1] * (ref.dim() - 1)))
-
-
 def _norm(v: torch.Tensor, per_token: bool) -> torch.Tensor:
     if per_token:
         return torch.linalg.vector_norm(v, dim=-1, keepdim=True)
@@ -123,37 +120,30 @@ def _rescale(v: torch.Tensor, ref: torch.Tensor, per_token: bool, renorm_min: fl
 
 def combine_guidance(
     v_cond: torch.Tensor,
-    v_text_uncond: torch.Tensor | None,
-    v_img_uncond: torch.Tensor | None,
-    text_scale: float | torch.Tensor = 1.0,
-    img_scale: float | torch.Tensor = 1.0,
+    v_text_free: torch.Tensor | None,
+    v_image_free: torch.Tensor | None,
+    text_scale: float = 1.0,
+    img_scale: float = 1.0,
     renorm_type: str = "global",
     renorm_min: float = 0.0,
 ) -> torch.Tensor:
-    """The guided velocity of [B, tokens, channels] predictions (see the module docstring).
-
-    A branch may be None only when its scale is 1 everywhere; scales are floats or [B] tensors.
-    """
+    """The guided velocity of [B, tokens, channels] predictions (see the module docstring): `v_cond` itself
+    unless text_scale > 1. A branch may be None only when it is not used (text scale <= 1, image scale <= 1);
+    for a context without input images pass `v_cond` as `v_image_free`."""
     if renorm_type not in RENORM_TYPES:
         raise ValueError(f"unknown renorm type {renorm_type!r}; use one of {', '.join(RENORM_TYPES)}")
     v_cond = v_cond.float()
-    s_text, s_img = _per_sample(text_scale, v_cond), _per_sample(img_scale, v_cond)
-    text_on = bool((s_text != 1.0).any())
-    img_on = bool((s_img != 1.0).any())
-    if not text_on and not img_on:
+    if text_scale <= 1.0:
         return v_cond
-    if text_on:
-        if v_text_uncond is None:
-            raise ValueError("text guidance needs the text-unconditional velocity")
-        v_text = v_text_uncond.float() + s_text * (v_cond - v_text_uncond.float())
-    else:
-        v_text = v_cond
+    if v_text_free is None:
+        raise ValueError("text guidance needs the text-free velocity")
+    v_text = v_text_free.float() + text_scale * (v_cond - v_text_free.float())
     if renorm_type == "text_channel":
         v_text = _rescale(v_text, v_cond, per_token=True, renorm_min=renorm_min)
-    if img_on:
-        if v_img_uncond is None:
-            raise ValueError("image guidance needs the image-unconditional velocity")
-        v = v_img_uncond.float() + s_img * (v_text - v_img_uncond.float())
+    if img_scale > 1.0:
+        if v_image_free is None:
+            raise ValueError("image guidance needs the image-free velocity (v_cond for a context without images)")
+        v = v_image_free.float() + img_scale * (v_text - v_image_free.float())
     else:
         v = v_text
     if renorm_type in ("global", "channel"):

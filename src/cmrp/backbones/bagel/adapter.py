@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cmrp.backbones.bagel.model import Bagel, BagelArch, BagelBatch, flow_timesteps, patchify, unpatchify
+from cmrp.backbones.bagel.model import Bagel, BagelArch, BagelBatch, patchify, shift_timesteps, unpatchify
 from cmrp.backbones.bagel.packing import IGNORE, ImageLoader, collate
 from cmrp.backbones.bagel.qwen2_mot import KVCache
 from cmrp.backbones.common import answer_questions, select_lora_targets
@@ -111,7 +111,8 @@ class BagelAdapter:
         if tok_ref == "train-bpe":
             if not corpus:
                 raise ConfigError("backbone card tokenizer 'train-bpe' needs a text corpus (the character's texts)")
-            tokenizer = TextTokenizer.train_bpe(corpus, vocab_size=vocab)
+            # BAGEL's tokenizer is Qwen2's: same pre-tokenization, so the official Qwen2Tokenizer reads it alike
+            tokenizer = TextTokenizer.train_bpe(corpus, vocab_size=vocab, pretokenizer="qwen2")
         else:
             tokenizer = TextTokenizer.load(tok_ref)
         if tokenizer.vocab_size > vocab:
@@ -226,40 +227,54 @@ class BagelAdapter:
         self.bagel.arch.gradient_checkpointing = bool(enabled)
 
     # -- training --------------------------------------------------------------------------------
-    def collate(self, examples: list[Example]) -> BagelBatch:
+    def collate(self, examples: list[Example], image_output: bool | None = None) -> BagelBatch:
+        """`image_output`: the examples' output is an image, so input images also enter as VAE latents
+        (None: per example, whether it holds an image to generate)."""
         return collate(
             examples, self.tokenizer, self._load_image,
             vit_tokens=self.vit_tokens, gen_tokens=self.gen_tokens, max_text_tokens=self.max_text_tokens,
-            load_vit_image=self._load_vit_image,
+            load_vit_image=self._load_vit_image, image_output=image_output,
         )
 
     def _forward(self, batch: BagelBatch, timestep_shift: float | None):
+        """Hidden states of a training batch, the flow targets of its generated images' tokens and which
+        VAE images are generated. As the official trainer, in this order: every VAE image's latents
+        (`architecture.vae_posterior`), flow noise for all of them, flow times of the generated ones
+        (`batch.timestep_draws`, else drawn; input images stay clean at t = 0)."""
         model = self.bagel
-        gen_tokens = target = None
-        if batch.gen_pixels is not None:
-            c, h, w = self._latent_chw
-            x0 = patchify(model.vae.encode(batch.gen_pixels), model.arch.latent_patch_size)
+        gen_tokens = target = noisy = None
+        if batch.vae_pixels is not None:
+            _, h, w = self._latent_chw
+            x0 = patchify(model.encode_latents(batch.vae_pixels), model.arch.latent_patch_size)
             noise = torch.randn_like(x0)
+            noisy = batch.vae_noisy.to(x0.device)
             shift = model.arch.timestep_shift if timestep_shift is None else timestep_shift
-            t = flow_timesteps(x0.shape[0], shift, device=x0.device)
+            draws = batch.timestep_draws
+            if draws is None:
+                draws = torch.randn(int(noisy.sum()), device=x0.device)
+            t = torch.zeros(x0.shape[0], device=x0.device)
+            t[noisy] = shift_timesteps(draws.to(x0.device, torch.float32), shift)
             x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
             gen_tokens = model.latent_tokens(x_t, t, (h, w))
-            target = noise - x0  # velocity dx/dt pointing from data (t=0) to noise (t=1)
+            target = (noise - x0)[noisy]  # velocity dx/dt pointing from data (t=0) to noise (t=1)
         embeds = model.embed(batch, gen_tokens)
         hidden, _ = model.decode_hidden(embeds, batch.is_gen, batch.position_ids, batch.attention_mask)
-        return hidden, target
+        return hidden, target, noisy
 
     def losses(self, batch: BagelBatch, *, timestep_shift: float | None = None) -> dict[str, torch.Tensor]:
+        """Mean next-token CE over the trained text tokens and mean flow MSE over the generated images'
+        latent tokens and channels (the official trainer's reductions)."""
         model = self.bagel
-        hidden, target = self._forward(batch, timestep_shift)
+        hidden, target, noisy = self._forward(batch, timestep_shift)
         sel = batch.labels != IGNORE
         if bool(sel.any()):
             logits = model.language_model.lm_head(hidden[sel])
             ce = F.cross_entropy(logits.float(), batch.labels[sel])
         else:
             ce = hidden.sum() * 0.0
-        if target is not None:
-            pred = model.llm2vae(hidden[batch.is_gen]).view_as(target)
+        if target is not None and bool(noisy.any()):
+            latent_hidden = hidden[batch.is_gen].view(len(noisy), -1, hidden.shape[-1])[noisy]
+            pred = model.llm2vae(latent_hidden)
             mse = (pred.float() - target.float()).pow(2).mean()
         else:
             mse = hidden.sum() * 0.0
@@ -275,22 +290,47 @@ class BagelAdapter:
     @torch.no_grad()
     def score_text(self, examples: list[Example]) -> torch.Tensor:
         batch = self.collate(examples).to(self.device)
-        hidden, _ = self._forward(batch, None)
+        hidden = self._forward(batch, None)[0]
         logits = self.bagel.language_model.lm_head(hidden).float()
         logp = torch.log_softmax(logits, dim=-1)
         sel = batch.labels != IGNORE
         token_logp = logp.gather(-1, batch.labels.clamp(min=0)[..., None])[..., 0]
         return (token_logp * sel).sum(dim=1)
 
-    def _encode_prefix(self, contexts: list[Example], grad: bool = False) -> KVCache:
-        batch = self.collate(contexts).to(self.device)
+    def _encode_prefix(self, contexts: list[Example], grad: bool = False, *, image_output: bool = False,
+                       generator: torch.Generator | None = None) -> KVCache:
+        """The KV cache of contexts (see `_encode`)."""
+        return self._encode(contexts, grad, image_output=image_output, generator=generator)[0]
+
+    def _encode(self, contexts: list[Example], grad: bool = False, *, image_output: bool = False,
+                generator: torch.Generator | None = None) -> tuple[KVCache, BagelBatch | None]:
+        """KV cache of contexts whose output is an image (`image_output`: input images as clean VAE latents
+        and ViT tokens, their posterior noise from `generator`) or text (ViT tokens only), and their batch
+        (None for empty contexts)."""
+        if not any(c.segments for c in contexts):
+            return self._empty_cache(len(contexts)), None
+        batch = self.collate(contexts, image_output=image_output).to(self.device)
+        model = self.bagel
         with torch.set_grad_enabled(grad):
-            embeds = self.bagel.embed(batch, None)
-            _, presents = self.bagel.decode_hidden(
+            gen_tokens = None
+            if batch.vae_pixels is not None:
+                if bool(batch.vae_noisy.any()):
+                    raise ValueError("a context holds an image to generate (Segment.generate); contexts hold only "
+                                     "text and input images")
+                _, h, w = self._latent_chw
+                x0 = patchify(model.encode_latents(batch.vae_pixels, generator), model.arch.latent_patch_size)
+                gen_tokens = model.latent_tokens(x0, torch.zeros(x0.shape[0], device=x0.device), (h, w))
+            embeds = model.embed(batch, gen_tokens)
+            _, presents = model.decode_hidden(
                 embeds, batch.is_gen, batch.position_ids, batch.attention_mask, use_cache=True
             )
         next_position = batch.position_ids.masked_fill(~batch.valid, -1).max(dim=1).values + 1
-        return KVCache([k for k, _ in presents], [v for _, v in presents], batch.valid, next_position)
+        cache = KVCache([k for k, _ in presents], [v for _, v in presents], batch.valid, next_position)
+        return cache, batch
+
+    def _empty_cache(self, b: int) -> KVCache:
+        weight = self.bagel.language_model.model.embed_tokens.weight
+        return KVCache.empty(self.arch.llm, b, device=weight.device, dtype=weight.dtype)
 
     def _decode_new(self, cache: KVCache, embeds, is_gen, new_mask, positions):
         """Run new tokens on top of a cached prefix; returns hidden states and the extended cache."""
@@ -311,24 +351,26 @@ class BagelAdapter:
         ids = self._generate_ids(self._encode_prefix(contexts), max_new_tokens, temperature, seed)
         return [self.tokenizer.decode(x).strip() for x in ids]
 
-    def _generate_ids(self, cache: KVCache, max_new_tokens: int, temperature: float, seed: int) -> list[list[int]]:
-        """A character turn's token ids after each cached prefix (the prefix cache is left as it was)."""
+    def _generate_ids(self, cache: KVCache, max_new_tokens: int, temperature: float, seed: int,
+                      logits_out: list[torch.Tensor] | None = None) -> list[list[int]]:
+        """A text segment's token ids after each cached prefix, decoded from a bare `bos` as BAGEL does (the
+        prefix cache is left as it was). `logits_out` receives each step's logits [B, vocab]."""
         tok, device = self.tokenizer, self.device
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        header = [tok.bos_id, *tok.encode("character\n")]
         b = cache.valid.shape[0]
-        new = torch.tensor(header, device=device)[None].expand(b, -1)
-        positions = cache.next_position[:, None] + torch.arange(len(header), device=device)[None]
-        causal = torch.ones(len(header), len(header), dtype=torch.bool, device=device).tril()[None]
+        new = torch.full((b, 1), tok.bos_id, device=device)
+        positions = cache.next_position[:, None]
+        one = torch.ones(1, 1, 1, dtype=torch.bool, device=device)
         embed = self.bagel.language_model.model.embed_tokens
         lm_head = self.bagel.language_model.lm_head
-        hidden, cache = self._decode_new(cache, embed(new), None, causal, positions)
+        hidden, cache = self._decode_new(cache, embed(new), None, one, positions)
         out: list[list[int]] = [[] for _ in range(b)]
         done = torch.zeros(b, dtype=torch.bool)
         next_pos = positions[:, -1] + 1
-        one = torch.ones(1, 1, 1, dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
             logits = lm_head(hidden[:, -1]).float()
+            if logits_out is not None:
+                logits_out.append(logits)
             if temperature > 0:
                 probs = torch.softmax(logits / temperature, dim=-1).cpu()
                 token = torch.multinomial(probs, 1, generator=gen)[:, 0].to(device)
@@ -346,12 +388,11 @@ class BagelAdapter:
             next_pos = next_pos + 1
         return out
 
-    def _extend_with_text(self, cache: KVCache, texts: list[str], role: str = "character") -> KVCache:
+    def _extend_with_text(self, cache: KVCache, texts: list[str]) -> KVCache:
         """The prefix cache continued by one text segment per sample (tokenised exactly as `collate` does:
-        bos, role header, body, eos), so an image sampled on it sees that text in the same context."""
+        bos, text, eos), so an image sampled on it sees that text in the same context."""
         tok, device = self.tokenizer, self.device
-        rows = [[tok.bos_id, *tok.encode(f"{role}\n"), *tok.encode(t)[: self.max_text_tokens], tok.eos_id]
-                for t in texts]
+        rows = [[tok.bos_id, *tok.encode(t)[: self.max_text_tokens], tok.eos_id] for t in texts]
         b, n = len(rows), max(len(r) for r in rows)
         ids = torch.full((b, n), tok.pad_id, dtype=torch.long, device=device)
         new_valid = torch.zeros(b, n, dtype=torch.bool, device=device)
@@ -394,25 +435,23 @@ class BagelAdapter:
         return velocity
 
     def _guided_velocity_fn(self, cache: KVCache, uncond: KVCache | None, scale: float = 1.0, *,
-                            img_uncond: KVCache | None = None, img_scale: torch.Tensor | float = 1.0,
-                            guidance: Guidance | None = None):
-        """Classifier-free guidance at BAGEL's fidelity (`cmrp.sampling.guidance`): `uncond` is the
-        context without its text, `img_uncond` without its input images (per-sample `img_scale`, 1 for
-        samples without any). Without `guidance`: plain text CFG v_u + s·(v_c − v_u), no renorm.
-        Outside the guidance interval only the conditional branch runs; inside it the needed branches
-        run as one batch. Caches with one sample are broadcast to the batch."""
+                            img_uncond: KVCache | None = None, guidance: Guidance | None = None):
+        """Classifier-free guidance as the official sampler (`cmrp.sampling.guidance`): `uncond` is the
+        text-free prefix, `img_uncond` the image-free one (`cache` itself when the contexts hold no input
+        image: that branch is then the conditional one). Without `guidance`: plain text CFG
+        v_u + s·(v_c − v_u), no renorm. Outside the guidance interval only the conditional branch runs;
+        inside it the needed branches run as one batch. Caches with one sample are broadcast to the batch."""
         if guidance is None:
             guidance = Guidance(text_scale=scale, renorm_type="none")
-        b = cache.valid.shape[0]
-        text_on = uncond is not None and guidance.text_scale != 1.0
-        img_scale_t = torch.as_tensor(img_scale, dtype=torch.float32).expand(b).clone()
-        img_on = img_uncond is not None and bool((img_scale_t != 1.0).any())
-        if not text_on and not img_on:
+        if not guidance.enabled:
             return self._velocity_fn(cache)
-        branches = [cache]
-        if text_on:
-            branches.append(_broadcast(uncond, b))
-        if img_on:
+        if uncond is None or (guidance.image_enabled and img_uncond is None):
+            raise ValueError("guidance needs the text-free prefix (and the image-free one for image guidance)")
+        b = cache.valid.shape[0]
+        img_on = guidance.image_enabled
+        img_is_cond = img_on and img_uncond is cache
+        branches = [cache, _broadcast(uncond, b)]
+        if img_on and not img_is_cond:
             branches.append(_broadcast(img_uncond, b))
         plain = self._velocity_fn(cache)
         joint = self._velocity_fn(_concat_caches(*branches))
@@ -422,35 +461,39 @@ class BagelAdapter:
             if not guidance.active(float(t.reshape(-1)[0])):
                 return plain(x, t)
             v = joint(torch.cat([x] * k), torch.cat([t] * k)).split(b)
-            v_text = v[1] if text_on else None
-            v_img = v[-1] if img_on else None
-            return combine_guidance(v[0], v_text, v_img, guidance.text_scale if text_on else 1.0,
-                                    img_scale_t.to(v[0].device) if img_on else 1.0,
+            v_img = (v[0] if img_is_cond else v[2]) if img_on else None
+            return combine_guidance(v[0], v[1], v_img, guidance.text_scale, guidance.img_scale,
                                     guidance.renorm_type, guidance.renorm_min)
 
         return velocity
 
     def _unconditional_prefix(self) -> KVCache:
-        """The empty context (no character, no prompt) the guidance pushes away from."""
-        return self._encode_prefix([Example("t2i", [Segment("text", "user", "")])])
+        """The empty context: the text-free branch of a prompt that is one text segment."""
+        return self._empty_cache(1)
 
-    def _guidance_prefixes(self, contexts: list[Example], guidance: Guidance, grad: bool = False):
-        """Prefixes of the unconditional branches, one per context: without the text (images kept), and
-        without the input images (text kept), plus the per-context image scale (1 where no image)."""
-        text_free = img_free = None
-        has_img = torch.tensor([_has_input_images(c) for c in contexts])
-        img_scale = torch.where(has_img, guidance.img_scale, 1.0)
-        if guidance.text_scale != 1.0:
-            text_free = self._encode_prefix([_without(c, "text") for c in contexts], grad=grad)
-        if guidance.img_scale != 1.0 and bool(has_img.any()):
-            img_free = self._encode_prefix([_without(c, "image") for c in contexts], grad=grad)
-        return text_free, img_free, img_scale
+    def _guidance_prefixes(self, contexts: list[Example], guide: KVCache, text_free: torch.Tensor | None,
+                           guidance: Guidance, grad: bool = False):
+        """(text-free, image-free) prefixes of the guidance branches of `contexts`, encoded as `guide` with the
+        cut points `text_free` ([B, 2] tokens and next position before the last text segment; None for empty
+        contexts). The text-free one is a prefix of `guide` (nothing recomputed); the image-free one is `guide`
+        itself when no context holds an input image, else the contexts without their images (every text kept).
+        (None, None) when guidance is off."""
+        if not guidance.enabled:
+            return None, None
+        text_cut = guide if text_free is None else guide.prefix(text_free[:, 0], text_free[:, 1])
+        img_free = None
+        if guidance.image_enabled:
+            if any(_has_input_images(c) for c in contexts):
+                img_free = self._encode_prefix([_without_images(c) for c in contexts], grad=grad, image_output=True)
+            else:
+                img_free = guide
+        return text_cut, img_free
 
     def _uncached_velocity_fn(self, contexts: list[Example], n: int):
         repeated = [c for c in contexts for _ in range(n)]
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self._velocity_fn(self._encode_prefix(repeated))(x, t)
+            return self._velocity_fn(self._encode_prefix(repeated, image_output=True))(x, t)
 
         return velocity
 
@@ -465,81 +508,83 @@ class BagelAdapter:
                       reuse_prefix: bool = True, cfg_scale: float = 1.0, cfg_img_scale: float = 1.0,
                       cfg_interval: tuple[float, float] = (0.0, 1.0), cfg_renorm_type: str = "global",
                       cfg_renorm_min: float = 0.0) -> Rollout:
-        """`n` samples per context by Euler integration of the flow head.
+        """`n` samples per context by Euler integration of the flow head (`steps` steps: the official
+        sampler's `num_timesteps` is steps + 1).
 
-        The prefix (character + prompt) is encoded once per context and shared by its n samples.
-        ODE steps everywhere, except SDE steps with noise level `noise` inside `window` ([start, end)
-        step indices), whose transitions are stored for `rollout_logprob`. `same_noise`: the n
-        samples of a context start from the same initial noise. Times follow `sampling_timesteps`
-        with `timestep_shift` (null: the card's). Guidance (`cmrp.sampling.guidance`): `cfg_scale`
-        text scale (context without its text), `cfg_img_scale` image scale (context without its input
-        images; contexts without images are not image-guided), applied for t in `cfg_interval`
-        (lo, hi], renormalised per `cfg_renorm_type` / `cfg_renorm_min`; the guided velocity is the
-        policy, so log-probs use it too. `reuse_prefix=False` re-encodes the prefix for every sample at
-        every step (the naive baseline the benchmarks compare against).
+        The prefix (character + prompt; input images as VAE latents and ViT tokens) is encoded once per
+        context and shared by its n samples. ODE steps everywhere, except SDE steps with noise level `noise`
+        inside `window` ([start, end) step indices), whose transitions are stored for `rollout_logprob`.
+        `same_noise`: the n samples of a context start from the same initial noise. Times follow
+        `sampling_timesteps` with `timestep_shift` (null: the card's). `seed` draws, in this order, the
+        posterior samples of the input images' latents and the initial noise (the official order).
+        Guidance (`cmrp.sampling.guidance`, as the official sampler): on when `cfg_scale` > 1, text-free branch =
+        the context before its last text segment, `cfg_img_scale` image guidance against the context without
+        its input images (the context itself when it has none), for t in `cfg_interval` (lo, hi],
+        renormalised per `cfg_renorm_type` / `cfg_renorm_min`; the guided velocity is the policy, so log-probs
+        use it too. `reuse_prefix=False` re-encodes the prefix for every sample at every step (the naive
+        baseline the benchmarks compare against).
         """
         guidance = Guidance(cfg_scale, cfg_img_scale, tuple(cfg_interval), cfg_renorm_type, cfg_renorm_min)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        options = dict(n=n, steps=steps, noise=noise, window=window, sde=sde, same_noise=same_noise,
+                       timestep_shift=timestep_shift, generator=gen, seed=seed)
         if not reuse_prefix:
             if guidance.enabled:
                 raise ValueError("reuse_prefix=False (a benchmark baseline) does not support guidance")
-            return self._sample(contexts, contexts, None, n=n, steps=steps, seed=seed, noise=noise,
-                                window=window, sde=sde, same_noise=same_noise, timestep_shift=timestep_shift,
-                                guidance=guidance, uncached=True)
-        return self._sample(contexts, contexts, self._encode_prefix(contexts), n=n, steps=steps, seed=seed,
-                            noise=noise, window=window, sde=sde, same_noise=same_noise,
-                            timestep_shift=timestep_shift, guidance=guidance)
+            return self._sample(contexts, None, Guidance(), **options)
+        prefix, batch = self._encode(contexts, image_output=True, generator=gen)
+        branches = self._guidance_prefixes(contexts, prefix, None if batch is None else batch.text_free, guidance)
+        return self._sample(contexts, _Prefixes(prefix, *branches), guidance, **options)
 
     @torch.no_grad()
     def think_and_sample(self, contexts: list[Example], *, max_think_tokens: int = 64, temperature: float = 0.0,
                          text_seed: int = 0, **sample_kwargs) -> tuple[list[str], Rollout]:
-        """Think mode (BAGEL's "think"): per context, first a character text turn (the thinking / plan),
-        then `n` images sampled with that text in the same context. The prefix is encoded once; the
-        text is decoded on its cache and then appended to it (tokenised as a character text segment),
-        so the image sees context + thinking exactly as if both had been given as one context. As in
-        official BAGEL, the guidance branches leave the generated thinking out. `sample_kwargs` are
-        those of `sample_images`. Returns (texts, rollout)."""
+        """Think mode (BAGEL's "think"): per context, first a text segment (the thinking / plan), then `n`
+        images sampled with that text in the same context. The prefix is encoded once; the text is decoded
+        on its cache from a bare bos and then appended to it (tokenised as a text segment), so the image sees
+        context + thinking exactly as if both had been given as one context. As in official BAGEL, the
+        guidance branches leave the generated thinking out. `sample_kwargs` are those of `sample_images`.
+        Returns (texts, rollout)."""
         guidance = Guidance(sample_kwargs.pop("cfg_scale", 1.0), sample_kwargs.pop("cfg_img_scale", 1.0),
                             tuple(sample_kwargs.pop("cfg_interval", (0.0, 1.0))),
                             sample_kwargs.pop("cfg_renorm_type", "global"), sample_kwargs.pop("cfg_renorm_min", 0.0))
-        prefix = self._encode_prefix(contexts)
-        ids = self._generate_ids(prefix, max_think_tokens, temperature, text_seed)
+        seed = sample_kwargs.pop("seed", 0)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        guide, batch = self._encode(contexts, image_output=True, generator=gen)
+        ids = self._generate_ids(guide, max_think_tokens, temperature, text_seed)
         texts = [self.tokenizer.decode(x).strip() for x in ids]
-        thought = self._extend_with_text(prefix, texts)
+        branches = self._guidance_prefixes(contexts, guide, None if batch is None else batch.text_free, guidance)
         with_thinking = [Example(c.task, [*c.segments, Segment("text", "character", t)])
                          for c, t in zip(contexts, texts, strict=True)]
-        rollout = self._sample(with_thinking, contexts, thought, guidance=guidance, **sample_kwargs)
+        prefixes = _Prefixes(self._extend_with_text(guide, texts), *branches, guide=guide, thinking=texts)
+        rollout = self._sample(with_thinking, prefixes, guidance, generator=gen, seed=seed, guide_contexts=contexts,
+                               **sample_kwargs)
         return texts, rollout
 
-    def _sample(self, contexts: list[Example], guide_contexts: list[Example], prefix: KVCache | None, *,
-                n: int = 1, steps: int = 20, seed: int = 0, noise: float = 0.0,
+    def _sample(self, contexts: list[Example], prefixes: _Prefixes | None, guidance: Guidance, *,
+                generator: torch.Generator, seed: int, n: int = 1, steps: int = 20, noise: float = 0.0,
                 window: tuple[int, int] | None = None, sde: str = "sde", same_noise: bool = False,
-                timestep_shift: float | None = None, guidance: Guidance | None = None,
-                uncached: bool = False) -> Rollout:
+                timestep_shift: float | None = None, guide_contexts: list[Example] | None = None) -> Rollout:
+        """Sample from the prefixes (None: re-encode the contexts at every step, the naive baseline)."""
         model, device = self.bagel, self.device
-        guidance = guidance or Guidance()
         b = len(contexts) * n
         c = self._latent_chw[0]
         p = model.arch.latent_patch_size
-        gen = torch.Generator(device="cpu").manual_seed(seed)
         shape = (len(contexts), 1, self.gen_tokens, p * p * c) if same_noise else (b, self.gen_tokens, p * p * c)
-        x = torch.randn(shape, generator=gen)
+        x = torch.randn(shape, generator=generator)
         if same_noise:
             x = x.expand(-1, n, -1, -1).reshape(b, self.gen_tokens, p * p * c)
         shift = model.arch.timestep_shift if timestep_shift is None else timestep_shift
         ts = sampling_timesteps(steps, shift, device)
-        text_free, img_free, img_scale = self._guidance_prefixes(guide_contexts, guidance)
-        if uncached:
+        if prefixes is None:
             velocity = self._uncached_velocity_fn(contexts, n)
         else:
-            velocity = self._guided_velocity_fn(
-                prefix.expand(n), None if text_free is None else text_free.expand(n), guidance.text_scale,
-                img_uncond=None if img_free is None else img_free.expand(n),
-                img_scale=img_scale.repeat_interleave(n), guidance=guidance)
-        traj = sample_flow(velocity, x.to(device), ts, window=window, eta=noise, kind=sde, generator=gen)
+            cond, text_free, image_free = prefixes.expand(n)
+            velocity = self._guided_velocity_fn(cond, text_free, img_uncond=image_free, guidance=guidance)
+        traj = sample_flow(velocity, x.to(device), ts, window=window, eta=noise, kind=sde, generator=generator)
         group_ids = torch.arange(len(contexts)).repeat_interleave(n)
         t_cap = float(ts[1]) if steps > 1 else 0.99
-        state = _RolloutState(contexts, n, prefix, text_free, guidance.text_scale, guide_contexts, img_free,
-                              img_scale, guidance)
+        state = _RolloutState(contexts, n, prefixes, guidance, guide_contexts or contexts, seed)
         return Rollout(self._decode_latents(traj.final), group_ids, traj, noise, sde, t_cap, state=state)
 
     def rollout_logprob(self, rollout: Rollout, step: int, index: torch.Tensor | None = None,
@@ -547,26 +592,20 @@ class BagelAdapter:
         """Log-prob [len(index)] of window transition `step` of samples `index` under the current
         weights (with gradients), with the same guidance the rollout was sampled with (so the ratio is
         1 on-policy). The cached prefixes are reused when the understanding expert is frozen (their
-        keys/values cannot have changed); otherwise they are re-encoded with gradients."""
+        keys/values cannot have changed); otherwise they are re-encoded with gradients, from the same
+        seed (the same posterior samples of input images)."""
         state: _RolloutState = rollout.state
         traj = rollout.trajectory
         if traj is None or not 0 <= step < traj.times.shape[0]:
             raise ValueError(f"rollout has no stored transition {step}")
+        if state.prefixes is None:
+            raise ValueError("the rollout was sampled with reuse_prefix=False: it keeps no prefix to replay")
         index = torch.arange(len(rollout)) if index is None else index.cpu()
-        guidance = state.guidance or Guidance(state.cfg_scale, renorm_type="none")
-        if self._understanding_trainable():
-            prefix = self._encode_prefix(state.contexts, grad=True)
-            text_free, img_free, _ = self._guidance_prefixes(state.guide_contexts or state.contexts, guidance,
-                                                             grad=True)
-        else:
-            prefix, text_free, img_free = state.prefix, state.uncond, state.img_uncond
-        rows = (index // state.n).to(prefix.valid.device)
+        prefixes = self._replay_prefixes(state) if self._understanding_trainable() else state.prefixes
+        rows = (index // state.n).to(prefixes.cond.valid.device)
         device = self.device
-        img_scale = state.img_scale[index // state.n] if state.img_scale is not None else 1.0
-        velocity = self._guided_velocity_fn(
-            prefix.select(rows), None if text_free is None else _rows(text_free, rows), guidance.text_scale,
-            img_uncond=None if img_free is None else _rows(img_free, rows), img_scale=img_scale,
-            guidance=guidance)
+        cond, text_free, image_free = prefixes.select(rows)
+        velocity = self._guided_velocity_fn(cond, text_free, img_uncond=image_free, guidance=state.guidance)
         x = traj.states[index, step].to(device)
         t, t_next = (float(v) for v in traj.times[step])
         v = velocity(x, torch.full((len(index),), t, device=device))
@@ -575,6 +614,17 @@ class BagelAdapter:
         if out.logprob is None:
             raise ValueError("the rollout was sampled with noise 0: its transitions have no log-prob")
         return (out.logprob, out.mean, out.std) if return_mean else out.logprob
+
+    def _replay_prefixes(self, state: _RolloutState) -> _Prefixes:
+        """The rollout's prefixes encoded again with gradients (same contexts, seed and thinking)."""
+        gen = torch.Generator(device="cpu").manual_seed(state.seed)
+        guide, batch = self._encode(state.guide_contexts, grad=True, image_output=True, generator=gen)
+        branches = self._guidance_prefixes(state.guide_contexts, guide, None if batch is None else batch.text_free,
+                                           state.guidance, grad=True)
+        thinking = state.prefixes.thinking
+        if thinking is None:
+            return _Prefixes(guide, *branches)
+        return _Prefixes(self._extend_with_text(guide, thinking), *branches, guide=guide, thinking=thinking)
 
     def _understanding_trainable(self) -> bool:
         import re
@@ -593,38 +643,56 @@ class BagelAdapter:
 
 
 @dataclass
+class _Prefixes:
+    """The KV caches images are sampled on, one row per context: the conditional prefix and the guidance
+    branches' (None when guidance is off). The image-free one is `cond` itself (the same object) for contexts
+    without input images; in think mode it is `guide`, the context before the generated thinking."""
+
+    cond: KVCache
+    text_free: KVCache | None = None
+    image_free: KVCache | None = None
+    guide: KVCache | None = None  # think mode: the context without the thinking (the branches derive from it)
+    thinking: list[str] | None = None  # think mode: the generated texts appended to `guide` to make `cond`
+
+    def _map(self, fn) -> tuple[KVCache, KVCache | None, KVCache | None]:
+        cond = fn(self.cond)
+        text_free = None if self.text_free is None else fn(self.text_free)
+        image_free = None if self.image_free is None else cond if self.image_free is self.cond else fn(self.image_free)
+        return cond, text_free, image_free
+
+    def expand(self, n: int) -> tuple[KVCache, KVCache | None, KVCache | None]:
+        """(cond, text-free, image-free) with each context's row repeated n times."""
+        return self._map(lambda cache: cache.expand(n))
+
+    def select(self, rows: torch.Tensor) -> tuple[KVCache, KVCache | None, KVCache | None]:
+        """(cond, text-free, image-free) of the given context rows."""
+        return self._map(lambda cache: cache.select(rows.to(cache.valid.device)))
+
+
+@dataclass
 class _RolloutState:
-    """What `rollout_logprob` needs to replay a rollout's velocity: per context (not per sample) the
-    conditional prefix and the guidance branches' prefixes, and the guidance settings."""
+    """What `rollout_logprob` needs to replay a rollout's velocity: per context (not per sample) the prefixes
+    it was sampled on, the guidance, and how to encode them again (contexts, seed)."""
 
     contexts: list[Example]  # what the image saw (in think mode: context + generated thinking)
     n: int
-    prefix: KVCache
-    uncond: KVCache | None = None  # the contexts without their text
-    cfg_scale: float = 1.0
-    guide_contexts: list[Example] | None = None  # the contexts the guidance branches are built from
-    img_uncond: KVCache | None = None  # the contexts without their input images
-    img_scale: torch.Tensor | None = None  # [contexts] image scale (1 where a context has no image)
-    guidance: Guidance | None = None
+    prefixes: _Prefixes | None  # None: sampled with reuse_prefix=False
+    guidance: Guidance
+    guide_contexts: list[Example]  # the contexts the guidance branches are built from (without the thinking)
+    seed: int  # drew the input images' posterior samples (then the noise)
 
 
 def _has_input_images(example: Example) -> bool:
     return any(s.kind == "image" and not s.generate for s in example.segments)
 
 
-def _without(example: Example, kind: str) -> Example:
-    """The example without its text segments (kind "text") or its input images (kind "image"); an empty
-    result becomes one empty user turn (the unconditional context)."""
-    kept = [s for s in example.segments if not (s.kind == kind and not s.generate)]
-    return Example(example.task, kept or [Segment("text", "user", "")])
+def _without_images(example: Example) -> Example:
+    """The example without its input images (every text kept; possibly empty: the empty context)."""
+    return Example(example.task, [s for s in example.segments if not (s.kind == "image" and not s.generate)])
 
 
 def _broadcast(cache: KVCache, b: int) -> KVCache:
     return cache.expand(b) if cache.valid.shape[0] == 1 and b > 1 else cache
-
-
-def _rows(cache: KVCache, rows: torch.Tensor) -> KVCache:
-    return cache.select(rows.to(cache.valid.device))
 
 
 def _concat_caches(*caches: KVCache) -> KVCache:

@@ -34,7 +34,8 @@ class PixelSpaceAutoencoder(nn.Module):
         self.downsample = downsample
         self.z_channels = channels * downsample * downsample
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Deterministic (`sample` / `generator` are accepted for the common interface; nothing is drawn)."""
         return F.pixel_unshuffle(images * 2.0 - 1.0, self.downsample)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -205,7 +206,8 @@ class _Decoder(nn.Module):
 
 
 class FluxAutoencoder(nn.Module):
-    """The FLUX KL autoencoder. `encode` returns the normalised posterior mean (deterministic)."""
+    """The FLUX KL autoencoder. `encode` returns normalised latents: a sample of the diagonal-Gaussian
+    posterior (what FLUX's and BAGEL's encoders return) or its mean."""
 
     def __init__(self, cfg: FluxAEConfig | None = None):
         super().__init__()
@@ -215,15 +217,24 @@ class FluxAutoencoder(nn.Module):
         self.downsample = self.cfg.downsample
         self.z_channels = self.cfg.z_channels
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] in [0, 1] -> [B, z, H/d, W/d] normalised latents (H, W multiples of d)."""
+    def encode(self, images: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1] -> [B, z, H/d, W/d] normalised latents (H, W multiples of d): the posterior
+        mean, or with `sample` mean + std * noise (noise from `generator`, else the global RNG)."""
         d = self.downsample
         if images.shape[-1] % d or images.shape[-2] % d:
             raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of the autoencoder's {d}")
         weight = self.encoder.conv_in.weight
         moments = self.encoder(images.to(weight.dtype) * 2.0 - 1.0)
-        mean = moments[:, : self.z_channels]
-        return self.cfg.scale_factor * (mean - self.cfg.shift_factor)
+        mean, logvar = moments[:, : self.z_channels], moments[:, self.z_channels:]
+        z = mean
+        if sample:
+            if generator is None:
+                noise = torch.randn_like(mean)
+            else:
+                noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
+                                    device=generator.device).to(mean.device)
+            z = mean + torch.exp(0.5 * logvar) * noise
+        return self.cfg.scale_factor * (z - self.cfg.shift_factor)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents -> images in [0, 1]."""

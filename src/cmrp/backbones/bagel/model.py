@@ -17,8 +17,12 @@ from torch import nn
 
 from cmrp.backbones.bagel.qwen2_mot import KVCache, LLMConfig, Qwen2ForCausalLM
 from cmrp.backbones.bagel.siglip import SiglipVisionModel, ViTConfig
+from cmrp.errors import ConfigError
 
-__all__ = ["Bagel", "BagelArch", "BagelBatch", "flow_timesteps", "patchify", "unpatchify"]
+__all__ = ["VAE_POSTERIOR", "Bagel", "BagelArch", "BagelBatch", "flow_timesteps", "patchify", "shift_timesteps",
+           "unpatchify"]
+
+VAE_POSTERIOR = ("sample", "mean")
 
 
 @dataclass
@@ -38,7 +42,15 @@ class BagelArch:
     # vit.image_size
     vit_resize: list[int] | None = None
     timestep_shift: float = 1.0
+    # latents of images through a FLUX autoencoder: `sample` the posterior (the official trainer and
+    # inferencer) or take its `mean` (deterministic; a departure kept as an option)
+    vae_posterior: str = "sample"
     gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.vae_posterior not in VAE_POSTERIOR:
+            raise ConfigError(f"backbone card key architecture.vae_posterior: {self.vae_posterior!r} is not one of "
+                              f"{', '.join(VAE_POSTERIOR)} (sample: the official behaviour; mean: deterministic latents)")
 
     @classmethod
     def from_dict(cls, spec: dict) -> BagelArch:
@@ -114,10 +126,15 @@ def grid_position_ids(side_h: int, side_w: int, max_side: int, device=None) -> t
     return (rows * max_side + cols).flatten()
 
 
-def flow_timesteps(n: int, shift: float, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-    """Training timesteps: logit-normal t = sigmoid(N(0,1)), then shifted toward noise by `shift`."""
-    t = torch.sigmoid(torch.randn(n, generator=generator, device=device))
+def shift_timesteps(normal: torch.Tensor, shift: float) -> torch.Tensor:
+    """Training timesteps from standard-normal draws: logit-normal t = sigmoid(draw), shifted toward noise."""
+    t = torch.sigmoid(normal)
     return shift * t / (1 + (shift - 1) * t)
+
+
+def flow_timesteps(n: int, shift: float, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """`n` training timesteps (`shift_timesteps` of fresh standard-normal draws)."""
+    return shift_timesteps(torch.randn(n, generator=generator, device=device), shift)
 
 
 @dataclass
@@ -127,13 +144,19 @@ class BagelBatch:
     input_ids: torch.Tensor  # [B, L] text token ids (pad elsewhere)
     position_ids: torch.Tensor  # [B, L] rope positions (an image shares one)
     attention_mask: torch.Tensor  # [B, L, L] bool
-    is_gen: torch.Tensor  # [B, L] bool: noisy latent tokens (generation expert)
+    is_gen: torch.Tensor  # [B, L] bool: VAE latent tokens, noisy or clean (generation expert)
     is_vit: torch.Tensor  # [B, L] bool: understanding image tokens
     labels: torch.Tensor  # [B, L] next-token targets (-100 = no loss)
     # [Nu, 3, H, W] in [0, 1], order = appearance order; a list of [3, Hi, Wi] when sizes differ
     vit_pixels: torch.Tensor | list[torch.Tensor] | None = None
-    gen_pixels: torch.Tensor | None = None  # [Ng, 3, H, W] in [0, 1]
+    vae_pixels: torch.Tensor | None = None  # [Nv, 3, H, W] in [0, 1]: images entering as VAE latents, in order
+    vae_noisy: torch.Tensor | None = None  # [Nv] bool: generated (noisy latents, flow loss) vs clean input image
     valid: torch.Tensor | None = None  # [B, L] bool: not padding
+    # [B, 2] (tokens, next rope position) of each context before its last text segment: the text-free
+    # guidance branch is this prefix of the context (whole context when an image follows the last text)
+    text_free: torch.Tensor | None = None
+    # [number of noisy images] standard-normal draws that set their flow times (`shift_timesteps`); None: drawn
+    timestep_draws: torch.Tensor | None = None
     task_ids: list[str] = field(default_factory=list)
 
     def to(self, device) -> BagelBatch:
@@ -218,6 +241,11 @@ class Bagel(nn.Module):
         feats = self.vit_model(torch.cat(chunks).to(dtype), torch.cat(vit_pos), seqlens)
         feats = self.connector(feats)
         return feats + self.vit_pos_embed(torch.cat(llm_pos)).to(feats.dtype)
+
+    def encode_latents(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Latents [N, z, h, w] of images [N, 3, H, W] in [0, 1]: a sample of the autoencoder's posterior
+        or its mean, as `arch.vae_posterior` says (`generator`: the sample's noise; None: the global RNG)."""
+        return self.vae.encode(pixels, sample=self.arch.vae_posterior == "sample", generator=generator)
 
     def latent_shape(self, image_hw: tuple[int, int]) -> tuple[int, int, int]:
         """(channels, h, w) of the latent of an image of size image_hw."""

@@ -11,7 +11,9 @@ An official folder holds:
   `connector.*`, `vit_pos_embed.pos_embed`, `time_embedder.*`, `vae2llm`, `llm2vae`,
   `latent_pos_embed.pos_embed`); our `Bagel` uses the same names, so loading is by name;
 - `ae.safetensors`: the FLUX autoencoder in its original key naming (`encoder.conv_in.weight`, ...);
-- the Qwen2 tokenizer files (`tokenizer.json`, `vocab.json`, `merges.txt`, `tokenizer_config.json`).
+- the Qwen2 tokenizer files (`tokenizer.json`, `vocab.json`, `merges.txt`, `tokenizer_config.json`): the
+  official code reads `vocab.json` + `merges.txt` with its `Qwen2Tokenizer`, so `save_official` writes them
+  (with every special token's id) from the tokenizer it has.
 
 Sizes not written in the json files are read from the weights' shapes (the sin-cos tables give
 `max_latent_size` and `vit_max_num_patch_per_side`, `vae2llm` the latent patch size, `ae.safetensors`
@@ -43,6 +45,7 @@ from cmrp.jsonio import write_json
 __all__ = [
     "AE_FILE", "EMA_FILE", "EXTRA_FILE", "LLM_CONFIG", "VIT_CONFIG",
     "is_official_layout", "load_official", "parameter_counts", "read_official_arch", "save_official",
+    "write_tokenizer_files",
 ]
 
 LLM_CONFIG = "llm_config.json"
@@ -174,8 +177,8 @@ def _side(rows: int, key: str, file: Path) -> int:
 
 def read_official_arch(path: str | Path, settings: dict | None = None) -> BagelArch:
     """The architecture of an official folder (json configs + weight shapes). `settings`: a card's
-    `architecture` mapping, whose non-size keys (timestep_shift, gradient_checkpointing, vit_resize, vae scale/shift)
-    apply; sizes always come from the folder."""
+    `architecture` mapping, whose non-size keys (timestep_shift, gradient_checkpointing, vit_resize, vae_posterior,
+    vae scale/shift) apply; sizes always come from the folder."""
     path = Path(path)
     settings = dict(settings or {})
     extra = _read_json(path / EXTRA_FILE) if (path / EXTRA_FILE).is_file() else {}
@@ -192,7 +195,7 @@ def read_official_arch(path: str | Path, settings: dict | None = None) -> BagelA
         arch.max_latent_size = _side(header["latent_pos_embed.pos_embed"][0], "latent_pos_embed.pos_embed", ema)
     if "vit_pos_embed.pos_embed" in header:
         arch.vit_max_num_patch_per_side = _side(header["vit_pos_embed.pos_embed"][0], "vit_pos_embed.pos_embed", ema)
-    for key in ("timestep_shift", "gradient_checkpointing", "vit_resize"):
+    for key in ("timestep_shift", "gradient_checkpointing", "vit_resize", "vae_posterior"):
         if key in settings:
             setattr(arch, key, settings[key])
         elif key in extra:
@@ -358,13 +361,58 @@ def save_official(model: Bagel, tokenizer: Any, path: str | Path) -> Path:
     extra = {
         "timestep_shift": arch.timestep_shift, "max_latent_size": arch.max_latent_size,
         "vit_max_num_patch_per_side": arch.vit_max_num_patch_per_side, "vae": dict(arch.vae),
-        "vit_resize": arch.vit_resize,
+        "vit_resize": arch.vit_resize, "vae_posterior": arch.vae_posterior,
     }
     write_json(path / EXTRA_FILE, extra, ensure_ascii=True)
-    tokenizer.save(path)
-    special = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
-    write_json(path / "tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast", **special}, ensure_ascii=True)
+    write_tokenizer_files(tokenizer, path)
     return path
+
+
+_BAGEL_MARKERS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
+
+
+def _splits_like_qwen2(data: dict) -> bool:
+    """Whether a tokenizer.json splits text as the official Qwen2Tokenizer does (NFC, Qwen2's pattern, bytes)."""
+    from cmrp.backbones.tokenizer import QWEN2_SPLIT
+
+    pre = data.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    split = [p for p in steps if p.get("type") == "Split"]
+    byte_level = [p for p in steps if p.get("type") == "ByteLevel"]
+    return (len(steps) == 2 and len(split) == 1 and len(byte_level) == 1
+            and split[0].get("pattern", {}).get("Regex") == QWEN2_SPLIT
+            and split[0].get("behavior") == "Isolated" and not byte_level[0].get("use_regex", True)
+            and (data.get("normalizer") or {}).get("type") == "NFC")
+
+
+def write_tokenizer_files(tokenizer: Any, path: Path) -> None:
+    """`tokenizer.json` plus the files the official code reads with `Qwen2Tokenizer.from_pretrained`:
+    `vocab.json`, `merges.txt` and `tokenizer_config.json` (every added token with its id; BAGEL's four
+    markers listed as special tokens, so the official `add_special_tokens` adds nothing and finds our ids)."""
+    tokenizer.save(path)
+    data = json.loads(tokenizer.backend.to_str())
+    model = data.get("model") or {}
+    if model.get("type") != "BPE" or not _splits_like_qwen2(data):
+        raise WeightsError(
+            f"{path}: the official BAGEL code reads the tokenizer from vocab.json + merges.txt with Qwen2's "
+            "byte-level BPE rules, and this tokenizer is not one (a BPE with NFC and Qwen2's pre-tokenization), "
+            "so the official code would see other token ids. Use the checkpoint's Qwen2 tokenizer, or build the "
+            "backbone with `tokenizer: train-bpe` (trained with Qwen2's pre-tokenization)."
+        )
+    write_json(path / "vocab.json", model["vocab"])
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    (path / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{m}\n" for m in merges), encoding="utf-8")
+    added = {
+        str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
+        for t in data.get("added_tokens", [])
+    }
+    config = {
+        "tokenizer_class": "Qwen2Tokenizer", "added_tokens_decoder": added,
+        "additional_special_tokens": _BAGEL_MARKERS, "bos_token": None, "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>", "unk_token": None, "errors": "replace", "clean_up_tokenization_spaces": False,
+        "split_special_tokens": False, "model_max_length": 32768,
+    }
+    write_json(path / "tokenizer_config.json", config)
 
 
 # -- sizes -----------------------------------------------------------------------------------------

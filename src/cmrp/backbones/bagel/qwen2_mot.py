@@ -130,6 +130,22 @@ class KVCache:
     def select(self, index: torch.Tensor) -> KVCache:
         return KVCache([k[index] for k in self.keys], [v[index] for v in self.values], self.valid[index], self.next_position[index])
 
+    def prefix(self, lengths: torch.Tensor, next_position: torch.Tensor) -> KVCache:
+        """The cache of each sample's first `lengths` tokens (the rest masked out, nothing recomputed: what
+        attends causally to a prefix is the prefix's own keys/values), continuing at `next_position`."""
+        keep = torch.arange(self.valid.shape[1], device=self.valid.device)[None] < lengths.to(self.valid.device)[:, None]
+        return KVCache(self.keys, self.values, self.valid & keep, next_position.to(self.next_position.device))
+
+    @classmethod
+    def empty(cls, cfg: LLMConfig, batch: int, device=None, dtype: torch.dtype = torch.float32) -> KVCache:
+        """The cache of `batch` empty contexts (no token yet; the next one is at position 0)."""
+        def none() -> torch.Tensor:
+            return torch.zeros(batch, cfg.num_key_value_heads, 0, cfg.head_dim, device=device, dtype=dtype)
+
+        layers = range(cfg.num_hidden_layers)
+        return cls([none() for _ in layers], [none() for _ in layers], torch.zeros(batch, 0, dtype=torch.bool, device=device),
+                   torch.zeros(batch, dtype=torch.long, device=device))
+
 
 class PackedAttentionMoT(nn.Module):
     def __init__(self, cfg: LLMConfig):
