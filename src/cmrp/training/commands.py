@@ -63,16 +63,16 @@ def _fit(args: argparse.Namespace) -> int:
         g = result.metrics["grpo"]
         b, a = g["heldout_reward_before"].get("total", float("nan")), g["heldout_reward_after"].get("total", float("nan"))
         print(f"grpo reward:    {b:.3f} -> {a:.3f} (held-out prompts)")
-    from cmrp.tracking import redact_text
+    from cmrp.tracking import browse_hint
 
-    uri = redact_text(result.tracking_uri)
+    uri = result.tracking_uri  # redacted: the run never returns the real one
     if result.resumed_from is not None:
         print(f"resumed from:   {result.resumed_from}")
     print(f"MLflow run:     {result.run_id or '(not created: server unreachable)'} in {uri}")
     if result.tracking_pending is not None:
         print(f"  not logged:   {result.tracking_pending} — upload with: cmrp tracking sync {result.output_dir}")
     else:
-        print(f"  browse with:  mlflow ui --backend-store-uri {uri}")
+        print(f"  browse with:  {browse_hint(uri, result.experiment_id, result.run_id)}")
     if result.grid_path is not None:
         print(f"sample grid:    {result.grid_path}")
     print(f"checkpoint:     {result.checkpoint_dir}")
@@ -82,7 +82,7 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 def _sync(args: argparse.Namespace) -> int:
-    from cmrp.tracking import sync_pending
+    from cmrp.tracking import browse_hint, sync_pending
 
     done = sync_pending(args.output_dir, args.tracking_uri)
     print(f"uploaded to run {done['run_id']} in {done['tracking_uri']}: {done['params']} params, "
@@ -93,4 +93,5 @@ def _sync(args: argparse.Namespace) -> int:
     if done["damaged_lines"]:
         print(f"skipped {done['damaged_lines']} damaged line(s) (cut short by a crash)")
     print(f"records archived as {done['archived_as']}")
+    print(f"browse with: {browse_hint(done['tracking_uri'], done['experiment_id'], done['run_id'])}")
     return 0
