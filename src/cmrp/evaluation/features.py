@@ -21,9 +21,10 @@ import torch
 
 from cmrp.errors import WeightsError
 
-__all__ = ["FEATURE_SETS", "ColourWordClip", "FeatureSet", "load_feature_set"]
+__all__ = ["FEATURE_CHOICES", "FEATURE_SETS", "ColourWordClip", "FeatureSet", "load_feature_set"]
 
 FEATURE_SETS = ("pixel", "sandbox", "pretrained")
+FEATURE_CHOICES = ("auto", *FEATURE_SETS)  # auto: sandbox for a sandbox character, else pretrained
 
 # basic colour terms with a typical sRGB value each (0-255)
 _PALETTE: dict[str, tuple[int, int, int]] = {
@@ -96,11 +97,15 @@ def load_feature_set(name: str, *, clip_model: str = "ViT-B-32", clip_pretrained
     from cmrp.rewards.diversity import load_lpips
     from cmrp.rewards.trainset import load_dinov2
 
-    try:
-        clip = load_open_clip(clip_model, clip_pretrained).to(device)
-        dino = load_dinov2(dino_model).to(device)
-        distance = load_lpips(lpips_net).to(device)
-    except WeightsError as err:
-        raise WeightsError(f"cmrp eval --features pretrained: {err} Or run with `--features pixel` "
-                           "(weight-free proxies) to evaluate without these weights.") from None
-    return FeatureSet("pretrained", clip, dino, distance)
+    loaded, missing = {}, []
+    for what, load in (("clip", lambda: load_open_clip(clip_model, clip_pretrained)),
+                       ("dino", lambda: load_dinov2(dino_model)), ("lpips", lambda: load_lpips(lpips_net))):
+        try:
+            loaded[what] = load().to(device)
+        except WeightsError as err:  # every missing weight is named in one message, not one per attempt
+            missing.append(f"({len(missing) + 1}) {err}")
+    if missing:
+        raise WeightsError(f"cmrp eval --features pretrained: {len(missing)} of 3 feature models have no local "
+                           f"weights: {' '.join(missing)} Or run with `--features sandbox` (sandbox characters) or "
+                           "`--features pixel` (weight-free proxies) to evaluate without them.")
+    return FeatureSet("pretrained", loaded["clip"], loaded["dino"], loaded["lpips"])
