@@ -31,7 +31,8 @@ from cmrp.config.params import REDACTED, Redactor
 from cmrp.errors import CmrpError
 
 __all__ = ["RUN_FILE", "TrackingLogger", "browse_hint", "default_tracking_uri", "is_remote", "make_logger",
-           "pending_file", "read_run_file", "redact_text", "run_link", "sync_pending", "tracked_run"]
+           "pending_file", "pending_files", "read_run_file", "redact_text", "run_history", "run_link", "sync_pending",
+           "tracked_run"]
 
 PENDING = Path("tracking") / "pending.jsonl"
 RUN_FILE = Path("tracking") / "run.json"
@@ -135,7 +136,7 @@ class TrackingLogger:
 
     def __init__(self, uri: str, experiment: str, run_name: str, output_dir: Path, *, run_id: str | None = None,
                  artifact_location: str | None = None, rank: int = 0, tags: dict[str, str] | None = None,
-                 redactor: Redactor | None = None):
+                 redactor: Redactor | None = None, resume: bool = False):
         self.redactor = redactor or Redactor.from_environ()
         self.tracking_uri = uri  # the real one: used to connect, never written or printed
         self.display_uri = self.redactor.text(uri)
@@ -156,6 +157,12 @@ class TrackingLogger:
         self._append_failed = False
         if not self.enabled:
             return
+        if self.pending.is_file() and self.pending.stat().st_size > 0 and not resume:
+            # an earlier run's records, never uploaded: kept aside for `cmrp tracking sync`, not mixed with ours
+            kept = self.pending.with_name(f"pending-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.jsonl")
+            self.pending.rename(kept)
+            print(f"cmrp: tracking: an earlier run's records that were never uploaded are kept as {kept}; "
+                  f"cmrp tracking sync {self.output_dir} uploads them", file=sys.stderr, flush=True)
         if self.pending.is_file() and self.pending.stat().st_size > 0:
             # a resumed run whose earlier records were never uploaded: keep them in order, in one place
             self.offline = True
@@ -351,6 +358,39 @@ def tracked_run(logger: TrackingLogger) -> Iterator[TrackingLogger]:
     logger.close("FINISHED")
 
 
+def run_history(output_dir: str | Path, uri: str, keys: list[str], redactor: Redactor | None = None
+                ) -> tuple[dict[str, list[tuple[int, float]]], str]:
+    """`key -> [(step, value)]` of the run a `cmrp fit` wrote in `output_dir`, and where it was read: its
+    MLflow run (named in tracking/run.json) or, if the server cannot be reached or never saw the run, the
+    records still waiting in pending.jsonl."""
+    output_dir = Path(output_dir)
+    run_id = read_run_file(output_dir).get("run_id")
+    redactor = redactor or Redactor.from_environ()
+    history: dict[str, list[tuple[int, float]]] = {}
+    if run_id and REDACTED not in uri:
+        from mlflow.tracking import MlflowClient
+
+        _http_defaults(uri)
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            for key in keys:
+                rows = client.get_metric_history(run_id, key)
+                if rows:
+                    history[key] = sorted((m.step, m.value) for m in rows)
+            return history, f"MLflow run {run_id} ({redactor.text(uri)})"
+        except Exception:  # noqa: BLE001 - an unreachable server: fall back to what the run kept locally
+            history = {}
+    pending = pending_file(output_dir)
+    if pending.is_file():
+        for record in _read_pending(pending)[0]:
+            if record["op"] == "metrics":
+                for key, value in record["metrics"].items():
+                    if key in keys:
+                        history.setdefault(key, []).append((int(record["step"]), float(value)))
+        return {k: sorted(dict(v).items()) for k, v in history.items()}, f"{pending} (not uploaded yet)"
+    return history, "none (no MLflow run recorded)"
+
+
 _LIGHTNING_CLASS: list[type] = []
 
 
@@ -364,8 +404,9 @@ def _lightning_class() -> type:
 
 
 def make_logger(tracking: Any, output_dir: str | Path, run_name: str, run_id: str | None = None, *,
-                kind: str = "fit", redactor: Redactor | None = None):
-    """A Lightning logger to MLflow; artifacts live beside the database in the output directory."""
+                kind: str = "fit", redactor: Redactor | None = None, resume: bool = False):
+    """A Lightning logger to MLflow; artifacts live beside the database in the output directory. `resume`:
+    this continues an interrupted run (its MLflow run `run_id`, or its pending records)."""
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     output_dir = Path(output_dir).resolve()
@@ -375,7 +416,8 @@ def make_logger(tracking: Any, output_dir: str | Path, run_name: str, run_id: st
     rank = getattr(rank_zero_only, "rank", 0)
     return _lightning_class()(uri, tracking.experiment, tracking.run_name or run_name, output_dir, run_id=run_id,
                               artifact_location=artifact_location, rank=rank,
-                              tags=default_tags(kind) if rank == 0 and run_id is None else None, redactor=redactor)
+                              tags=default_tags(kind) if rank == 0 and not resume else None, redactor=redactor,
+                              resume=resume)
 
 
 # -- cmrp tracking sync ------------------------------------------------------------------------------------
@@ -413,18 +455,31 @@ def _new_metrics(records: list[dict[str, Any]], last: dict[str, int]):
     return rows
 
 
-def sync_pending(output_dir: str | Path, tracking_uri: str | None = None) -> dict[str, Any]:
-    """Upload `<output_dir>/tracking/pending.jsonl` to MLflow, then rename it `synced-<time>.jsonl`."""
+def pending_files(output_dir: str | Path) -> list[Path]:
+    """Records waiting for upload: earlier runs' (kept aside, oldest first), then the latest run's."""
+    folder = pending_file(output_dir).parent
+    older = sorted(folder.glob("pending-*.jsonl"))
+    latest = pending_file(output_dir)
+    return [*older, *([latest] if latest.is_file() else [])]
+
+
+def sync_pending(output_dir: str | Path, tracking_uri: str | None = None) -> list[dict[str, Any]]:
+    """Upload every pending file of `<output_dir>/tracking/` (one MLflow run each), renaming each
+    `synced-<time>.jsonl` once uploaded; one summary per file."""
+    output_dir = Path(output_dir).expanduser().resolve()
+    files = pending_files(output_dir)
+    if not files:
+        raise CmrpError(f"{pending_file(output_dir)}: no such file — {output_dir} has nothing waiting to be uploaded "
+                        "(a run writes it only when its tracking server failed)")
+    return [_sync_file(path, output_dir, tracking_uri) for path in files]
+
+
+def _sync_file(path: Path, output_dir: Path, tracking_uri: str | None) -> dict[str, Any]:
     from mlflow.entities import Param
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     redactor = Redactor.from_environ()
-    output_dir = Path(output_dir).expanduser().resolve()
-    path = pending_file(output_dir)
-    if not path.is_file():
-        raise CmrpError(f"{path}: no such file — {output_dir} has nothing waiting to be uploaded "
-                        "(a run writes it only when its tracking server failed)")
     records, damaged = _read_pending(path)
     header = next((r for r in records if r["op"] == "run"), {})
     uri = tracking_uri or header.get("tracking_uri") or default_tracking_uri(output_dir)
@@ -470,15 +525,16 @@ def sync_pending(output_dir: str | Path, tracking_uri: str | None = None) -> dic
         if statuses:
             client.set_terminated(run_id, statuses[-1])
     except MlflowException as err:
-        raise CmrpError(f"cmrp tracking sync: uploading to {shown} failed ({redactor.text(err)[:300]}); "
-                        f"nothing was marked as uploaded, run the command again when the server is up") from None
+        raise CmrpError(f"cmrp tracking sync: uploading {path.name} to {shown} failed ({redactor.text(err)[:300]}); "
+                        f"it was not marked as uploaded, run the command again when the server is up") from None
     except OSError as err:
         raise CmrpError(f"cmrp tracking sync: cannot reach {shown} ({redactor.text(err)}); run it again when the "
                         "server is up") from None
-    done = path.with_name(f"synced-{time.strftime('%Y%m%dT%H%M%S')}.jsonl")
+    done = path.with_name(f"synced-{time.strftime('%Y%m%dT%H%M%S')}-{path.stem}.jsonl")
     path.rename(done)
-    _write_run_file(output_dir, {"run_id": run_id, "experiment_id": experiment_id,
-                                 "experiment": header.get("experiment"), "tracking_uri": shown})
-    return {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": shown, "params": len(params),
-            "metrics": len(metrics), "artifacts": artifacts, "missing_artifacts": missing, "damaged_lines": damaged,
-            "status": statuses[-1] if statuses else None, "archived_as": done}
+    if path == pending_file(output_dir):  # the latest run: `cmrp eval` finds it by this file
+        _write_run_file(output_dir, {"run_id": run_id, "experiment_id": experiment_id,
+                                     "experiment": header.get("experiment"), "tracking_uri": shown})
+    return {"file": path, "run_id": run_id, "experiment_id": experiment_id, "tracking_uri": shown,
+            "params": len(params), "metrics": len(metrics), "artifacts": artifacts, "missing_artifacts": missing,
+            "damaged_lines": damaged, "status": statuses[-1] if statuses else None, "archived_as": done}

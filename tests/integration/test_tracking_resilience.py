@@ -80,7 +80,7 @@ def test_nan_losses_are_skipped_and_an_unreachable_server_defers_logging(tmp_pat
 
     # later: upload to a tracking store (here a sqlite database)
     target = f"sqlite:///{tmp_path / 'later.db'}"
-    done = sync_pending(out, target)
+    [done] = sync_pending(out, target)
     assert done["metrics"] >= 8 * 3 and done["artifacts"] == 3 and done["status"] == "FINISHED"
     assert set(metric_history(target, done["run_id"], "train/loss")) == set(range(8))
     assert metric_history(target, done["run_id"], "train/nonfinite_steps")[7] == 2

@@ -24,15 +24,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t = subparsers.add_parser(
         "tracking",
         help="tracking utilities (upload what a run could not log)",
-        description="When the tracking server fails, `cmrp fit` goes on and writes what it could not log to "
-        "<output_dir>/tracking/pending.jsonl; `cmrp tracking sync` uploads it.",
+        description="When the tracking server fails, `cmrp fit` (and `cmrp eval`) goes on and writes what it "
+        "could not log to <output_dir>/tracking/pending.jsonl; `cmrp tracking sync` uploads it.",
     )
     sub = t.add_subparsers(dest="tracking_command", metavar="SUBCOMMAND")
     sub.required = True
     s = sub.add_parser("sync", help="upload a run's pending tracking records to MLflow",
                        description="Upload <output_dir>/tracking/pending.jsonl (params, metrics, artifacts, status) "
-                       "to the run it belongs to (created if the server never saw it); the file is then "
-                       "renamed synced-<time>.jsonl so nothing is uploaded twice.")
+                       "to the run it belongs to (created if the server never saw it), and pending-*.jsonl kept "
+                       "from earlier runs in the same folder; each file is then renamed synced-<time>-*.jsonl so "
+                       "nothing is uploaded twice. Rows the run already holds (a resumed run's replayed steps) "
+                       "are not uploaded again.")
     s.add_argument("output_dir", help="the run's output directory")
     s.add_argument("--tracking-uri", default=None,
                    help="where to upload (default: the URI the run used, recorded in the file)")
@@ -84,14 +86,14 @@ def _fit(args: argparse.Namespace) -> int:
 def _sync(args: argparse.Namespace) -> int:
     from cmrp.tracking import browse_hint, sync_pending
 
-    done = sync_pending(args.output_dir, args.tracking_uri)
-    print(f"uploaded to run {done['run_id']} in {done['tracking_uri']}: {done['params']} params, "
-          f"{done['metrics']} metric values, {done['artifacts']} artifacts"
-          + (f", status {done['status']}" if done["status"] else ""))
-    if done["missing_artifacts"]:
-        print(f"missing artifact files (not uploaded): {', '.join(done['missing_artifacts'])}")
-    if done["damaged_lines"]:
-        print(f"skipped {done['damaged_lines']} damaged line(s) (cut short by a crash)")
-    print(f"records archived as {done['archived_as']}")
-    print(f"browse with: {browse_hint(done['tracking_uri'], done['experiment_id'], done['run_id'])}")
+    for done in sync_pending(args.output_dir, args.tracking_uri):
+        print(f"{done['file'].name}: uploaded to run {done['run_id']} in {done['tracking_uri']}: {done['params']} "
+              f"params, {done['metrics']} metric values, {done['artifacts']} artifacts"
+              + (f", status {done['status']}" if done["status"] else ""))
+        if done["missing_artifacts"]:
+            print(f"  missing artifact files (not uploaded): {', '.join(done['missing_artifacts'])}")
+        if done["damaged_lines"]:
+            print(f"  skipped {done['damaged_lines']} damaged line(s) (cut short by a crash)")
+        print(f"  records archived as {done['archived_as']}")
+        print(f"  browse with: {browse_hint(done['tracking_uri'], done['experiment_id'], done['run_id'])}")
     return 0

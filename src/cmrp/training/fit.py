@@ -130,12 +130,13 @@ def _sample_grid(adapter, character, eval_cfg, seed: int, path: Path) -> Path | 
     adapter.model.eval()
     samples = adapter.sample_images(contexts, n=eval_cfg.images_per_prompt, steps=eval_cfg.sample_steps, seed=seed).images
     rows = []
+    n = eval_cfg.images_per_prompt
     for i, item in enumerate(items):
         ref = images.get(item.image_id) if item.image_id else None
         ref_tensor = adapter._load_image(ref.path) if ref is not None else None  # noqa: SLF001 - same resize as training
-        n = eval_cfg.images_per_prompt
         rows.append([ref_tensor, *samples[i * n : (i + 1) * n]])
-    return save_image_grid(rows, path)
+    return save_image_grid(rows, path, row_labels=[item.instruction for item in items],
+                           col_labels=["reference", *(f"sample {k + 1}" for k in range(n))])
 
 
 def _save_checkpoint(adapter, cfg, ckpt: Path, redacted: dict) -> Path:
@@ -344,7 +345,7 @@ def run_fit(cfg: Any) -> FitResult:
     timings["setup_s"] = time.perf_counter() - t0
 
     logger = make_logger(cfg.tracking, out, run_name=cfg.name, run_id=point.manifest.get("run_id") if point else None,
-                         redactor=redactor)
+                         redactor=redactor, resume=point is not None)
     run = _Run(cfg, out, adapter, character, preset, logger, redacted, fingerprint, flat, point, timings, t0)
     try:
         with _sigterm_as_interrupt(), tracked_run(logger):
