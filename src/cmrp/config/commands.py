@@ -72,7 +72,10 @@ def _validate(args: argparse.Namespace) -> int:
     if preset is not None:
         parts.append(f"rewards {preset['name']}")
     print(f"OK: {display_path(find_recipe(args.recipe))} ({', '.join(parts)})")
-    print(f"the whole recipe as a run sees it: cmrp cat {args.recipe}{''.join(' ' + o for o in args.overrides)}")
+    from cmrp.config.params import Redactor
+
+    shown = Redactor.from_environ().text("".join(" " + o for o in args.overrides))
+    print(f"the whole recipe as a run sees it: cmrp cat {args.recipe}{shown}")
     return 0
 
 
@@ -95,10 +98,11 @@ def _cat(args: argparse.Namespace) -> int:
     import yaml
 
     from cmrp.config.loader import find_recipe
+    from cmrp.config.params import Redactor
     from cmrp.config.yamlio import display_path
 
     data = resolved_recipe(args.recipe, args.overrides)
-    given = " ".join([display_path(find_recipe(args.recipe)), *args.overrides])
+    given = Redactor.from_environ().text(" ".join([display_path(find_recipe(args.recipe)), *args.overrides]))
     print(f"# cmrp cat {given}\n# base files merged, overrides applied, backbone card and reward preset resolved")
     print(yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=110), end="")
     return 0
