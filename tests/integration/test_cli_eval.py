@@ -93,6 +93,7 @@ def test_eval_logged_to_mlflow(evaluated):
     assert clip["method"] == "t over images" and clip["n"] == report["model"]["numbers"]["t2i"]["prompts"] * 2
 
 
+@pytest.mark.slow  # a second evaluation and a sync: about a minute on a loaded 2-core machine
 def test_eval_with_the_tracking_server_down_keeps_its_records_for_sync(evaluated, tmp_path):
     """Outage handling as in `cmrp fit`: the report is written, the MLflow records wait in pending.jsonl (no
     secret in them), `cmrp tracking sync` uploads them as a run nested under the training run."""

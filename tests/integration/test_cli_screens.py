@@ -86,7 +86,7 @@ def test_fit_in_a_terminal_shows_progress_bars_and_no_noise(tmp_path):
     from PIL import Image
 
     with Image.open(png) as image:
-        assert image.width == 1200 and image.height > 300
+        assert image.width >= 1200 and image.height > 200
     keep_screenshot(png)
     if live is not None:  # kept for looking at, not asserted: its timing depends on the machine's load
         render_terminal(live.rstrip(), tmp_path / "terminal-cmrp-fit-live.png")

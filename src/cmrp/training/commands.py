@@ -56,7 +56,7 @@ def _fit(args: argparse.Namespace) -> int:
     before, after = result.metrics["before"], result.metrics["after"]
     print(f"character:      {result.metrics['character']}")
     for key in after:
-        print(f"{key + ':':<16}{before[key]:.3f} -> {after[key]:.3f}")
+        print(f"{key + ':':<19}{before[key]:.3f} -> {after[key]:.3f}")
     if "loss_drop" in result.metrics:
         m = result.metrics
         change = f"{100 * abs(m['loss_drop']):.0f}% {'lower' if m['loss_drop'] >= 0 else 'higher'}"

@@ -320,7 +320,9 @@ def run_fit(cfg: Any) -> FitResult:
     from cmrp.tracking import make_logger, tracked_run
     from cmrp.training.checkpointing import load_weights, recipe_fingerprint
     from cmrp.training.peft import count_trainable
+    from cmrp.training.progress import quiet_noise
 
+    quiet_noise()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     redactor = Redactor.from_environ()  # the environment's secrets, read once for the whole run

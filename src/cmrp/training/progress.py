@@ -14,7 +14,7 @@ from typing import Any
 
 from cmrp.progress import Progress, interactive
 
-__all__ = ["STAGE_SHOWN", "progress_callbacks", "quiet_lightning"]
+__all__ = ["STAGE_SHOWN", "progress_callbacks", "quiet_noise"]
 
 # metric logged by the stage -> the short name shown beside its progress
 STAGE_SHOWN = {
@@ -23,8 +23,9 @@ STAGE_SHOWN = {
 }
 
 _QUIETED: list[bool] = []
-_ALWAYS_DROPPED = ("💡 Tip:", "`Trainer.fit` stopped:")  # an advertisement; the stage's end, which we know
-_ONCE = ("GPU available:", "TPU available:", "HPU available:", "IPU available:")  # every Trainer says it again
+# an advertisement; the stage's end (which the bar shows); accelerators nobody asked for
+_ALWAYS_DROPPED = ("💡 Tip:", "`Trainer.fit` stopped:", "TPU available:", "HPU available:", "IPU available:")
+_ONCE = ("GPU available:",)  # every stage's Trainer says it again
 
 
 class _LightningNoise(logging.Filter):
@@ -43,17 +44,20 @@ class _LightningNoise(logging.Filter):
         return True
 
 
-def quiet_lightning() -> None:
+def quiet_noise() -> None:
     """Silence, once per process, what Lightning prints that tells a cmrp user nothing: the litlogger tip, the
-    "`max_steps`/`max_epochs` reached" line at the end of each stage, the device lines repeated by every
-    Trainer, torch's `LeafSpec` deprecation (raised inside Lightning), and the eval-mode warning for GRPO's
-    policy (kept in eval mode on purpose, see CharacterGRPOModule)."""
+    "`max_steps`/`max_epochs` reached" line at the end of each stage, the TPU/HPU lines and the GPU line
+    repeated by every stage's Trainer, torch's `LeafSpec` deprecation (raised inside Lightning), the eval-mode
+    warning for GRPO's policy (kept in eval mode on purpose, see CharacterGRPOModule), and MLflow's notes on
+    creating a local database's tables."""
     if _QUIETED:
         return
     _QUIETED.append(True)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_LightningNoise())
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _shown(stage: str, metrics: dict[str, Any]) -> dict[str, float]:
@@ -113,7 +117,7 @@ def _lines(stage: str):
 def progress_callbacks(stage: str, *, main: bool = True) -> tuple[list, bool]:
     """(callbacks, enable_progress_bar) for a stage's Trainer: the bar on a terminal, lines otherwise; the
     other ranks of a distributed run show nothing."""
-    quiet_lightning()
+    quiet_noise()
     if not main:
         return [], False
     if interactive():
