@@ -1,4 +1,4 @@
-"""`cmrp` command line: fit | tracking | validate | ls | data | sandbox | eval | chat | save-character | demo.
+"""`cmrp` command line: fit | tracking | validate | cat | cp | ls | data | sandbox | eval | chat | save-character | demo.
 
 Each area owns its sub-commands in a small `commands` module exposing `register(subparsers)`;
 this file only assembles them and turns a `CmrpError` into one clear message and exit status 2.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from cmrp import __version__
@@ -18,7 +19,7 @@ __all__ = ["build_parser", "main"]
 
 _COMMAND_MODULES = (
     "cmrp.training.commands",  # fit, tracking sync
-    "cmrp.config.commands",  # validate, ls
+    "cmrp.config.commands",  # validate, cat, cp, ls
     "cmrp.data.commands",  # data validate
     "cmrp.sandbox.commands",  # sandbox make
     "cmrp.evaluation.commands",  # eval
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cmrp {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `cmrp ls | head`: the reader left; nothing to report
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so the interpreter's final flush does not fail
+        return 0
 
 
 if __name__ == "__main__":

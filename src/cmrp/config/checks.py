@@ -189,13 +189,13 @@ def check_preset(cfg: DictConfig, prov: Provenance, known_terms: list[str]) -> N
 
 def _check_term_kwargs(prov: Provenance, term: str, kwargs: dict[str, Any]) -> None:
     """A kwarg the term's constructor does not take fails here, not when GRPO starts."""
-    from cmrp.registry import REWARDS
-    from cmrp.rewards.composite import unknown_kwargs
+    from cmrp.registry import REWARDS, kwarg_hints
 
-    hints, accepted = unknown_kwargs(REWARDS.get(term), kwargs)
+    accepted = REWARDS.parameters(term)  # read from the term's source: validating imports no torch
+    hints = kwarg_hints(kwargs, accepted)
     if hints:
         raise prov.error(("terms", term, "kwargs"),
-                         f"has unknown kwarg {', '.join(hints)}; {term} accepts: {', '.join(accepted)}")
+                         f"has unknown kwarg {', '.join(hints)}; {term} accepts: {', '.join(accepted or [])}")
     for key in ("encoder", "features"):  # a feature net named in YAML must be registered (FEATURE_MODELS)
         if isinstance(kwargs.get(key), str):
             from cmrp.registry import FEATURE_MODELS

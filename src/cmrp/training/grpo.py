@@ -287,7 +287,7 @@ class CharacterGRPOModule(L.LightningModule):
 
     def _log_iteration(self, results, rewards, adv_stats, train_stats, timings) -> None:
         n = len(rewards)
-        log = {"reward/total_mean": nan_mean(rewards), "reward/total_std": nan_std(rewards)}
+        log = {"reward/total": nan_mean(rewards), "reward/total_std": nan_std(rewards)}
         terms: dict[str, list[torch.Tensor]] = {}
         for out, _ in results:
             for name, info in out.info.items():
