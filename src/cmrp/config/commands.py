@@ -1,7 +1,8 @@
 """`cmrp validate RECIPE [key=value ...]` and `cmrp ls [recipes|backbones|rewards|decoding]`.
 
-`validate` checks everything a run would need from its config (recipe, backbone card and its
-adapter, reward preset) without building anything; `ls` shows what can be named in a recipe.
+`validate` checks everything a run would need (recipe, backbone card and its adapter, reward preset,
+output directory, the character's training examples) without building a model, through the same pass
+`cmrp fit` runs first (`cmrp.training.preflight`); `ls` shows what can be named in a recipe.
 """
 
 from __future__ import annotations
@@ -36,17 +37,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
     from cmrp.config.loader import find_recipe, load_recipe, resolve_recipe_parts
     from cmrp.config.yamlio import display_path
+    from cmrp.data.sources import load_recipe_character
     from cmrp.registry import BACKBONES
+    from cmrp.training.preflight import check_run  # the pass `cmrp fit` runs before any work
 
     cfg = load_recipe(args.recipe, args.overrides)
     card, preset = resolve_recipe_parts(cfg)
     BACKBONES.get(card.adapter, where=f"backbone card {card.name!r}, key 'adapter'")
+    with tempfile.TemporaryDirectory(prefix="cmrp-validate-") as scratch:  # where a sandbox character is drawn
+        check = check_run(cfg, lambda: load_recipe_character(cfg.data, Path(scratch)), fit=False)
     parts = [f"backbone {card.name}", f"stages {'+'.join(cfg.stages)}", f"finetune {cfg.finetune.mode}"]
     if preset is not None:
         parts.append(f"rewards {preset['name']}")
     print(f"OK: {display_path(find_recipe(args.recipe))} ({', '.join(parts)})")
+    if check.counts:
+        print("  training examples: " + ", ".join(f"{task} {n}" for task, n in check.counts.items()))
+    if check.prompts is not None:
+        print(f"  GRPO image prompts: {check.prompts}")
+    for note in check.notes:
+        print(f"  note: `cmrp fit` would stop on this machine: {note}")
     return 0
 
 

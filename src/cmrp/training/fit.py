@@ -232,6 +232,8 @@ def run_sft(cfg: Any, adapter, examples: dict[str, list], logger, out: Path, che
     adapter.model.train()  # the "before" evaluation left it in eval mode
     t = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
+    if checkpoints is not None:
+        guard.finish()  # every step skipped (NaN/inf): nothing was trained, the run must not look done
     return {"examples_per_task": {k: len(v) for k, v in examples.items()}, **history.summary(),
             "sft_s": time.perf_counter() - t}
 
@@ -254,7 +256,18 @@ def _resume_point(cfg: Any, out: Path, fingerprint: str, flat: dict):
 
 
 def run_fit(cfg: Any) -> FitResult:
-    """Run every stage of a loaded recipe. Prints where the run, grid and checkpoint are."""
+    """Run every stage of a loaded recipe. Prints where the run, grid and checkpoint are. A run that fails
+    after its MLflow run was created (a full disk, a stage that trained nothing) is marked FAILED there."""
+    loggers: list = []  # the run's logger, once made (an out-parameter, so the run's code stays flat)
+    try:
+        return _run_fit(cfg, loggers)
+    except BaseException as err:
+        for logger in loggers:
+            logger.finalize("failed" if isinstance(err, Exception) else "killed")
+        raise
+
+
+def _run_fit(cfg: Any, loggers: list) -> FitResult:
     import lightning as L
     from omegaconf import OmegaConf
 
@@ -263,27 +276,38 @@ def run_fit(cfg: Any) -> FitResult:
     from cmrp.tracking import make_logger
     from cmrp.training.checkpointing import Checkpointer, load_weights, recipe_fingerprint, restore_rng
     from cmrp.training.peft import count_trainable
+    from cmrp.training.preflight import (
+        check_free_space,
+        check_model,
+        check_output_dir,
+        check_run,
+        checkpoint_bytes,
+    )
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    out = Path(cfg.output_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(cfg.output_dir, create=True).resolve()  # a file, read-only, ...: one clear error
     redacted = redact_secrets(OmegaConf.to_container(cfg, resolve=True))
     fingerprint, flat = recipe_fingerprint(redacted)
     point = _resume_point(cfg, out, fingerprint, flat)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     card, preset = resolve_recipe_parts(cfg)
-    character = load_run_character(cfg.data, out)
+    # the pass `cmrp validate` runs: this machine, then training examples per task
+    character = check_run(cfg, lambda: load_run_character(cfg.data, out), fit=True).character
     ckpt_dir = out / "checkpoint"
     adapter = _build_backbone(cfg, card, character, ckpt_dir)
     trained_names = [n for n, p in adapter.model.named_parameters() if p.requires_grad]
+    check_model(cfg, adapter, trained_names)
+    if is_main_process():
+        check_free_space(out, checkpoint_bytes(adapter.model, trained_names, cfg), "checkpoints")
     if point is not None:
         load_weights(adapter.model, point.path, trained_names)
     trainable, total = count_trainable(adapter.model)
     timings["setup_s"] = time.perf_counter() - t0
 
     logger = make_logger(cfg.tracking, out, run_name=cfg.name, run_id=point.manifest.get("run_id") if point else None)
+    loggers.append(logger)
     main = is_main_process()
     if point is None:  # a resumed run logged these already (MLflow params cannot change)
         logger.log_hyperparams(flatten(redacted))

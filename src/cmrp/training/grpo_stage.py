@@ -141,6 +141,8 @@ def run_grpo_stage(cfg: Any, adapter: Any, character: Character, preset: dict, l
         # the policy is kept in eval mode on purpose (see CharacterGRPOModule); Lightning would warn
         warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
         trainer.fit(module, train_dataloaders=_prompt_loader(prompts, g, cfg.seed, world, start))
+    if module.nonfinite_guard is not None:
+        module.nonfinite_guard.finish()  # every update skipped (NaN/inf): nothing was trained
     seconds = time.perf_counter() - t
     after = measure()
     return {
