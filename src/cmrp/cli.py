@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except CmrpError as err:
-        print(f"cmrp {args.command}: error: {err}", file=sys.stderr)
+        from cmrp.tracking import redact_text  # URI passwords, secret env values, secret-named config values
+
+        print(f"cmrp {args.command}: error: {redact_text(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cmrp {args.command}: interrupted", file=sys.stderr)

@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from cmrp.backbones.loading import reading_weights
 from cmrp.chat.session import CharacterInfo, ChatSession, Reply
 from cmrp.errors import ConfigError, WeightsError
 
@@ -48,7 +49,9 @@ def _load_backbone_folder(folder: Path) -> Any:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise WeightsError(f"{config_file}: cannot read the backbone's adapter name ({type(err).__name__}); "
                            "pass a backbone folder written by `cmrp fit` (output_dir/checkpoint/backbone)") from None
-    backbone = BACKBONES.get(name, where=f"{config_file} key 'adapter'").from_pretrained(folder)
+    adapter_cls = BACKBONES.get(name, where=f"{config_file} key 'adapter'")
+    with reading_weights(folder):
+        backbone = adapter_cls.from_pretrained(folder)
     backbone.model.eval()
     return backbone
 
@@ -208,7 +211,8 @@ def load_character(artefact_dir: str | Path, base: str | Path | None = None, *, 
     backbone = _load_backbone_folder(_base_folder(card, base, folder))
     if not (folder / "adapter" / "adapter_config.json").is_file():
         raise WeightsError(f"{folder}/adapter: no adapter_config.json; the artefact is incomplete")
-    model = PeftModel.from_pretrained(backbone.model, str(folder / "adapter"))
+    with reading_weights(folder / "adapter"):
+        model = PeftModel.from_pretrained(backbone.model, str(folder / "adapter"))
     backbone.model = model.merge_and_unload() if merge else model
     backbone.model.eval()
     return backbone, info

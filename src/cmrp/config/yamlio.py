@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from cmrp.config.params import is_secret_key, remember_secrets
 from cmrp.errors import ConfigError
 
 __all__ = ["MAX_DEPTH", "MAX_VALUES", "KeyPath", "check_plain", "display_path", "parse_value", "read_yaml"]
@@ -153,7 +154,8 @@ def check_plain(value: Any, where: str, path: str = "") -> None:
             check_plain(item, where, f"{path}[{index}]")
     elif value is not None and not isinstance(value, str | int | float | bool):
         key = f"key '{path}' has " if path else ""
-        raise ConfigError(f"{where}: {key}an unsupported value {value!r} of type {type(value).__name__}")
+        shown = "" if any(is_secret_key(part) for part in path.replace("[", ".").split(".")) else f" {value!r}"
+        raise ConfigError(f"{where}: {key}an unsupported value{shown} of type {type(value).__name__}")
 
 
 def _load(text: str, where: str) -> tuple[Any, dict[KeyPath, int]]:
@@ -177,6 +179,7 @@ def _load(text: str, where: str) -> tuple[Any, dict[KeyPath, int]]:
     except yaml.YAMLError as err:
         detail = " ".join(str(err).split())
         raise ConfigError(f"{where}: YAML syntax error: {detail}") from None
+    remember_secrets(data)  # an error that quotes a value later must not show a secret's
     check_plain(data, where)
     lines: dict[KeyPath, int] = {}
     _line_table(node, (), lines)

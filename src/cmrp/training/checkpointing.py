@@ -250,8 +250,12 @@ class ResumePoint:
         return bool(self.manifest["done"])
 
     def state(self) -> dict[str, Any]:
+        import warnings
+
         try:
-            return torch.load(self.path / STATE, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # a foreign pickle makes torch warn as well as fail: one message
+                warnings.simplefilter("ignore")
+                return torch.load(self.path / STATE, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - torch's message advises unsafe loading: not repeated here
             raise CmrpError(f"{self.path / STATE}: not a state file cmrp can read ({type(err).__name__}); delete "
                             f"{self.path} to resume from the checkpoint before it") from None

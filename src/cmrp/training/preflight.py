@@ -225,10 +225,12 @@ def _trainer_problem(cfg: Any) -> str | None:
     import lightning as L
     from omegaconf import OmegaConf
 
+    from cmrp.training.checkpointing import capture_rng, restore_rng
     from cmrp.training.fit import trainer_strategy
 
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs["strategy"] = trainer_strategy(kwargs["strategy"])
+    rng = capture_rng()  # making a Trainer draws from Python's `random`; a run's numbers must not move
     try:
         with _quiet_lightning():
             L.Trainer(**kwargs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -240,6 +242,8 @@ def _trainer_problem(cfg: Any) -> str | None:
             keys = ["accelerator", "devices", "num_nodes", "precision", "strategy"]
         named = ", ".join(f"trainer.{k} {cfg.trainer[k]!r}" for k in keys)
         return f"{named}: {text[:300]}"
+    finally:
+        restore_rng(rng)
     return None
 
 
