@@ -54,6 +54,7 @@ MAX_BATCH = 2**16  # examples, prompts, samples per step
 MAX_SAMPLE_STEPS = 10_000  # sampler steps of one image
 MAX_WORKERS = 1024  # data-loader processes, reward threads
 MAX_DRAWN = 50_000_000  # examples (SFT) or prompts (GRPO) a run draws up front, as one list in memory
+MAX_FLOAT = 1e30  # float32 holds up to 3.4e38: a learning rate this large still multiplies a gradient finitely
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "64", "16", "bf16",
               "transformer-engine", "transformer-engine-float16")  # Lightning's names
 
@@ -64,10 +65,13 @@ def _count(prov: Provenance, path: KeyPath, value: Any, low: int, high: int) -> 
         raise prov.error(path, f"must be an integer from {low} to {high}, got {value!r}")
 
 
-def _finite(prov: Provenance, path: KeyPath, value: float, *, positive: bool = False) -> None:
-    ok = math.isfinite(value) and (value > 0 if positive else value >= 0)
+def _finite(prov: Provenance, path: KeyPath, value: float, high: float, *, positive: bool = False) -> None:
+    """A number in [0, high] (or (0, high]); `high` keeps float32 arithmetic (lr x weight decay, a weight x a
+    loss) finite — 1e300 is a finite Python float but overflows every tensor it touches."""
+    ok = math.isfinite(value) and (value > 0 if positive else value >= 0) and value <= high
     if not ok:
-        raise prov.error(path, f"must be a finite number {'above 0' if positive else 'of 0 or more'}, got {value!r}")
+        low = "above 0" if positive else "from 0"
+        raise prov.error(path, f"must be a number {low} up to {high:g}, got {value!r}")
 
 
 def _one_of(prov: Provenance, path: KeyPath, value: Any, allowed: Iterable[str]) -> None:
@@ -107,9 +111,9 @@ def check_recipe(cfg: DictConfig, prov: Provenance) -> None:
         )
 
     _check_data(prov, cfg.data)
-    _check_sft(prov, cfg)
-    _check_grpo(prov, cfg.grpo, stages)
     _check_trainer(prov, cfg)
+    _check_sft(prov, cfg)  # after the trainer's ranges: it bounds their product
+    _check_grpo(prov, cfg.grpo, stages)
 
     _one_of(prov, ("resume",), cfg.resume, RESUME_MODES)
     _count(prov, ("checkpoint", "every_n_steps"), cfg.checkpoint.every_n_steps, 0, MAX_COUNT)
@@ -132,7 +136,7 @@ def _check_finetune(prov: Provenance, f: DictConfig) -> None:
     _one_of(prov, ("finetune", "mode"), f.mode, FINETUNE_MODES)
     if f.mode != "full":
         _count(prov, ("finetune", "r"), f.r, 1, MAX_BATCH)
-        _count(prov, ("finetune", "alpha"), f.alpha, 1, MAX_COUNT)
+        _count(prov, ("finetune", "alpha"), f.alpha, 1, MAX_BATCH)
     if not 0 <= f.dropout < 1:
         raise prov.error(("finetune", "dropout"), f"must be in [0, 1), got {f.dropout!r}")
     targets = f.targets
@@ -156,7 +160,7 @@ def _check_data(prov: Provenance, d: DictConfig) -> None:
     _one_of(prov, ("data", "format"), d.format, DATA_FORMATS)
     for task, weight in d.tasks.items():
         _known_name(prov, ("data", "tasks", task), task, TASKS, "task")
-        _finite(prov, ("data", "tasks", task), weight)
+        _finite(prov, ("data", "tasks", task), weight, 1e6)
     if not any(weight > 0 for weight in d.tasks.values()):
         raise prov.error(("data", "tasks"), f"must give at least one of {', '.join(TASKS)} a weight above 0")
     _count(prov, ("data", "batch_size"), d.batch_size, 1, MAX_BATCH)
@@ -168,18 +172,18 @@ def _check_optimizer(prov: Provenance, section: str, opt: DictConfig) -> None:
     at = (section, "optimizer")
     _one_of(prov, (*at, "name"), opt.name, OPTIMIZERS)
     _one_of(prov, (*at, "scheduler"), opt.scheduler, SCHEDULERS)
-    _finite(prov, (*at, "lr"), opt.lr, positive=True)
+    _finite(prov, (*at, "lr"), opt.lr, MAX_FLOAT, positive=True)
     betas = list(opt.betas)
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise prov.error((*at, "betas"), f"must be [beta1, beta2], each in [0, 1), got {betas}")
-    _finite(prov, (*at, "weight_decay"), opt.weight_decay)
+    _finite(prov, (*at, "weight_decay"), opt.weight_decay, 10)
     _count(prov, (*at, "warmup_steps"), opt.warmup_steps, 0, MAX_COUNT)
 
 
 def _check_sft(prov: Provenance, cfg: DictConfig) -> None:
-    _finite(prov, ("sft", "ce_weight"), cfg.sft.ce_weight)
-    _finite(prov, ("sft", "mse_weight"), cfg.sft.mse_weight)
-    _finite(prov, ("sft", "timestep_shift"), cfg.sft.timestep_shift, positive=True)
+    _finite(prov, ("sft", "ce_weight"), cfg.sft.ce_weight, 1000)
+    _finite(prov, ("sft", "mse_weight"), cfg.sft.mse_weight, 1000)
+    _finite(prov, ("sft", "timestep_shift"), cfg.sft.timestep_shift, 100, positive=True)
     _check_optimizer(prov, "sft", cfg.sft.optimizer)
     if "sft" in cfg.stages:
         drawn = cfg.trainer.max_steps * cfg.trainer.accumulate_grad_batches * cfg.data.batch_size
@@ -198,13 +202,15 @@ def _check_grpo(prov: Provenance, g: DictConfig, stages: list[str]) -> None:
     if g.max_steps * g.prompts_per_step > MAX_DRAWN:
         raise prov.error(("grpo", "max_steps"), f"x grpo.prompts_per_step is {g.max_steps * g.prompts_per_step} "
                          f"prompts, drawn up front; at most {MAX_DRAWN}")
-    for key in ("clip_range", "adv_eps"):
-        _finite(prov, ("grpo", key), g[key], positive=True)
+    for key, high in (("clip_range", 10), ("adv_eps", 10)):
+        _finite(prov, ("grpo", key), g[key], high, positive=True)
     _check_guidance(prov, g)
-    for key in ("noise_level", "adv_clip", "kl_beta", "max_grad_norm"):
-        _finite(prov, ("grpo", key), g[key])
+    for key, high in (("adv_clip", MAX_FLOAT), ("kl_beta", 1000), ("max_grad_norm", MAX_FLOAT)):
+        _finite(prov, ("grpo", key), g[key], high)
+    # cps: the step's noise fraction is sin(eta·pi/2), which falls again above 1
+    _finite(prov, ("grpo", "noise_level"), g.noise_level, 1 if g.sde == "cps" else 10)
     if g.timestep_shift is not None:
-        _finite(prov, ("grpo", "timestep_shift"), g.timestep_shift, positive=True)
+        _finite(prov, ("grpo", "timestep_shift"), g.timestep_shift, 100, positive=True)
     _one_of(prov, ("grpo", "sde"), g.sde, SDE_KINDS)
     _one_of(prov, ("grpo", "adv_std"), g.adv_std, ADV_STD)
     if not 0 <= g.ema_decay < 1:
@@ -227,7 +233,7 @@ def _check_trainer(prov: Provenance, cfg: DictConfig) -> None:
     _count(prov, ("trainer", "accumulate_grad_batches"), t.accumulate_grad_batches, 1, MAX_BATCH)
     _count(prov, ("trainer", "log_every_n_steps"), t.log_every_n_steps, 1, MAX_COUNT)
     if t.gradient_clip_val is not None:
-        _finite(prov, ("trainer", "gradient_clip_val"), t.gradient_clip_val)
+        _finite(prov, ("trainer", "gradient_clip_val"), t.gradient_clip_val, MAX_FLOAT)
     _one_of(prov, ("trainer", "precision"), str(t.precision), PRECISIONS)
     devices = t.devices
     if isinstance(devices, ListConfig):
@@ -247,8 +253,8 @@ def _check_trainer(prov: Provenance, cfg: DictConfig) -> None:
 def _check_guidance(prov: Provenance, g: DictConfig) -> None:
     """Classifier-free guidance keys of the `grpo:` section (also used by evaluation and the fit grid)."""
     for key in ("cfg_scale", "cfg_img_scale"):
-        if not 1 <= g[key] < math.inf:
-            raise prov.error(("grpo", key), f"must be 1 or more (1 turns this guidance off), got {g[key]!r}")
+        if not 1 <= g[key] <= 100:
+            raise prov.error(("grpo", key), f"must be from 1 (1 turns this guidance off) up to 100, got {g[key]!r}")
     lo_hi = list(g.cfg_interval)
     if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1] <= 1:
         raise prov.error(("grpo", "cfg_interval"),

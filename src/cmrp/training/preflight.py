@@ -34,6 +34,7 @@ __all__ = [
     "check_model",
     "check_output_dir",
     "check_run",
+    "check_sampler",
     "checkpoint_bytes",
     "human_bytes",
     "training_counts",
@@ -206,6 +207,21 @@ def training_counts(cfg: Any, character: Any) -> RunCheck:
     return check
 
 
+def check_sampler(cfg: Any) -> None:
+    """GRPO's SDE window: with `sde: cps` the noise of a step is t'·sin(eta·pi/2), none at all for the step that
+    lands on the image (t' = 0), which then has no log-prob to train; the window may not reach that step."""
+    from cmrp.sampling.flow import window_starts
+
+    g = cfg.grpo
+    if "grpo" not in cfg.stages or g.sde != "cps":
+        return
+    steps, size = g.sample_steps, min(g.window_size, g.sample_steps)
+    if window_starts(steps, size, *g.window_range)[1] + size >= steps:
+        raise ConfigError(f"grpo.sde: cps has no noise in the last of the {steps} sample steps, and this SDE window "
+                          f"(window_size {g.window_size}, window_range {list(g.window_range)}) can include it; "
+                          "lower grpo.window_size or grpo.window_range[1], raise grpo.sample_steps, or use sde: sde")
+
+
 # -- this machine ----------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _quiet_lightning() -> Iterator[None]:
@@ -277,6 +293,7 @@ def check_run(cfg: Any, load_character: Callable[[], Any], *, fit: bool) -> RunC
     from cmrp.data.sources import SANDBOX_SCHEME
 
     check_output_dir(cfg.output_dir, create=fit)
+    check_sampler(cfg)
     notes = machine_problems(cfg)
     path = str(cfg.data.path)
     data_here = path.startswith(SANDBOX_SCHEME) or Path(path).expanduser().exists()
