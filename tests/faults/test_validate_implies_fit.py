@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
 from cmrp.config.schema import Recipe
@@ -194,7 +194,8 @@ _SETTINGS = dict(deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.gener
                                         HealthCheck.filter_too_much, HealthCheck.data_too_large])
 
 
-@settings(max_examples=4, derandomize=True, **_SETTINGS)
+@seed(5)  # reproducible in the default suite: six recipes, two of which validate accepts and fit runs
+@settings(max_examples=6, database=None, **_SETTINGS)
 @given(doc=recipes())
 def test_validate_ok_implies_fit_runs(doc, capsys):
     _check(doc, capsys)

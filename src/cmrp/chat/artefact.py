@@ -13,7 +13,6 @@ its `model.safetensors` as revision, checked when the character is loaded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 from cmrp.backbones.loading import reading_weights
 from cmrp.chat.session import CharacterInfo, ChatSession, Reply
+from cmrp.checkpoint import file_sha256
 from cmrp.errors import ConfigError, WeightsError
 
 __all__ = ["CARD_FILE", "CharacterPool", "load_character", "load_chat_source", "save_character"]
@@ -29,14 +29,6 @@ CARD_FILE = "character_card.json"
 CARD_FORMAT = "cmrp-character/1"
 WEIGHTS_FILE = "model.safetensors"
 THUMBNAIL_SIZE = 64
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _load_backbone_folder(folder: Path) -> Any:

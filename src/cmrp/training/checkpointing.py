@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from cmrp.checkpoint import file_sha256
 from cmrp.errors import CmrpError, ConfigError
 
 __all__ = [
@@ -169,14 +170,6 @@ def _order(manifest: dict[str, Any]) -> tuple[int, int]:
     return int(manifest["stage_index"]), int(manifest["batches"])
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _manifest_digest(manifest: dict[str, Any]) -> str:
     body = {k: v for k, v in manifest.items() if k != "digest"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
@@ -202,7 +195,7 @@ def write_checkpoint(root: Path, weights: dict[str, torch.Tensor], state: dict[s
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in weights.items()}
         save_file(tensors, str(tmp / WEIGHTS))
         torch.save(state, tmp / STATE)
-        files = {f: {"size": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in (WEIGHTS, STATE)}
+        files = {f: {"size": (tmp / f).stat().st_size, "sha256": file_sha256(tmp / f)} for f in (WEIGHTS, STATE)}
         body = {**manifest, "format": FORMAT, "files": files}
         (tmp / MANIFEST).write_text(json.dumps({**body, "digest": _manifest_digest(body)}, indent=1))
         for f in (WEIGHTS, STATE, MANIFEST):
@@ -295,7 +288,7 @@ def _verify_files(point: ResumePoint) -> str | None:
     """Why a checkpoint's files do not match the sha256 in its manifest, or None when they all do."""
     for name, entry in point.manifest["files"].items():
         try:
-            if _sha256(point.path / name) != entry.get("sha256"):
+            if file_sha256(point.path / name) != entry.get("sha256"):
                 return f"{point.path / name}: its content does not match the sha256 in {MANIFEST} (damaged)"
         except OSError as err:
             return f"{point.path / name}: unreadable ({err.strerror or type(err).__name__})"

@@ -3,7 +3,7 @@
 `cmrp validate` and `cmrp fit` call the same functions here, so whatever validate accepts, fit runs:
 - the output directory: not a file, not under a file, writable (fit also creates it and writes a probe);
 - the character data: at least one training example for the weighted tasks (counted per task) and, for
-  the `grpo` stage, image prompts;
+  the `grpo` stage, image prompts; GRPO's SDE window against its sampler (`check_sampler`);
 - this machine: QLoRA's CUDA GPU, what Lightning accepts for `trainer.*` (accelerator, devices, precision,
   strategy), `init_from` and `data.path` present. `cmrp validate` reports these as notes (a recipe may be
   meant for another machine) and still says OK; `cmrp fit` stops on them before any work;
