@@ -286,7 +286,7 @@ def _run_fit(cfg: Any, loggers: list) -> FitResult:
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    out = check_output_dir(cfg.output_dir, create=True).resolve()  # a file, read-only, ...: one clear error
+    out = check_output_dir(cfg.output_dir, create=False).resolve()  # a file, read-only, ...: one clear error
     redacted = redact_secrets(OmegaConf.to_container(cfg, resolve=True))
     fingerprint, flat = recipe_fingerprint(redacted)
     point = _resume_point(cfg, out, fingerprint, flat)

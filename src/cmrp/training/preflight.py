@@ -292,7 +292,7 @@ def check_run(cfg: Any, load_character: Callable[[], Any], *, fit: bool) -> RunC
     `load_character()` returns the recipe's character (fit writes a sandbox one into output_dir)."""
     from cmrp.data.sources import SANDBOX_SCHEME
 
-    check_output_dir(cfg.output_dir, create=fit)
+    check_output_dir(cfg.output_dir, create=False)
     check_sampler(cfg)
     notes = machine_problems(cfg)
     path = str(cfg.data.path)
@@ -301,6 +301,8 @@ def check_run(cfg: Any, load_character: Callable[[], Any], *, fit: bool) -> RunC
         notes.append(f"data.path {path} does not exist here (a relative path is read from the working directory)")
     if notes and fit:
         raise ConfigError(notes[0])
+    if fit:  # only now: a run that cannot start leaves nothing behind
+        check_output_dir(cfg.output_dir, create=True)
     if not data_here:
         return RunCheck(notes=notes)
     character = load_character()
