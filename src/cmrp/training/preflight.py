@@ -236,8 +236,19 @@ def _quiet_lightning() -> Iterator[None]:
             lg.setLevel(level)
 
 
+def _beyond_one_cpu(t: Any) -> list[str]:
+    """The `trainer.*` hardware keys set to more than every machine has (one process, fp32); with none,
+    Lightning need not be asked (or imported)."""
+    plain = {"accelerator": t.accelerator in ("auto", "cpu"), "devices": t.devices in (1, "auto"),
+             "num_nodes": t.num_nodes == 1, "precision": str(t.precision) in ("32-true", "32"),
+             "strategy": t.strategy == "auto"}
+    return [key for key, ok in plain.items() if not ok]
+
+
 def _trainer_problem(cfg: Any) -> str | None:
     """What Lightning says about `trainer.*` on this machine (accelerator, devices, precision, strategy)."""
+    if not _beyond_one_cpu(cfg.trainer):
+        return None
     import lightning as L
     from omegaconf import OmegaConf
 
@@ -254,8 +265,7 @@ def _trainer_problem(cfg: Any) -> str | None:
     except Exception as err:  # noqa: BLE001 - Lightning raises several types for a setting it cannot honour
         text = " ".join(str(err).split()) or type(err).__name__
         keys = [k for k in ("accelerator", "devices", "num_nodes", "precision", "strategy") if k in text.lower()]
-        if not keys:  # e.g. "No supported gpu backend found!": name every hardware key and its value
-            keys = ["accelerator", "devices", "num_nodes", "precision", "strategy"]
+        keys = keys or _beyond_one_cpu(cfg.trainer)  # e.g. "No supported gpu backend found!" names none
         named = ", ".join(f"trainer.{k} {cfg.trainer[k]!r}" for k in keys)
         return f"{named}: {text[:300]}"
     finally:
