@@ -41,13 +41,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Like `parse_args`, but KEY=VALUE overrides may come after flags too (`fit R --resume a=1`): argparse
+    stops filling a positional list at the first flag and would call the rest unrecognised."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list):
+        stray = [arg for arg in extra if arg.startswith("-") or "=" not in arg]
+        if not stray:
+            args.overrides = [*args.overrides, *extra]
+            return args
+        extra = stray
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     try:
         return int(args.handler(args) or 0)
     except CmrpError as err:
-        print(f"cmrp {args.command}: error: {err}", file=sys.stderr)
+        from cmrp.config.params import (
+            Redactor,  # URI passwords, secret env values, secret-named config values
+        )
+
+        print(f"cmrp {args.command}: error: {Redactor.from_environ().text(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cmrp {args.command}: interrupted", file=sys.stderr)

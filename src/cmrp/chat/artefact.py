@@ -23,7 +23,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from cmrp.backbones.loading import reading_weights
 from cmrp.chat.session import CharacterInfo, ChatSession, Reply
+from cmrp.checkpoint import file_sha256
 from cmrp.errors import ConfigError, WeightsError
 from cmrp.jsonio import write_json
 
@@ -35,14 +37,6 @@ WEIGHTS_FILE = "model.safetensors"
 THUMBNAIL_SIZE = 64
 SHIPPED = "sandbox://"
 COPIED_BASE = "base"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def weights_sha256(path: Path) -> str:
@@ -70,7 +64,9 @@ def _load_backbone_folder(folder: Path) -> Any:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise WeightsError(f"{config_file}: cannot read the backbone's adapter name ({type(err).__name__}); "
                            "pass a backbone folder written by `cmrp fit` (output_dir/checkpoint/backbone)") from None
-    backbone = BACKBONES.get(name, where=f"{config_file} key 'adapter'").from_pretrained(folder)
+    adapter_cls = BACKBONES.get(name, where=f"{config_file} key 'adapter'")
+    with reading_weights(folder):
+        backbone = adapter_cls.from_pretrained(folder)
     backbone.model.eval()
     return backbone
 
@@ -291,7 +287,8 @@ def load_character(artefact_dir: str | Path, base: str | Path | None = None, *, 
     backbone = _load_base(card, base, folder)
     if not (folder / "adapter" / "adapter_config.json").is_file():
         raise WeightsError(f"{folder}/adapter: no adapter_config.json; the artefact is incomplete")
-    model = PeftModel.from_pretrained(backbone.model, str(folder / "adapter"))
+    with reading_weights(folder / "adapter"):
+        model = PeftModel.from_pretrained(backbone.model, str(folder / "adapter"))
     backbone.model = model.merge_and_unload() if merge else model
     backbone.model.eval()
     return backbone, info

@@ -1,9 +1,10 @@
 """`cmrp validate | cat | cp | ls`: check, show, copy and list recipes without building anything.
 
-`validate` checks everything a run would need from its config (recipe, backbone card and its
-adapter, reward preset); `cat` prints a recipe as the run will see it (inheritance, overrides, the backbone
-card and the reward preset resolved); `cp` copies a shipped recipe to edit; `ls` shows what can be named
-in a recipe. None of them imports torch (they answer in about a second).
+`validate` checks everything a run would need (recipe, backbone card and its adapter, reward preset and the
+pretrained weights it loads, output directory, the character's training examples) without building a model,
+through the same pass `cmrp fit` runs first (`cmrp.training.preflight`); `cat` prints a recipe as the run will
+see it (inheritance, overrides, the backbone card and the reward preset resolved); `cp` copies a shipped recipe
+to edit; `ls` shows what can be named in a recipe. `ls`, `cat` and `cp` import no torch.
 """
 
 from __future__ import annotations
@@ -61,26 +62,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
     from cmrp.config.loader import find_recipe, load_recipe, resolve_recipe_parts
     from cmrp.config.yamlio import display_path
+    from cmrp.data.sources import load_recipe_character
     from cmrp.registry import BACKBONES
+    from cmrp.training.preflight import check_run  # the pass `cmrp fit` runs before any work
 
     cfg = load_recipe(args.recipe, args.overrides)
     card, preset = resolve_recipe_parts(cfg)
     BACKBONES.require(card.adapter, where=f"backbone card {card.name!r}, key 'adapter'")
+    with tempfile.TemporaryDirectory(prefix="cmrp-validate-") as scratch:  # where a sandbox character is drawn
+        check = check_run(cfg, lambda: load_recipe_character(cfg.data, Path(scratch)), fit=False)
     parts = [f"backbone {card.name}", f"stages {'+'.join(cfg.stages)}", f"finetune {cfg.finetune.mode}"]
-    missing = []
     if preset is not None:
-        from cmrp.rewards import build_reward
-
         parts.append(f"rewards {preset['name']}")
-        missing = build_reward(preset, check=False).missing_weights()  # file look-ups only, nothing loads
     print(f"OK: {display_path(find_recipe(args.recipe))} ({', '.join(parts)})")
-    if missing:
-        from cmrp.rewards.pretrained import missing_models_error
-
-        notice = missing_models_error(missing, f"reward preset {preset['name']!r}")
-        print(f"note: {notice}\n`cmrp fit` stops when its grpo stage builds this reward, until they are there.")
+    if check.counts:
+        print("  training examples: " + ", ".join(f"{task} {n}" for task, n in check.counts.items()))
+    if check.prompts is not None:
+        print(f"  GRPO image prompts: {check.prompts}")
+    for note in check.notes:
+        print(f"  note: `cmrp fit` would stop on this machine: {note}")
     from cmrp.config.params import Redactor
 
     shown = Redactor.from_environ().text("".join(" " + o for o in args.overrides))

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["REDACTED", "Redactor", "environ_snapshot", "flatten", "is_secret_key", "redact_secrets"]
+__all__ = ["REDACTED", "Redactor", "environ_snapshot", "flatten", "is_secret_key", "redact_secrets",
+           "remember_secrets"]
 
 REDACTED = "***"
 _SECRET_WORDS = {"token", "password", "passwd", "secret", "apikey", "credential", "credentials"}
@@ -49,11 +50,29 @@ def environ_snapshot() -> dict[str, str]:
     return {}
 
 
+_REMEMBERED: set[str] = set()  # values of secret-named config keys read in this process
+
+
+def remember_secrets(value: Any, key: str = "") -> None:
+    """Note the values of secret-named keys in `value` (a parsed YAML document or override), so that any text
+    later passed through redaction — an error message about a rejected override, a logged string — hides
+    them even where the key is not named next to them. Values shorter than 4 characters are too common."""
+    if isinstance(value, Mapping):
+        for item_key, item in value.items():
+            remember_secrets(item, str(item_key) if is_secret_key(str(item_key)) else key)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            remember_secrets(item, key)
+    elif key and value is not None and not isinstance(value, bool) and len(str(value)) >= 4:
+        _REMEMBERED.add(str(value))
+
+
 def _secret_env_values(environ: dict[str, str]) -> tuple[str, ...]:
     """Values of environment variables named like secrets (`OPENAI_API_KEY`, `CMRP_JUDGE_API_KEY`,
-    `MLFLOW_TRACKING_TOKEN`, `HF_TOKEN` ...), longest first; short values are left alone (too common)."""
+    `MLFLOW_TRACKING_TOKEN`, `HF_TOKEN` ...) and of secret-named config keys read so far, longest first;
+    short environment values are left alone (too common)."""
     values = {value for name, value in environ.items() if is_secret_key(name) and len(value) >= 8}
-    return tuple(sorted(values, key=len, reverse=True))
+    return tuple(sorted(values | _REMEMBERED, key=len, reverse=True))
 
 
 def _hide(text: str, secrets: tuple[str, ...]) -> str:

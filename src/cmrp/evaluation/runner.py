@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from cmrp.backbones.loading import find_checkpoint
+from cmrp.backbones.loading import find_checkpoint, reading_weights
 from cmrp.data.character import Character, ImageRef
 from cmrp.data.images import load_images
 from cmrp.data.tasks import Example, Segment, image_prompts, system_prompt
@@ -109,7 +109,9 @@ def load_checkpoint(ckpt: Path, cfg: Any | None = None) -> Any:
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ConfigError(f"{config_file}: cannot read the backbone's adapter name ({type(err).__name__}); "
                               "the checkpoint is incomplete — re-run `cmrp fit` or pass another run") from None
-        adapter = BACKBONES.get(adapter_name, where=f"{config_file} key 'adapter'").from_pretrained(ckpt / "backbone")
+        adapter_cls = BACKBONES.get(adapter_name, where=f"{config_file} key 'adapter'")
+        with reading_weights(ckpt / "backbone"):  # a damaged file: one clear error, not safetensors' traceback
+            adapter = adapter_cls.from_pretrained(ckpt / "backbone")
     if (ckpt / "adapter").is_dir():
         from cmrp.backbones.loading import merge_saved_adapter
 

@@ -1,4 +1,4 @@
-"""`cmrp fit RECIPE [key=value ...] [--resume]` and `cmrp tracking sync OUTPUT_DIR`."""
+"""`cmrp fit RECIPE [key=value ...] [--resume]` (flags and overrides in any order) and `cmrp tracking sync OUTPUT_DIR`."""
 
 from __future__ import annotations
 
@@ -42,15 +42,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _fit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from cmrp.config import load_recipe
     from cmrp.training.fit import run_fit
+    from cmrp.training.preflight import writing
 
     overrides = [*args.overrides, "resume=auto"] if args.resume else args.overrides
     cfg = load_recipe(args.recipe, overrides)
-    from cmrp.training.peft import check_finetune_runtime
-
-    check_finetune_runtime(cfg.finetune)  # e.g. qlora without a CUDA GPU: fail before building the model
-    result = run_fit(cfg)
+    with writing(Path(cfg.output_dir)):  # a full disk or read-only mount mid-run: one clear error
+        result = run_fit(cfg)  # checks what `cmrp validate` checks (and this machine) before any work
     if not result.main:  # a non-zero rank of a distributed run: rank 0 reports
         return 0
     before, after = result.metrics["before"], result.metrics["after"]

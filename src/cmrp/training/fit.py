@@ -239,6 +239,8 @@ def run_sft(cfg: Any, adapter, examples: dict[str, list], logger, out: Path, che
     adapter.model.train()  # the "before" evaluation left it in eval mode
     t = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
+    if checkpoints is not None:
+        guard.finish()  # every step skipped (NaN/inf): nothing was trained, the run must not look done
     return {"examples_per_task": {k: len(v) for k, v in examples.items()}, **history.summary(),
             "sft_s": time.perf_counter() - t}
 
@@ -321,14 +323,20 @@ def run_fit(cfg: Any) -> FitResult:
     from cmrp.tracking import make_logger, tracked_run
     from cmrp.training.checkpointing import load_weights, recipe_fingerprint
     from cmrp.training.peft import count_trainable
+    from cmrp.training.preflight import (
+        check_free_space,
+        check_model,
+        check_output_dir,
+        check_run,
+        checkpoint_bytes,
+    )
     from cmrp.training.progress import quiet_noise
 
     quiet_noise()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     redactor = Redactor.from_environ()  # the environment's secrets, read once for the whole run
-    out = Path(cfg.output_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(cfg.output_dir, create=False).resolve()  # a file, read-only, ...: one clear error
     redacted = redactor.mapping(OmegaConf.to_container(cfg, resolve=True))
     fingerprint, flat = recipe_fingerprint(redacted)
     point = _resume_point(cfg, out, fingerprint, flat)
@@ -338,10 +346,14 @@ def run_fit(cfg: Any) -> FitResult:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     card, preset = resolve_recipe_parts(cfg)
-    character = load_run_character(cfg.data, out)
+    # the pass `cmrp validate` runs: this machine, then training examples per task
+    character = check_run(cfg, lambda: load_run_character(cfg.data, out), fit=True).character
     ckpt_dir = out / "checkpoint"
     adapter = _build_backbone(cfg, card, character, ckpt_dir)
     trained_names = [n for n, p in adapter.model.named_parameters() if p.requires_grad]
+    check_model(cfg, adapter, trained_names)
+    if is_main_process():
+        check_free_space(out, checkpoint_bytes(adapter.model, trained_names, cfg), "checkpoints")
     if point is not None:
         load_weights(adapter.model, point.path, trained_names)
     trainable, total = count_trainable(adapter.model)

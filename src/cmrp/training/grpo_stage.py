@@ -139,6 +139,8 @@ def run_grpo_stage(cfg: Any, adapter: Any, character: Character, preset: dict, l
     world = trainer.num_devices * trainer.num_nodes  # each rank takes its own prompts: groups stay on one rank
     t = time.perf_counter()
     trainer.fit(module, train_dataloaders=_prompt_loader(prompts, g, cfg.seed, world, start))
+    if module.nonfinite_guard is not None:
+        module.nonfinite_guard.finish()  # every update skipped (NaN/inf): nothing was trained
     seconds = time.perf_counter() - t
     after = measure()
     return {
