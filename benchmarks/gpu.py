@@ -81,19 +81,7 @@ def _setup(args):
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    torch.backends.cuda.matmul.allow_tf32 = True
     return torch, device, dtype
-
-
-def _memory(torch, device):
-    """(reset, read): the peak of allocated tensor memory, on GPU from CUDA's allocator, on CPU counted live."""
-    if device == "cuda":
-        def reset():
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-
-        return reset, lambda: float(torch.cuda.max_memory_allocated())
-    return None, None
 
 
 def _peak_case(args) -> dict:
@@ -210,6 +198,7 @@ def _grpo_case(args, case) -> dict:
     torch, device, dtype = _setup(args)
     spec = models(args.smoke, args.image_size)[case["model"]]
     adapter = build_adapter(spec["card"], device=device, dtype=torch.float32, **spec["changes"])
+    adapter.set_gradient_checkpointing(True)  # as the recipes train (the update's image blocks are long)
     group, steps, window = (4, 4, 2) if args.smoke else (8, 15, 3)
     context, prefix = context_of_tokens(adapter, spec["prompt"])
     empty = int(adapter.collate([Example("t2i", [Segment("text", "user", "")])]).input_ids.shape[1])
@@ -261,8 +250,9 @@ def _grpo_case(args, case) -> dict:
         "latent_tokens": shape.latent_tokens(arch),
         "rollout": {"seconds": roll_s, "images_per_s": group / roll_s, "model_flops": rollout_flops(arch, shape).total,
                     "peak_memory": roll_peak},
-        "update": {"seconds": upd_s, "model_flops": grpo_update_flops(arch, shape, train, window=window).total,
-                   "peak_memory": upd_peak, "estimated_peak_memory": estimate.peak(False)},
+        "update": {"seconds": upd_s, "checkpointing": True,
+                   "model_flops": grpo_update_flops(arch, shape, train, window=window).total,
+                   "peak_memory": upd_peak, "estimated_peak_memory": estimate.peak(True)},
     }
 
 
