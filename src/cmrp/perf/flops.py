@@ -146,10 +146,6 @@ class Trainable:
                    gen_io=trains("vae2llm") or trains("llm2vae") or trains("time_embedder"),
                    lora_rank=max(r_und, r_gen))
 
-    @property
-    def any_llm(self) -> bool:
-        return self.und != "frozen" or self.gen != "frozen"
-
 
 @dataclass(frozen=True)
 class SFTLayout:
