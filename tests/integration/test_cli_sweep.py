@@ -1,9 +1,10 @@
 """`cmrp sweep` through the real console script on a toy sweep: 2 rows x 2 seeds of the sandbox SFT recipe
 (2 steps, tiny evaluation), each cell a real `cmrp fit` + `cmrp eval`.
 
-The main test kills the sweep while its second cell runs, then runs it again with the parallel launcher:
-only the missing cells run (counted in the cells' logs), the killed one resumes with `--resume`, and the table,
-the MLflow parent/child runs and each cell's eval.json agree. The submitit test (local executor) is `slow`.
+The main test runs it with the parallel launcher (2 cells at a time), kills it once a cell is done and another
+is half-way, and runs it again: only the missing cells run (counted in the cells' logs), the half-finished one
+resumes with `--resume`, no MLflow run is left RUNNING, and the table, the MLflow parent/child runs and each
+cell's eval.json agree. The submitit test (its local executor) is `slow`.
 """
 
 from __future__ import annotations
@@ -94,38 +95,56 @@ def test_a_bad_sweep_file_is_one_line_and_exit_2(tmp_path, capsys):
     assert err.count("\n") == 0 and "bad.yaml:6" in err and "'sede'" in err and "did you mean 'seeds'" in err
 
 
-def test_killed_sweep_finishes_only_the_missing_cells(toy):
+def test_killed_sweep_finishes_only_the_missing_cells(toy, monkeypatch, capsys):
+    from cmrp.sweeps.launchers import threads_per_process
+
     sweep, out = toy
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen([CMRP, "sweep", str(sweep), "--out", str(out)], cwd=ROOT, env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    # kill it once the first cell is done and the second cell's fit has created its MLflow run
-    wait_for(lambda: done(out, "a/seed0") and (out / "a/seed1/tracking/run.json").is_file(), first)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # threads per cell: cores // jobs
+    env = dict(os.environ)
+    command = [CMRP, "sweep", str(sweep), "--out", str(out), "--launcher", "parallel", "--jobs", "2"]
+    first = subprocess.Popen(command, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def started(cell: str) -> bool:
+        return (out / cell / "log.txt").is_file()
+
+    def running() -> list[str]:  # cells whose fit has created its MLflow run and that are not done
+        return [c for c in CELLS if (out / c / "tracking" / "run.json").is_file() and not done(out, c)]
+
+    # kill it (SIGTERM, like a scheduler) once a cell is done and another is half-way
+    wait_for(lambda: any(done(out, c) for c in CELLS) and running(), first)
     first.send_signal(signal.SIGTERM)
     _, err = first.communicate(timeout=300)
     assert first.returncode == 130, err[-3000:]
     assert "interrupted" in err
-    assert done(out, "a/seed0") and not done(out, "a/seed1")
-    assert not (out / "b").exists()  # cells not started leave nothing behind
-    killed_run = json.loads((out / "a/seed1/tracking/run.json").read_text())["run_id"]
-    before = (out / "a/seed0/log.txt").read_text()
+    finished_before = [c for c in CELLS if done(out, c)]
+    half = [c for c in CELLS if started(c) and not done(out, c)]
+    untouched = [c for c in CELLS if not started(c)]
+    assert finished_before and half
+    assert all(not (out / c).exists() for c in untouched)  # a cell not started leaves nothing behind
+    logs = {c: (out / c / "log.txt").read_text() for c in finished_before}
+    killed = {}  # cell -> the MLflow run that was running when it was stopped (its eval's, else its fit's)
+    for c in half:
+        for folder in (out / c / "eval", out / c):
+            if (folder / "tracking" / "run.json").is_file():
+                killed[c] = json.loads((folder / "tracking" / "run.json").read_text())["run_id"]
+                break
 
-    from cmrp.sweeps.launchers import threads_per_process
-
-    parallel_env = {k: v for k, v in env.items() if k != "OMP_NUM_THREADS"}  # threads: cores // jobs
-    second = subprocess.run([CMRP, "sweep", str(sweep), "--out", str(out), "--launcher", "parallel", "--jobs", "2"],
-                            cwd=ROOT, env=parallel_env, text=True, capture_output=True, timeout=1800)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "cells:       3 run now, 1 already done" in second.stdout
-    # only the missing cells ran: a/seed0 was not touched, a/seed1 resumed, the b cells ran once
-    assert (out / "a/seed0/log.txt").read_text() == before and len(fits(out, "a/seed0")) == 1
-    resumed = fits(out, "a/seed1")
-    assert len(resumed) == 2 and "--resume" not in resumed[0] and "--resume" in resumed[1]
-    assert len(fits(out, "b/seed0")) == len(fits(out, "b/seed1")) == 1
-    threads = threads_per_process(2, parallel_env)
-    for cell in ("a/seed1", "b/seed0", "b/seed1"):
+    # the rerun in this process (the cells still run in processes of their own)
+    assert cli.main(command[1:]) == 0
+    n = len(finished_before)
+    assert f"cells:       {4 - n} run now, {n} already done" in capsys.readouterr().out
+    # only the missing cells ran: done cells untouched, half-finished ones resumed, the others ran once
+    for c in finished_before:
+        assert (out / c / "log.txt").read_text() == logs[c] and len(fits(out, c)) == 1
+    for c in half:
+        ran = fits(out, c)
+        assert len(ran) == 2 and "--resume" not in ran[0] and ran[1].split("   #")[0].endswith("--resume")
+    for c in untouched:
+        assert len(fits(out, c)) == 1 and "--resume" not in fits(out, c)[0]
+    threads = threads_per_process(2, env)
+    for cell in CELLS:
         header = [line for line in (out / cell / "log.txt").read_text().splitlines() if line.startswith("# cmrp sweep")]
-        assert header[-1].endswith(f"OMP_NUM_THREADS={threads}")
+        assert header and all(line.endswith(f"OMP_NUM_THREADS={threads}") for line in header)
 
     # the table's numbers are the cells' own
     summary = json.loads((out / "summary.json").read_text())
@@ -169,20 +188,18 @@ def test_killed_sweep_finishes_only_the_missing_cells(toy):
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in fits_)
     finished = {r.data.tags["cmrp.sweep.cell"]: r for r in fits_ if r.info.status == "FINISHED"}
     assert sorted(finished) == sorted(CELLS)
-    killed = [r.info.run_id for r in runs if r.info.status == "KILLED"]
-    if "cmrp fit: resuming" in (out / "a/seed1/log.txt").read_text():  # killed after its first checkpoint:
-        assert finished["a/seed1"].info.run_id == killed_run and not killed  # the same MLflow run went on
-    else:
-        assert killed == [killed_run]
+    status = {r.info.run_id: r.info.status for r in runs}
+    for cell, run_id in killed.items():  # ended KILLED, or continued by --resume from a checkpoint to FINISHED
+        resumed = "cmrp fit: resuming" in (out / cell / "log.txt").read_text()
+        assert status[run_id] == "KILLED" or (resumed and run_id == finished[cell].info.run_id), (cell, status[run_id])
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in runs)  # none left RUNNING
     evals = [r for r in runs if r.data.tags.get("cmrp.kind") == "eval" and r.info.status == "FINISHED"]
     assert sorted(r.data.tags["mlflow.parentRunId"] for r in evals) == sorted(r.info.run_id for r in finished.values())
 
     # once everything is done, a rerun runs nothing and writes the same table
-    third = subprocess.run([CMRP, "sweep", str(sweep), "--out", str(out)], cwd=ROOT, env=env, text=True,
-                           capture_output=True, timeout=600)
-    assert third.returncode == 0, third.stderr[-3000:]
-    assert "cells:       0 run now, 4 already done" in third.stdout
-    assert all(len(fits(out, c)) == (2 if c == "a/seed1" else 1) for c in CELLS)
+    assert cli.main(["sweep", str(sweep), "--out", str(out)]) == 0
+    assert "cells:       0 run now, 4 already done" in capsys.readouterr().out
+    assert all(len(fits(out, c)) == (2 if c in half else 1) for c in CELLS)
     assert json.loads((out / "summary.json").read_text())["rows"] == summary["rows"]
 
 

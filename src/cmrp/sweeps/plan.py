@@ -14,7 +14,7 @@ import hashlib
 import itertools
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,6 @@ class Cell:
     recipe_fingerprint: str = ""
     fingerprint: str = ""  # the recipe's, the starting cell's and the eval options, together
     status: str = "new"  # new | resume | done | changed
-    recorded: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -170,7 +169,6 @@ def cell_status(cell: Cell) -> str:
         record = json.loads((cell.dir / RECORD).read_text())
     except (OSError, ValueError):
         record = {}
-    cell.recorded = record
     earlier = _recorded_fingerprints(cell.dir)
     if record:
         source = cell.depends.fingerprint if cell.depends else None

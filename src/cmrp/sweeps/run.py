@@ -12,6 +12,7 @@ import contextlib
 import re
 import shutil
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -89,6 +90,21 @@ def _metric_key(*parts: str) -> str:
     return "/".join(re.sub(r"[^\w\-. ]", "_", p) for p in parts)
 
 
+def _upload_pending(folder: Path, say) -> None:
+    """Upload what a run in `folder` could not log (as `cmrp tracking sync` does): a cell stopped in the middle
+    of a write to the store, or a server that was down. Its runs then end with their real status (KILLED)
+    instead of staying RUNNING, and a resumed cell logs to the store again rather than to its pending file."""
+    from cmrp.tracking import pending_files, sync_pending
+
+    if not pending_files(folder):
+        return
+    try:
+        for done in sync_pending(folder):
+            say(f"{folder}: uploaded the tracking records a stopped run left ({done['file'].name}, run {done['run_id']})")
+    except CmrpError as err:
+        say(f"{folder}: tracking records still waiting for upload ({err})")
+
+
 def _parent_run(plan: Plan):
     """The sweep's MLflow run: continued when an earlier run of this sweep recorded it in the same store."""
     from cmrp.config import Redactor
@@ -136,6 +152,10 @@ def _job(plan: Plan, cell: Cell, parent_run_id: str | None):
     return Job(cell.name, path, log)
 
 
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def _last_error(log: Path) -> str:
     """The last line of a cell's log that says what went wrong."""
     try:
@@ -158,14 +178,16 @@ def run_sweep(plan: Plan, launcher: Any) -> SweepResult:
     if changed:
         raise CmrpError(_changed_message(plan, changed))
     plan.out.mkdir(parents=True, exist_ok=True)
+    _upload_pending(plan.out, _stderr)
     parent = _parent_run(plan)
     todo = [c for c in plan.cells if c.status != "done"]
     ran: list[str] = []
     failed: dict[str, str] = {}
     with _sigterm_as_ctrl_c(), tracked_run(parent):
         if parent.tags:  # a new parent: MLflow params cannot change later
+            seeds = sorted({c.seed for c in plan.cells})
             parent.log_hyperparams({"sweep_file": str(plan.sweep.path), "recipe": str(plan.sweep.recipe),
-                                    "rows": ",".join(plan.rows), "seeds": ",".join(str(s) for s in sorted({c.seed for c in plan.cells})),
+                                    "rows": ",".join(plan.rows), "seeds": ",".join(map(str, seeds)),
                                     "baseline": plan.sweep.baseline or "none", "cells": len(plan.cells),
                                     "launcher": launcher.describe()})
         copy = plan.out / "sweep.yaml"
@@ -201,6 +223,8 @@ def run_sweep(plan: Plan, launcher: Any) -> SweepResult:
                         progress.write(f"cell {cell.name}: not run, the cell it starts from ({cell.depends.name}) failed")
                         progress.update(1, failed=len(failed))
                         continue
+                    for folder in (cell.dir, cell.dir / "eval"):
+                        _upload_pending(folder, progress.write)
                     jobs.append(_job(plan, cell, parent.run_id))
                 if jobs:
                     launcher.run(jobs, started, finished)
