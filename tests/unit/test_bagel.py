@@ -243,7 +243,7 @@ def test_missing_and_renamed_keys_are_reported(adapter, tmp_path):
     msg = str(err.value)
     assert "missing keys: language_model.model.layers.0.mlp.gate_proj.weight" in msg
     assert "unexpected keys: language_model.model.layers.0.mlp.gate.weight" in msg
-    with pytest.raises(WeightsError, match="not found"):
+    with pytest.raises(WeightsError, match="nowhere does not exist; point it at a checkpoint folder"):
         BagelAdapter.from_pretrained(tmp_path / "nowhere")
 
 

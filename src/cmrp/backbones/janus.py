@@ -31,8 +31,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cmrp.backbones.bagel.packing import ImageLoader
 from cmrp.backbones.common import answer_questions, select_lora_targets
+from cmrp.backbones.images import ImageLoader
+from cmrp.backbones.kit import plain, resolve_weights
 from cmrp.data.tasks import Example, Segment
 from cmrp.errors import ConfigError, WeightsError
 from cmrp.jsonio import write_json
@@ -210,7 +211,7 @@ class JanusAdapter:
     # -- construction ----------------------------------------------------------------------------
     @classmethod
     def build(cls, card: Any, *, corpus: Sequence[str] = (), dtype: torch.dtype = torch.float32) -> JanusAdapter:
-        spec = _plain(card.get("architecture") or {})
+        spec = plain(card.get("architecture") or {})
         if card.get("weights"):
             adapter = cls.from_pretrained(card["weights"], dtype=dtype)
             adapter.card = card
@@ -249,19 +250,19 @@ class JanusAdapter:
         """A local folder or a hub id (resolved in the Hugging Face cache) in the official layout."""
         from transformers import JanusForConditionalGeneration
 
-        local = Path(path).expanduser()
-        ref = str(local) if local.exists() else str(path)
-        if local.exists() and not (local / "config.json").is_file():
+        local = resolve_weights(path, "the Janus checkpoint")  # a folder here: never a download
+        ref = str(local)
+        if not (local / "config.json").is_file():
             raise WeightsError(f"{local / 'config.json'} not found: {local} is not a Janus checkpoint folder "
                                "(config.json + model.safetensors + tokenizer files)")
         try:
             model, info = JanusForConditionalGeneration.from_pretrained(
-                ref, dtype=dtype, output_loading_info=True, trust_remote_code=False, use_safetensors=True)
+                ref, dtype=dtype, output_loading_info=True, trust_remote_code=False, use_safetensors=True,
+                local_files_only=True)
         except (OSError, ValueError) as err:
             raise WeightsError(
-                f"cannot load Janus weights from {ref!r} ({str(err).splitlines()[0]}). Download them into the "
-                f"Hugging Face cache (`hf download {ref}`; set HF_HOME to move the cache) or set the card's "
-                "`weights` to a local folder with config.json + model.safetensors."
+                f"cannot load Janus weights from {ref} ({str(err).splitlines()[0]}): the folder needs config.json "
+                "+ model.safetensors (the official layout); download it again with `hf download` if it is incomplete"
             ) from None
         problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         if any(problems.values()):
@@ -293,7 +294,7 @@ class JanusAdapter:
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(str(tmp), safe_serialization=True)
         self.tokenizer.save(tmp)
-        write_json(tmp / EXTRAS_FILE, {"adapter": "janus", "extras": self.extras, "card": _plain(self.card)},
+        write_json(tmp / EXTRAS_FILE, {"adapter": "janus", "extras": self.extras, "card": plain(self.card)},
                    ensure_ascii=True)
         if path.exists():
             shutil.rmtree(path)
@@ -765,13 +766,4 @@ def _check_geometry(config: Any, where: str) -> None:
                        ("vq_config.image_token_embed_dim", vq.image_token_embed_dim)):
         if int(value) != int(text.hidden_size):
             raise ConfigError(f"{where}: {key}={value} must equal text_config.hidden_size={text.hidden_size}")
-
-
-def _plain(value: Any) -> Any:
-    """A card section as plain Python containers (cards arrive as omegaconf DictConfigs)."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
 

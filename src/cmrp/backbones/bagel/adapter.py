@@ -15,6 +15,7 @@ from cmrp.backbones.bagel.model import Bagel, BagelArch, BagelBatch, patchify, s
 from cmrp.backbones.bagel.packing import IGNORE, ImageLoader, collate
 from cmrp.backbones.bagel.qwen2_mot import KVCache
 from cmrp.backbones.common import answer_questions, select_lora_targets
+from cmrp.backbones.kit import plain, resolve_weights
 from cmrp.backbones.tokenizer import TextTokenizer
 from cmrp.data.tasks import Example, Segment
 from cmrp.errors import ConfigError, WeightsError
@@ -24,7 +25,7 @@ from cmrp.sampling.flow import flow_step, sample_flow, sampling_timesteps
 from cmrp.sampling.guidance import Guidance, combine_guidance
 from cmrp.sampling.rollout import Rollout
 
-__all__ = ["BagelAdapter", "resolve_weights"]
+__all__ = ["BagelAdapter"]
 
 _LAYERS = r"language_model\.model\.layers\.\d+\."
 _UND_LINEAR = _LAYERS + r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -39,37 +40,6 @@ _GEN_PARAMS = r"(.*_moe_gen.*|time_embedder\..*|vae2llm\..*|llm2vae\..*|latent_p
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 AE_WEIGHTS_FILE = "ae.safetensors"  # the FLUX autoencoder (original key naming), when the backbone has one
-
-
-SANDBOX_WEIGHTS = "sandbox://"  # a base shipped in the package (cmrp/sandbox/assets/<name>)
-
-
-def resolve_weights(ref: str, card_name: Any = None) -> Path:
-    """A card's `weights`: a local folder, a Hugging Face hub id (owner/name) found in the local cache, or
-    `sandbox://<name>`, a base shipped with cmrp (`cmrp sandbox pretrain` makes them).
-    Never downloads: an id that is not cached raises WeightsError saying how to fetch it."""
-    where = f"backbone card {card_name!r}, key 'weights'" if card_name else "weights"
-    if ref.startswith(SANDBOX_WEIGHTS):
-        from cmrp.sandbox.pretrain import shipped_base
-
-        return shipped_base(ref[len(SANDBOX_WEIGHTS):], where)
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        return path
-    looks_like_id = ref.count("/") == 1 and not ref.startswith((".", "/", "~")) and not path.exists()
-    if not looks_like_id:
-        raise WeightsError(f"{where}: {ref} does not exist; point it at a checkpoint folder or a hub id (owner/name)")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id=ref, local_files_only=True))
-    except (LocalEntryNotFoundError, HFValidationError, OSError) as err:
-        raise WeightsError(
-            f"{where}: {ref} is not in the local Hugging Face cache ({type(err).__name__}); cmrp never downloads "
-            f"weights itself. Fetch them once with `hf download {ref}` (HF_HOME chooses the cache), "
-            f"or download to a folder (`--local-dir DIR`) and set weights: DIR"
-        ) from None
 
 
 @BACKBONES.register("bagel")
@@ -105,9 +75,9 @@ class BagelAdapter:
         """Random init from the card's `architecture`, or load `card.weights`: a folder (the official
         layout or one saved by cmrp) or a hub id already in the local Hugging Face cache."""
         if card.get("weights"):
-            folder = resolve_weights(str(card["weights"]), card.get("name"))
+            folder = resolve_weights(str(card["weights"]), f"backbone card {card.get('name')!r}, key 'weights'")
             return cls.from_pretrained(folder, dtype=dtype, card=card)
-        spec = _plain(card.get("architecture") or {})
+        spec = plain(card.get("architecture") or {})
         vocab = int(spec.get("llm", {}).get("vocab_size", 1024))
         tok_ref = card.get("tokenizer") or "train-bpe"
         if tok_ref == "train-bpe":
@@ -139,12 +109,9 @@ class BagelAdapter:
 
         from cmrp.backbones.bagel.official import is_official_layout, load_official
 
-        path = Path(path)
-        if not path.is_dir():
-            raise WeightsError(f"{path} not found (or not a folder): pass an official BAGEL checkpoint folder "
-                               "or a backbone saved by cmrp")
+        path = resolve_weights(path, "the BAGEL checkpoint")  # a folder, a cached hub id or a shipped base
         if is_official_layout(path):
-            settings = _plain(card.get("architecture") or {}) if card is not None else {}
+            settings = plain(card.get("architecture") or {}) if card is not None else {}
             model, tokenizer = load_official(path, settings=settings, dtype=dtype)
             card = card if card is not None else {"name": path.name, "adapter": "bagel", "weights": str(path)}
             return cls(model, tokenizer, card)
@@ -186,7 +153,7 @@ class BagelAdapter:
         if self.arch.visual_gen and any(True for _ in self.bagel.vae.parameters()):
             vae_state = {k: v.detach().contiguous() for k, v in self.bagel.vae.state_dict().items()}
             save_safetensors_atomic(vae_state, path / AE_WEIGHTS_FILE)
-        card = _plain(self.card)
+        card = plain(self.card)
         config = {"adapter": "bagel", "architecture": asdict(self.arch), "card": card}
         write_json(path / CONFIG_FILE, config, ensure_ascii=True)
         self.tokenizer.save(path)
@@ -727,14 +694,6 @@ def _strip_peft(name: str) -> str:
             name = name[len(marker):]
     return name.replace(".base_layer", "")
 
-
-def _plain(value: Any) -> Any:
-    """A card section as plain Python containers (cards arrive as omegaconf DictConfigs)."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
 
 
 def _base_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

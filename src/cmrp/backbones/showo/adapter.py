@@ -22,7 +22,6 @@ folder (`vq/config.json` + `vq/pytorch_model.safetensors`, the `showlab/magvitv2
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,8 +30,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cmrp.backbones.bagel.packing import ImageLoader
 from cmrp.backbones.common import answer_questions, select_lora_targets
+from cmrp.backbones.images import ImageLoader
+from cmrp.backbones.kit import plain, resolve_weights
 from cmrp.backbones.showo.magvit import MagvitConfig, MAGVITv2
 from cmrp.backbones.showo.maskgit import (
     choice_temperatures,
@@ -157,7 +157,7 @@ class ShowoAdapter:
     # -- construction ----------------------------------------------------------------------------
     @classmethod
     def build(cls, card: Any, *, corpus: Sequence[str] = (), dtype: torch.dtype = torch.float32) -> ShowoAdapter:
-        spec = _plain(card.get("architecture") or {})
+        spec = plain(card.get("architecture") or {})
         settings = _settings(spec.pop("sampling", {}) or {}, spec.pop("training", {}) or {}, card)
         if card.get("weights"):
             adapter = cls.from_pretrained(card["weights"], dtype=dtype, tokenizer=card.get("tokenizer"))
@@ -189,7 +189,7 @@ class ShowoAdapter:
                         tokenizer: str | None = None) -> ShowoAdapter:
         """A folder in the official layout (or a Hugging Face hub id already in the local cache, e.g.
         `showlab/show-o`): Show-o weights + config, the Phi config and tokenizer, the MAGVIT-v2 folder."""
-        root = _resolve(path, "the Show-o checkpoint")
+        root = resolve_weights(path, "the Show-o checkpoint")
         config_file = root / CONFIG_FILE
         if not config_file.is_file():
             raise WeightsError(f"{config_file} not found: {root} is not a Show-o checkpoint (official layout: "
@@ -197,7 +197,7 @@ class ShowoAdapter:
         config = json.loads(config_file.read_text())
         cmrp = config.get("cmrp", {})
         phi = _phi_sizes(root, config)
-        vq_root = root / VQ_DIR if (root / VQ_DIR / CONFIG_FILE).is_file() else _resolve(
+        vq_root = root / VQ_DIR if (root / VQ_DIR / CONFIG_FILE).is_file() else resolve_weights(
             cmrp.get("vq_model", DEFAULT_VQ), "the MAGVIT-v2 tokenizer")
         vq_cfg = _magvit_config(vq_root)
         num_vq = int(config.get("num_vq_tokens", 256))
@@ -236,7 +236,7 @@ class ShowoAdapter:
             "llm_vocab_size": arch.llm_vocab_size, "llm_model_path": LLM_DIR, "codebook_size": arch.codebook_size,
             "num_vq_tokens": arch.num_vq_tokens, "num_new_special_tokens": arch.num_new_special_tokens,
             "mask_token_id": self.vocab.mask,
-            "cmrp": {"image_size": arch.image_size, "card": _plain(self.card),
+            "cmrp": {"image_size": arch.image_size, "card": plain(self.card),
                      "sampling": {"temperature": self.temperature, "choice_temperature": self.choice_temperature,
                                   "min_mask_rate": self.min_mask_rate},
                      "training": {"image_loss_markers": self.image_loss_markers}},
@@ -674,30 +674,8 @@ def _settings(sampling: dict, training: dict, card: Any) -> dict:
     return out
 
 
-def _plain(value: Any) -> Any:
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
 
 
-def _resolve(ref: str | Path, what: str) -> Path:
-    """A local folder, or a hub id already in the Hugging Face cache (never downloaded here)."""
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        return path
-    if isinstance(ref, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", ref):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(ref, local_files_only=True))
-        except Exception:  # noqa: BLE001 - any failure means "not in the local cache"
-            pass
-    raise WeightsError(
-        f"{what} {ref!s} not found locally. Download it first (e.g. `huggingface-cli download {ref}`) or point "
-        "the backbone card's `weights` at a local folder in the official layout."
-    )
 
 
 def _read_weights(root: Path, what: str) -> dict[str, torch.Tensor]:
@@ -721,7 +699,7 @@ def _phi_sizes(root: Path, config: dict) -> dict:
     file = local / CONFIG_FILE if local.is_dir() else None
     if file is None:
         try:
-            file = _resolve(ref, "the language model config") / CONFIG_FILE
+            file = resolve_weights(ref, "the language model config") / CONFIG_FILE
         except WeightsError:
             if ref.rstrip("/").endswith("phi-1_5"):
                 return dict(SHOWO_PHI)
@@ -743,7 +721,7 @@ def _load_text(root: Path, config: dict) -> ShowoText:
     local = root / str(config.get("llm_model_path", LLM_DIR))
     if (local / "tokenizer.json").is_file():
         return ShowoText.load(local)
-    return ShowoText.load(_resolve(str(config.get("llm_model_path", "microsoft/phi-1_5")), "the Phi tokenizer"))
+    return ShowoText.load(resolve_weights(str(config.get("llm_model_path", "microsoft/phi-1_5")), "the Phi tokenizer"))
 
 
 def load_showo_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -42,7 +42,7 @@ class ShowoText(BackendTokenizer):
         if not file.is_file():
             raise WeightsError(
                 f"text tokenizer {file} not found: Show-o uses Phi-1.5's tokenizer. Point the backbone card's "
-                "`tokenizer` at a local folder holding its tokenizer.json (e.g. `huggingface-cli download "
+                "`tokenizer` at a local folder holding its tokenizer.json (e.g. `hf download "
                 "microsoft/phi-1_5 tokenizer.json --local-dir phi-1_5`), or use `train-bpe` for a tiny card."
             )
         return cls(Tokenizer.from_file(str(file)))
