@@ -522,6 +522,8 @@ def test_every_shipped_card_and_preset_validates():
 
 
 def test_shipped_reward_presets_match_the_paper():
+    from cmrp.rewards import build_reward
+
     terms = load_reward_preset(resources.asset_dir("rewards") / "unicharacter.yaml")["terms"]
     weights = {name: spec["weight"] for name, spec in terms.items()}
     assert weights == {
@@ -539,7 +541,10 @@ def test_shipped_reward_presets_match_the_paper():
         ("no_trainset", "trainset_penalty"),
     ]:
         kept = load_reward_preset(resources.asset_dir("rewards") / f"{ablation}.yaml")["terms"]
-        assert kept == {name: spec for name, spec in terms.items() if name != dropped}
+        assert kept[dropped]["weight"] == 0  # written as `base: unicharacter` + that weight 0: not built
+        assert {n: s for n, s in kept.items() if n != dropped} == {n: s for n, s in terms.items() if n != dropped}
+        built = build_reward(load_reward_preset(resources.asset_dir("rewards") / f"{ablation}.yaml"), check=False)
+        assert sorted(built.terms) == sorted(set(terms) - {dropped})
 
 
 # --- fuzz ----------------------------------------------------------------------------------------
