@@ -54,19 +54,17 @@ def is_main_process() -> bool:
 
 def trainer_strategy(name: str, adapter: Any = None):
     """`ddp` with unused-parameter detection: a task mix leaves an expert (ViT, generation) idle in some
-    batches, which plain DDP rejects. `fsdp`: Lightning's FSDPStrategy sharding one unit per module class
-    the adapter names (`fsdp_wrap_modules()`, e.g. BAGEL's decoder layer), mixed-size parameters kept
-    apart (`use_orig_params`, so LoRA and frozen weights can share a unit). Other names (`deepspeed`,
-    `deepspeed_stage_2`, ...) go to Lightning as they are."""
+    batches, which plain DDP rejects. `fsdp`: FSDP2 (`cmrp.training.sharding`), one unit per module class
+    the adapter names (`fsdp_wrap_modules()`, e.g. BAGEL's decoder layer) plus the root. Other names go to
+    Lightning as they are (`cmrp validate` has checked them: no `deepspeed*`)."""
     if name == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
         return DDPStrategy(find_unused_parameters=True)
     if name == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
+        from cmrp.training.sharding import ShardedStrategy
 
-        wrap = set(adapter.fsdp_wrap_modules()) if hasattr(adapter, "fsdp_wrap_modules") else None
-        return FSDPStrategy(auto_wrap_policy=wrap, use_orig_params=True)
+        return ShardedStrategy(wrap_modules=adapter.fsdp_wrap_modules() if hasattr(adapter, "fsdp_wrap_modules") else ())
     return name
 
 
@@ -386,7 +384,7 @@ class _Run:
         from omegaconf import OmegaConf
 
         from cmrp.config import flatten
-        from cmrp.training.checkpointing import Checkpointer, restore_rng
+        from cmrp.training.checkpointing import Checkpointer, rank_rng, restore_rng
 
         cfg, out, adapter, character, logger, point = (self.cfg, self.out, self.adapter, self.character,
                                                         self.logger, self.point)
@@ -414,7 +412,7 @@ class _Run:
         if point is not None:
             checkpointer.results = dict(point.manifest["results"])
             if point.done:  # the next stage starts where the finished one left every random generator
-                restore_rng(point.state()["rng"])
+                restore_rng(rank_rng(point.state()))
 
         stages: dict[str, dict[str, Any]] = {}
         for index, stage in enumerate(cfg.stages):
