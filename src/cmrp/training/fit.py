@@ -372,6 +372,16 @@ def run_fit(cfg: Any) -> FitResult:
                      resumed_from=point.path if point is not None else None, experiment_id=logger.experiment_id)
 
 
+def _distributed_summary(cfg: Any, digests: list[str], main: bool) -> dict[str, Any]:
+    """World size, strategy and each rank's weights digest (metrics.json); a warning when ranks disagree."""
+    same = len(set(digests)) == 1
+    if not same and main:
+        print(f"cmrp fit: warning: the ranks ended with different weights (sha256 per rank: {digests}); "
+              "the checkpoint holds rank 0's", flush=True)
+    return {"world_size": len(digests), "num_nodes": int(cfg.trainer.num_nodes), "strategy": str(cfg.trainer.strategy),
+            "weights_sha256": digests, "ranks_agree": same}
+
+
 class _Run:
     """The stages of one `cmrp fit` after setup: what run_fit does inside its tracked run."""
 
@@ -385,6 +395,7 @@ class _Run:
 
         from cmrp.config import flatten
         from cmrp.training.checkpointing import Checkpointer, rank_rng, restore_rng
+        from cmrp.training.sharding import gathered, rank_digests, whole_parameters
 
         cfg, out, adapter, character, logger, point = (self.cfg, self.out, self.adapter, self.character,
                                                         self.logger, self.point)
@@ -438,10 +449,13 @@ class _Run:
             checkpointer.write_done(stage, index, stages[stage])
 
         t = time.perf_counter()
-        after = _evaluate(adapter, character, cfg)
-        grid = _sample_grid(adapter, character, cfg.eval, cfg.seed, out / "samples.png") if main else None
+        with gathered(adapter.model):  # a sharded model's weights whole on every rank (fsdp)
+            after = _evaluate(adapter, character, cfg)
+            grid = _sample_grid(adapter, character, cfg.eval, cfg.seed, out / "samples.png") if main else None
         timings["eval_after_s"] = time.perf_counter() - t
-        ckpt = _save_checkpoint(adapter, cfg, ckpt_dir, self.redacted) if main else ckpt_dir
+        digests = rank_digests(adapter.model, trained_names)  # what every rank ended with
+        with whole_parameters(adapter.model):  # rank 0 saves the layout a single process saves
+            ckpt = _save_checkpoint(adapter, cfg, ckpt_dir, self.redacted) if main else ckpt_dir
         timings["total_s"] = time.perf_counter() - self.t0
 
         metrics = {
@@ -456,6 +470,8 @@ class _Run:
             "mlflow": {"run_id": logger.run_id, "experiment_id": logger.experiment_id,
                        "tracking_uri": logger.display_uri, "fingerprint": self.fingerprint},
         }
+        if len(digests) > 1:
+            metrics["distributed"] = _distributed_summary(cfg, digests, main)
         if not main:
             return metrics, None, ckpt
         logger.step_offset = 0

@@ -100,6 +100,7 @@ def run_grpo_stage(cfg: Any, adapter: Any, character: Character, preset: dict, l
     from cmrp.training.fit import is_main_process, trainer_strategy
     from cmrp.training.grpo import CharacterGRPOModule
     from cmrp.training.progress import progress_callbacks
+    from cmrp.training.sharding import gathered
 
     g = cfg.grpo
     prompts = image_prompts(character, split="train", decoding=cfg.decoding)
@@ -113,9 +114,10 @@ def run_grpo_stage(cfg: Any, adapter: Any, character: Character, preset: dict, l
     references = reference_tensor(character)
 
     def measure() -> dict[str, float]:
-        return heldout_reward(adapter, reward, heldout, heldout_questions, references,
-                              n=max(2, cfg.eval.images_per_prompt), steps=g.sample_steps, seed=cfg.seed + 1,
-                              **recipe_sampling_kwargs(g))  # the rollouts' guidance and timestep shift
+        with gathered(adapter.model):  # whole weights on every rank when an earlier stage sharded them
+            return heldout_reward(adapter, reward, heldout, heldout_questions, references,
+                                  n=max(2, cfg.eval.images_per_prompt), steps=g.sample_steps, seed=cfg.seed + 1,
+                                  **recipe_sampling_kwargs(g))  # the rollouts' guidance and timestep shift
 
     resuming = checkpoints is not None and checkpoints.resuming
     before = measure()  # also loads the reward nets (lazily, drawing from the global RNG) before training

@@ -34,7 +34,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 __all__ = ["ShardedStrategy", "call", "gathered", "grad_norm", "grads_finite", "is_sharded", "load_into",
-           "load_optimizer_state", "optimizer_state", "shard", "whole"]
+           "load_optimizer_state", "optimizer_state", "rank_digests", "shard", "whole", "whole_parameters"]
 
 T = TypeVar("T")
 _ENTRY = "_cmrp_sharded_call"
@@ -234,3 +234,48 @@ def grads_finite(params: Iterable[torch.Tensor]) -> bool:
     local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
     total = torch.stack([g.detach().float().abs().sum() for g in local]).sum()
     return bool(torch.isfinite(_sum_over_ranks(total, sliced)))
+
+
+@contextlib.contextmanager
+def whole_parameters(model: torch.nn.Module):
+    """Every parameter registered on its module as a plain whole tensor for the block, for code that reads
+    `state_dict()`: saving a checkpoint in the adapter's own layout (safetensors / PEFT), as one process
+    would. A collective on entry (every rank enters); no forward inside, where FSDP's hooks would put their
+    own tensors back."""
+    from torch.distributed.tensor import DTensor
+
+    if not is_sharded(model):
+        yield
+        return
+    swapped = []
+    with torch.no_grad():
+        for module in model.modules():
+            for name, param in list(module._parameters.items()):  # noqa: SLF001 - FSDP swaps them the same way
+                if isinstance(param, DTensor):
+                    module._parameters[name] = torch.nn.Parameter(param.full_tensor(),  # noqa: SLF001
+                                                                  requires_grad=param.requires_grad)
+                    swapped.append((module, name, param))
+    try:
+        yield
+    finally:
+        for module, name, param in swapped:
+            module._parameters[name] = param  # noqa: SLF001
+
+
+def rank_digests(model: torch.nn.Module, names: list[str]) -> list[str]:
+    """The sha256 of the weights `names` (whole) as every rank holds them, rank by rank: after a data- or
+    fully-sharded-parallel run they must all be equal. A collective; [one digest] without a process group."""
+    import hashlib
+
+    params = dict(model.named_parameters())
+    digest = hashlib.sha256()
+    for name, tensor in whole({n: params[n].detach() for n in sorted(names)}).items():
+        digest.update(name.encode())
+        digest.update(tensor.float().cpu().contiguous().numpy().tobytes())
+    own = digest.hexdigest()
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [own]
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, own)
+    return every
