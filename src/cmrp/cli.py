@@ -1,4 +1,5 @@
-"""`cmrp` command line: fit | tracking | validate | cat | cp | ls | data | sandbox | eval | chat | save-character | demo.
+"""`cmrp` command line: fit | tracking | validate | cat | cp | ls | data | sandbox | eval | chat | save-character | demo |
+plan | sweep.
 
 Each area owns its sub-commands in a small `commands` module exposing `register(subparsers)`;
 this file only assembles them and turns a `CmrpError` into one clear message and exit status 2.
@@ -25,6 +26,8 @@ _COMMAND_MODULES = (
     "cmrp.evaluation.commands",  # eval
     "cmrp.chat.commands",  # chat, save-character
     "cmrp.chat.demo",  # demo
+    "cmrp.perf.commands",  # plan
+    "cmrp.sweeps.commands",  # sweep
 )
 
 

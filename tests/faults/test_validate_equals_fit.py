@@ -74,11 +74,10 @@ def test_grpo_without_image_prompts_fails_validate(tmp_path, capsys):
 
 
 def test_an_mmrole_folder_with_only_test_files_fails_validate(tmp_path, capsys):
-    data = shutil.copytree(ROOT / "tests" / "fixtures" / "mmrole", tmp_path / "mmrole")
-    shutil.rmtree(data / "data" / "train")
+    data = shutil.copytree(ROOT / "tests" / "fixtures" / "mmrole" / "data" / "test", tmp_path / "mmrole-test")
     rc, _, err = main(capsys, "validate", *TINY, f"data.path={data}", "data.format=mmrole",
-                      "data.character=Captain Ada", f"output_dir={tmp_path / 'run'}")
-    assert_one_line_error(rc, err, "validate", "no training examples", "chat 0")
+                      "data.character=Iron Man", f"output_dir={tmp_path / 'run'}")
+    assert_one_line_error(rc, err, "validate", "holds only MMRole test files", "nothing to train on")
 
 
 def test_validate_reports_counts_and_this_machines_problems_as_notes(tmp_path, capsys):

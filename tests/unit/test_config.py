@@ -500,7 +500,7 @@ def test_flatten_a_loaded_recipe(tmp_path):
 
 
 def test_every_shipped_recipe_validates():
-    paths = sorted(resources.asset_dir("recipes").rglob("*.yaml"))
+    paths = sorted(p for p in resources.asset_dir("recipes").rglob("*.yaml") if "sweeps" not in p.parts)
     assert paths, "no recipe is shipped"
     for path in paths:
         cfg = load_recipe(path)

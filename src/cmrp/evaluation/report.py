@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["DIRECTIONS", "clean_numbers", "curves_png", "delta_table", "intervals", "log_report", "png_data_uri",
-           "upscaled", "write_html", "write_json"]
+__all__ = ["CSS", "DIRECTIONS", "clean_numbers", "curves_png", "delta_table", "direction", "intervals",
+           "log_report", "png_data_uri", "t975", "upscaled", "write_html", "write_json"]
 
 _TASK_TITLES = {
     "text_roleplay": "Text role-play",
@@ -104,7 +104,8 @@ def direction(key: str) -> str:
     return "↓" if key in _LOWER_IS_BETTER else "↑"
 
 
-def _t975(df: int) -> float:
+def t975(df: int) -> float:
+    """The 97.5 % quantile of Student's t with `df` degrees of freedom (a two-sided 95 % interval)."""
     return _T975[df - 1] if df <= len(_T975) else 1.96 + 2.5 / df  # within 0.002 of the exact quantile
 
 
@@ -153,7 +154,7 @@ def intervals(numbers: dict[str, dict[str, Any]], samples: dict[str, dict[str, l
             if math.isfinite(value) and per and len(per) > 1:
                 mean = sum(per) / len(per)
                 sd = math.sqrt(sum((v - mean) ** 2 for v in per) / (len(per) - 1))
-                half = _t975(len(per) - 1) * sd / math.sqrt(len(per))
+                half = t975(len(per) - 1) * sd / math.sqrt(len(per))
                 low, high, method = mean - half, mean + half, "t over images"
             elif math.isfinite(value) and key in _SHARES and n and 0 <= value <= 1:
                 (low, high), method = _wilson(float(value), int(n)), "Wilson"
@@ -229,7 +230,7 @@ def _img(image: torch.Tensor | None, title: str = "") -> str:
     return f"<img class='cell' src='{png_data_uri(image)}' title='{html.escape(title, quote=True)}' alt='{html.escape(title, quote=True)}'>"
 
 
-_CSS = """
+CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#1d1d1f;max-width:1200px}
 h1{font-size:22px;margin-bottom:4px} h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd;padding-bottom:4px}
 h3{font-size:15px;margin:18px 0 6px} .meta{color:#555;font-size:13px}
@@ -413,7 +414,7 @@ def write_html(report: dict[str, Any], visuals: dict[str, Any], path: Path) -> P
         _replies_section(visuals),
     ]
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>")
+            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
     return path

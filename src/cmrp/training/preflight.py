@@ -211,11 +211,11 @@ def training_counts(cfg: Any, character: Any) -> RunCheck:
 def check_sampler(cfg: Any) -> None:
     """GRPO's SDE window: with `sde: cps` the noise of a step is t'·sin(eta·pi/2), none at all for the step that
     lands on the image (t' = 0), which then has no log-prob to train; the window may not reach that step."""
-    from cmrp.sampling.flow import window_starts
-
     g = cfg.grpo
     if "grpo" not in cfg.stages or g.sde != "cps":
         return
+    from cmrp.sampling.flow import window_starts  # torch: only GRPO recipes need it
+
     steps, size = g.sample_steps, min(g.window_size, g.sample_steps)
     if window_starts(steps, size, *g.window_range)[1] + size >= steps:
         raise ConfigError(f"grpo.sde: cps has no noise in the last of the {steps} sample steps, and this SDE window "
@@ -276,13 +276,14 @@ def _trainer_problem(cfg: Any) -> str | None:
 
 def machine_problems(cfg: Any) -> list[str]:
     """Why `cmrp fit` of this recipe cannot run on this machine (nothing about the recipe being wrong)."""
-    from cmrp.training.peft import check_finetune_runtime
-
     problems = []
-    try:
-        check_finetune_runtime(cfg.finetune)
-    except ConfigError as err:
-        problems.append(str(err))
+    if cfg.finetune.mode == "qlora":  # the only mode with runtime needs; the check imports torch
+        from cmrp.training.peft import check_finetune_runtime
+
+        try:
+            check_finetune_runtime(cfg.finetune)
+        except ConfigError as err:
+            problems.append(str(err))
     trainer = _trainer_problem(cfg)
     if trainer:
         problems.append(trainer)
