@@ -39,12 +39,13 @@ def run_job(out: Path, strategy: str, mode: str, stage: str) -> list[dict]:
     return ranks
 
 
-def assert_ranks_agree(ranks: list[dict]) -> None:
+def assert_ranks_agree(ranks: list[dict], kind: str = "DTensor") -> None:
+    """Both ranks hold the same weights (under FSDP: gathered from the same slices; under DDP: replicas)."""
     a, b = ranks[0]["weights"], ranks[1]["weights"]
     assert a.keys() == b.keys() and a
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["world_size"] for r in ranks] == [2, 2]
-    assert all(r["parameter_kinds"] == ["DTensor"] for r in ranks)  # they really trained sharded
+    assert all(r["parameter_kinds"] == [kind] for r in ranks)  # DTensor: they really trained sharded
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
@@ -63,10 +64,15 @@ def test_sft_two_sharded_ranks_equal_one_process_with_the_same_global_batch(tmp_
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
-def test_grpo_two_sharded_ranks(tmp_path, mode):
+def test_grpo_two_sharded_ranks_equal_two_replicas(tmp_path, mode):
+    """Rollouts, log-probs, the reference policy and EMA under sharding give what DDP's replicas give."""
     ranks = run_job(tmp_path / "fsdp", "fsdp", mode, "grpo")
+    replicas = run_job(tmp_path / "ddp", "ddp", mode, "grpo")
     assert_ranks_agree(ranks)
-    assert ranks[0]["moved"] > 0
+    assert_ranks_agree(replicas, kind="Parameter")
+    assert ranks[0]["moved"] > 1e-3
+    ours, theirs = ranks[0]["weights"], replicas[0]["weights"]
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) < 1e-5
     steps = len(ranks[0]["history"])
     assert steps == 2
     for step in range(steps):
