@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -38,26 +40,36 @@ def env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
 
 
-def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple[int, str, str]]:
-    """Poll until every process has ended (one failing ends the others: no rank left waiting on a peer)."""
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
+    """Poll until every process has ended (one failing ends the others, with the processes each started:
+    no rank is left waiting on a peer)."""
     deadline = time.monotonic() + timeout
+
+    def end_all():
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+
     try:
         while any(p.poll() is None for p in procs):
             if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
-                for p in procs:
-                    if p.poll() is None:
-                        p.kill()
+                end_all()
             time.sleep(0.2)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return [(p.wait(), *p.communicate()) for p in procs]
+        end_all()
+    return [p.wait() for p in procs]
 
 
-def launch(commands: list[tuple[list[str], dict[str, str]]], timeout: float = 900) -> list[tuple[int, str, str]]:
-    return wait_all([subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                     for cmd, e in commands], timeout)
+def launch(commands: list[tuple[list[str], dict[str, str]]], logs: Path, timeout: float = 900) -> list[tuple[int, str, str]]:
+    """Run the commands side by side, output to files under `logs` (a pipe nobody reads would block a
+    chatty rank); (exit code, stdout, stderr) of each."""
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i, (cmd, e) in enumerate(commands):
+        with open(logs / f"{i}.out", "w") as out, open(logs / f"{i}.err", "w") as err:
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=out, stderr=err, start_new_session=True))
+    codes = wait_all(procs, timeout)
+    return [(code, (logs / f"{i}.out").read_text(), (logs / f"{i}.err").read_text()) for i, code in enumerate(codes)]
 
 
 def with_retried_port(start) -> list[tuple[int, str, str]]:
@@ -86,12 +98,14 @@ def test_torchrun_two_nodes_one_process_each(tmp_path):
     out = tmp_path / "run"
 
     def start(port: int):
+        shutil.rmtree(out, ignore_errors=True)  # what a try that lost its port left
+
         def node(rank: int) -> list[str]:
             return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                     "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
                     "-m", "cmrp.cli", "fit", *RUN, "trainer.strategy=fsdp", "trainer.devices=1",
                     "trainer.num_nodes=2", f"output_dir={out}"]
-        return launch([(node(0), env()), (node(1), env())])
+        return launch([(node(0), env()), (node(1), env())], tmp_path / f"logs-{port}")
 
     assert_one_run_same_weights(with_retried_port(start), out, "fsdp")
 
@@ -104,15 +118,16 @@ def test_slurm_batch_script_two_nodes(tmp_path):
                  'SLURM_PROCID=$i SLURM_LOCALID=0 SLURM_NODEID=$i "$@" > "$SRUN_LOGS/task$i.out" 2>&1 & done; '
                  'code=0; for job in $(jobs -p); do wait "$job" || code=$?; done; return $code; }; '
                  'export -f srun; bash "$0" "$@"')
-    logs = tmp_path / "logs"
-    logs.mkdir()
 
     def start(port: int):
+        shutil.rmtree(out, ignore_errors=True)  # what a try that lost its port left
+        logs = tmp_path / f"logs-{port}"
+        logs.mkdir()
         slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "cmrp-fit", "SLURM_NNODES": "2", "SLURM_NTASKS": "2",
                  "SLURM_NTASKS_PER_NODE": "1", "SLURM_NODELIST": "127.0.0.1", "MASTER_PORT": str(port),
                  "SRUN_LOGS": str(logs), "PATH": f"{Path(CMRP).parent}{os.pathsep}{os.environ['PATH']}"}
         code, _, err = launch([(["bash", "-c", fake_srun, str(SBATCH), RUN[0], *RUN[1:], "trainer.strategy=ddp",
-                                 f"output_dir={out}"], {**env(), **slurm})])[0]
+                                 f"output_dir={out}"], {**env(), **slurm})], logs)[0]
         tasks = [(logs / f"task{i}.out").read_text() for i in (0, 1)]
         return [(code, tasks[0], tasks[0] + err), (code, tasks[1], tasks[1])]
 
