@@ -50,3 +50,41 @@ def test_chat_loading_names_the_damaged_folder(saved, tmp_path):
     (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:100])  # cut short
     with pytest.raises(WeightsError, match="a weights file there is damaged"):
         _load_backbone_folder(folder)
+
+
+def test_same_size_damage_is_caught_by_the_folder_manifest(saved, tmp_path):
+    """Bytes flipped in the middle of the weights keep the file's size and a valid header: only the sha256
+    recorded when the checkpoint was finished tells."""
+    import shutil
+
+    from cmrp.checkpoint import FOLDER_MANIFEST, folder_damage, write_folder_manifest
+    from cmrp.evaluation.runner import load_checkpoint
+    from tests.faults._helpers import flip_bytes
+
+    ckpt = shutil.copytree(saved, tmp_path / "checkpoint")
+    write_folder_manifest(ckpt, ("backbone", "adapter", "recipe.yaml"))
+    assert folder_damage(ckpt) is None and load_checkpoint(ckpt).model is not None
+    weights = ckpt / "backbone" / "model.safetensors"
+    size = weights.stat().st_size
+    flip_bytes(weights)
+    assert weights.stat().st_size == size
+    with pytest.raises(WeightsError, match=rf"{weights}: its content does not match the sha256 in {FOLDER_MANIFEST}"):
+        load_checkpoint(ckpt)
+    (ckpt / FOLDER_MANIFEST).unlink()  # a checkpoint written before the manifest existed still loads
+    assert folder_damage(ckpt) is None
+
+
+@pytest.mark.slow  # a real fit and eval: ~1 CPU-minute
+def test_fit_records_its_checkpoint_and_eval_refuses_a_changed_one(tmp_path):
+    import json
+
+    from tests.faults._helpers import TINY, assert_one_line_error, flip_bytes, run_cli
+
+    out = tmp_path / "run"
+    fit = run_cli("fit", *TINY, f"output_dir={out}", "trainer.max_steps=2")
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    files = json.loads((out / "checkpoint" / "files.json").read_text())["files"]
+    assert "recipe.yaml" in files and "backbone/model.safetensors" in files
+    flip_bytes(out / "checkpoint" / "backbone" / "model.safetensors")
+    ev = run_cli("eval", str(out), "--max-items", "2")
+    assert_one_line_error(ev.returncode, ev.stderr, "eval", "does not match the sha256", "re-run `cmrp fit`")

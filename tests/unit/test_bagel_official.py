@@ -453,3 +453,35 @@ def test_adapter_packs_understood_images_at_their_own_aspect_ratio(tmp_path):
     together = adapter.score_text([vqa(paths["wide"]), vqa(paths["square"])])
     alone = torch.cat([adapter.score_text([vqa(paths["wide"])]), adapter.score_text([vqa(paths["square"])])])
     torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_the_7b_card_generates_1024_px_and_understands_up_to_980():
+    """The official model understands images of at most 980 px (SigLIP, 14-px patches) and generates 1024 px
+    (64 latent patches of 2 x 8 px): one size for both would make every generated image fail the VAE."""
+    from cmrp.perf.model import meta_adapter
+
+    card = OmegaConf.to_container(OmegaConf.load(ROOT / "backbones" / "bagel-7b-mot.yaml"))
+    adapter = meta_adapter(card)
+    assert adapter.image_size == 1024 and adapter.arch.vit.image_size == 980
+    assert adapter._latent_chw == (16, 128, 128) and adapter.gen_tokens == 64 * 64
+    card["architecture"].pop("gen_image_size")
+    with pytest.raises(ConfigError, match=r"architecture\.vit\.image_size \(gen_image_size unset\).*980 px must be "
+                                          r"a multiple of 16"):
+        meta_adapter(card)
+
+
+def test_a_bad_generation_size_names_its_key():
+    for side, why in ((60, "a multiple of 8"), (72, "at most 64")):
+        with pytest.raises(ConfigError, match=rf"architecture\.gen_image_size: .*{side} px .*{why}"):
+            BagelAdapter.build(small_card(vae=TINY_FLUX, max_latent_size=8, gen_image_size=side), corpus=CORPUS)
+
+
+def test_an_official_folder_without_cmrp_settings_generates_at_the_largest_latent_grid(official_dir, tmp_path):
+    """A released folder carries no generation size: the official inferencer's default is the largest image
+    the latent position table holds (1024 px for BAGEL-7B)."""
+    _, path = official_dir
+    copy = _copy_folder(path, tmp_path / "release")
+    (copy / "cmrp_bagel.json").unlink()
+    arch = read_official_arch(copy)
+    assert arch.gen_image_size == arch.max_latent_size * arch.latent_patch_size * 2 ** (len(TINY_FLUX["ch_mult"]) - 1)
+    assert arch.gen_image_size == 8 * 2 * 4

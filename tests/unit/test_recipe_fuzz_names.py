@@ -80,3 +80,14 @@ def test_resume_keys_default():
     cfg = load_recipe(str(ROOT / "recipes" / "quickstart.yaml"))
     assert (cfg.resume, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep, cfg.nonfinite_stop_after) == (
         "never", 50, 2, 10)
+
+
+@pytest.mark.parametrize("value", ["${name}", 3, [1, 2], "quickstart"])
+def test_a_section_given_a_scalar_names_the_section(tmp_path, value):
+    """omegaconf reports `grpo: ${name}` with no key (the interpolation resolves to a string first); the
+    error must still name the section."""
+    doc = dict(VALID, grpo=value)
+    file = tmp_path / "fuzzed_recipe.yaml"
+    file.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match=r"fuzzed_recipe\.yaml:\d+: key 'grpo' must be a mapping"):
+        load_recipe(str(file))

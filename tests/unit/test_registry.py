@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +12,8 @@ import pytest
 
 from cmrp.errors import ConfigError
 from cmrp.registry import BACKBONES, DECODING, REWARDS, Registry
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_register_and_get():
@@ -121,3 +125,46 @@ def test_builtin_modules_are_imported_on_first_use(tmp_path: Path, monkeypatch):
 def test_shipped_registries_use_the_documented_entry_point_groups():
     assert (BACKBONES.entry_point_group, REWARDS.entry_point_group) == ("cmrp.backbones", "cmrp.rewards")
     assert DECODING.entry_point_group == "cmrp.decoding"
+
+
+PLUGIN = '''
+from cmrp.sampling.decoding import DecodingStrategy
+
+# the image sees the reply, as chain does, under another name: what a third-party package would register
+REPLY_FIRST = DecodingStrategy("reply_first", True, "a plugin's strategy: the image after the reply")
+'''
+
+
+def test_a_plugin_decoding_strategy_validates_and_builds_training_data(tmp_path):
+    """A strategy installed by another distribution (entry point group `cmrp.decoding`) is accepted wherever
+    the built-ins are: recipe validation, training-data construction and `cmrp chat --decoding`."""
+    (tmp_path / "cmrp_reply_first.py").write_text(PLUGIN)
+    info = tmp_path / "cmrp_reply_first-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: cmrp-reply-first\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[cmrp.decoding]\nreply_first = cmrp_reply_first:REPLY_FIRST\n")
+    code = (
+        "import contextlib, io\n"
+        "from cmrp.cli import main\n"
+        "from cmrp.config import load_recipe\n"
+        "from cmrp.data.sources import load_recipe_character\n"
+        "from cmrp.data.tasks import build_examples\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    assert main(['validate', 'sandbox/sft', 'decoding=reply_first']) == 0\n"
+        "assert 'OK:' in out.getvalue(), out.getvalue()\n"
+        "cfg = load_recipe('sandbox/sft', ['decoding=reply_first'])\n"
+        f"character = load_recipe_character(cfg.data, __import__('pathlib').Path({str(tmp_path)!r}))\n"
+        "plugin = build_examples(character, {'t2i': 1.0}, decoding='reply_first')['t2i']\n"
+        "chain = build_examples(character, {'t2i': 1.0}, decoding='chain')['t2i']\n"
+        "joint = build_examples(character, {'t2i': 1.0}, decoding='joint')['t2i']\n"
+        "assert [e.segments for e in plugin] == [e.segments for e in chain] != [e.segments for e in joint]\n"
+        "from cmrp.chat.commands import add_session_arguments\n"
+        "import argparse\n"
+        "p = argparse.ArgumentParser(); add_session_arguments(p)\n"
+        "assert p.parse_args(['--decoding', 'reply_first']).decoding == 'reply_first'\n"
+        "print('plugin ok')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT / 'src'}"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert run.returncode == 0 and "plugin ok" in run.stdout, run.stderr[-3000:]

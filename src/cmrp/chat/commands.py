@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cmrp.registry import DECODING
+
 __all__ = ["register"]
 
 HELP_TEXT = ("commands: /image MESSAGE (reply with an image), /reset (forget the conversation), "
@@ -18,9 +20,9 @@ HELP_TEXT = ("commands: /image MESSAGE (reply with an image), /reset (forget the
 
 def add_session_arguments(p: argparse.ArgumentParser) -> None:
     """The options of a chat session, shared by `cmrp chat` and `cmrp demo`."""
-    p.add_argument("--decoding", choices=("chain", "joint", "think"), default=None,
+    p.add_argument("--decoding", choices=DECODING, metavar="NAME", default=None,  # the registry: plugins too
                    help="chain: image conditioned on the reply; joint: on the history only; think: reply, then the "
-                        "character's thinking, then the image (default: the character's)")
+                        "character's thinking, then the image; or a plugin's strategy (default: the character's)")
     p.add_argument("--steps", type=int, default=20, help="image sampling steps (default 20)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=48, help="length limit of a reply (default 48)")

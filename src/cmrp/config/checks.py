@@ -16,10 +16,10 @@ from omegaconf import DictConfig, ListConfig
 
 from cmrp.config.layers import Provenance
 from cmrp.config.yamlio import KeyPath
+from cmrp.registry import DECODING
 
 __all__ = [
     "DATA_FORMATS",
-    "DECODING_NAMES",
     "FINETUNE_MODES",
     "IMAGE_HEADS",
     "OPTIMIZERS",
@@ -32,7 +32,6 @@ __all__ = [
 ]
 
 FINETUNE_MODES = ("lora", "qlora", "full")
-DECODING_NAMES = ("chain", "joint", "think")
 STAGES = ("sft", "grpo")
 DATA_FORMATS = ("auto", "native", "rolescape20", "mmrole")
 OPTIMIZERS = ("adamw", "sgd")
@@ -96,7 +95,7 @@ def check_recipe(cfg: DictConfig, prov: Provenance) -> None:
     """Everything about a recipe except whether its backbone card and reward preset exist."""
     _count(prov, ("seed",), cfg.seed, 0, MAX_SEED)
     _check_finetune(prov, cfg.finetune)
-    _one_of(prov, ("decoding",), cfg.decoding, DECODING_NAMES)
+    _one_of(prov, ("decoding",), cfg.decoding, tuple(DECODING.names()))  # built-ins and plugins
 
     stages = list(cfg.stages)
     if not stages:

@@ -218,7 +218,11 @@ def _converted(err: OmegaConfBaseException, cls: type, raw: dict[str, Any], prov
     path = _parse_key(str(getattr(err, "full_key", None) or ""))
     detail = str(err).splitlines()[0] if str(err) else type(err).__name__
     found, value = _value_at(raw, path)
-    if not path:
+    if not path:  # omegaconf names no key when a section's value resolved to a scalar (`grpo: ${name}`)
+        for key, value in raw.items():
+            tp = type_at(cls, (key,))
+            if dataclasses.is_dataclass(tp) and not isinstance(value, dict):
+                return prov.error((key,), f"must be {describe(tp)}, got {value!r}")
         return ConfigError(f"{prov.fallback.label}: {detail}")
     if isinstance(err, InterpolationResolutionError | GrammarParseError):
         shown = f" {value!r}" if found else ""

@@ -27,7 +27,7 @@ from cmrp.backbones.loading import find_checkpoint, reading_weights
 from cmrp.data.character import Character, ImageRef
 from cmrp.data.images import load_images
 from cmrp.data.tasks import Example, Segment, image_prompts, system_prompt
-from cmrp.errors import ConfigError
+from cmrp.errors import ConfigError, WeightsError
 from cmrp.evaluation import metrics as M
 from cmrp.evaluation.features import FeatureSet
 from cmrp.evaluation.oracle import image_oracle_numbers, prompt_attributes
@@ -94,8 +94,13 @@ def load_checkpoint(ckpt: Path, cfg: Any | None = None) -> Any:
     checkpoint/backbone: its base is then built from the recipe's card (`cfg`), as `cmrp fit` did."""
     import json
 
+    from cmrp.checkpoint import folder_damage
     from cmrp.registry import BACKBONES
 
+    damage = folder_damage(ckpt)
+    if damage:
+        raise WeightsError(f"{damage}: the checkpoint changed after `cmrp fit` wrote it (damaged or edited); restore "
+                           f"it from a copy or re-run `cmrp fit`")
     if not (ckpt / "backbone").is_dir() and (ckpt / "adapter").is_dir() and cfg is not None:
         # a LoRA run on a card's pretrained weights: the base is the card's, as `cmrp fit` loaded it
         from cmrp.config import resolve_recipe_parts

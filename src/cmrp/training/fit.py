@@ -142,7 +142,7 @@ def _save_checkpoint(adapter, cfg, ckpt: Path, redacted: dict) -> Path:
     """Full mode: the whole backbone. LoRA modes: the PEFT adapter (the base was saved before)."""
     from omegaconf import OmegaConf
 
-    from cmrp.checkpoint import atomic_write
+    from cmrp.checkpoint import atomic_write, write_folder_manifest
     from cmrp.training.peft import save_adapter
 
     ckpt.mkdir(parents=True, exist_ok=True)
@@ -152,6 +152,7 @@ def _save_checkpoint(adapter, cfg, ckpt: Path, redacted: dict) -> Path:
         save_adapter(adapter.model, ckpt / "adapter")
     text = OmegaConf.to_yaml(OmegaConf.create(redacted))  # never a secret in a saved recipe
     atomic_write(ckpt / "recipe.yaml", lambda p: p.write_text(text))
+    write_folder_manifest(ckpt, ("backbone", "adapter", "recipe.yaml"))  # checked by every reader (load_checkpoint)
     return ckpt
 
 

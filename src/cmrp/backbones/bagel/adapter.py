@@ -83,7 +83,8 @@ class BagelAdapter:
         self.tokenizer = tokenizer
         self.card = card
         self.arch = model.arch
-        self.image_size = model.arch.vit.image_size
+        self.image_size = model.arch.gen_image_size or model.arch.vit.image_size  # generated images' side
+        model.check_gen_image_size(self.image_size)
         self.max_text_tokens = max_text_tokens
         self._load_image = ImageLoader(self.image_size)
         c, h, w = model.latent_shape((self.image_size, self.image_size))
@@ -91,10 +92,11 @@ class BagelAdapter:
         self._latent_chw = (c, h, w)
         self.gen_tokens = (h // p) * (w // p)
         self.vit_tokens = model.arch.vit.num_patches_per_side**2
-        self._load_vit_image = self._load_image
+        vit_side = model.arch.vit.image_size
+        self._load_vit_image = self._load_image if vit_side == self.image_size else ImageLoader(vit_side)
         if model.arch.vit_resize:  # variable-size understanding: token count follows each image's size
             lo, hi = (int(v) for v in model.arch.vit_resize)
-            self._load_vit_image = ImageLoader(self.image_size, variable=(lo, hi, model.arch.vit.patch_size))
+            self._load_vit_image = ImageLoader(vit_side, variable=(lo, hi, model.arch.vit.patch_size))
             self.vit_tokens = lambda image: model.vit_token_count(tuple(image.shape[-2:]))
 
     # -- construction ----------------------------------------------------------------------------

@@ -42,6 +42,10 @@ class BagelArch:
     # vit.image_size
     vit_resize: list[int] | None = None
     timestep_shift: float = 1.0
+    # side of generated images (and of input images entering as VAE latents); null: vit.image_size. BAGEL-7B
+    # generates 1024 px (max_latent_size 64 x latent_patch_size 2 x the FLUX VAE's 8) while it understands
+    # images of at most 980 px, which is not a multiple of the VAE's 16-px latent patch
+    gen_image_size: int | None = None
     # latents of images through a FLUX autoencoder: `sample` the posterior (the official trainer and
     # inferencer) or take its `mean` (deterministic; a departure kept as an option)
     vae_posterior: str = "sample"
@@ -246,6 +250,16 @@ class Bagel(nn.Module):
         """Latents [N, z, h, w] of images [N, 3, H, W] in [0, 1]: a sample of the autoencoder's posterior
         or its mean, as `arch.vae_posterior` says (`generator`: the sample's noise; None: the global RNG)."""
         return self.vae.encode(pixels, sample=self.arch.vae_posterior == "sample", generator=generator)
+
+    def check_gen_image_size(self, side: int) -> None:
+        """A generated image's side must split into whole latent patches that fit the position table."""
+        unit = self.vae.downsample * self.arch.latent_patch_size
+        if side % unit or side // unit > self.arch.max_latent_size:
+            key = "gen_image_size" if self.arch.gen_image_size else "vit.image_size (gen_image_size unset)"
+            raise ConfigError(
+                f"backbone card key architecture.{key}: generated images of {side} px must be a multiple of "
+                f"{unit} px (VAE downsampling x latent_patch_size) and at most {unit * self.arch.max_latent_size} "
+                f"px (max_latent_size {self.arch.max_latent_size}); set architecture.gen_image_size to one")
 
     def latent_shape(self, image_hw: tuple[int, int]) -> tuple[int, int, int]:
         """(channels, h, w) of the latent of an image of size image_hw."""

@@ -195,7 +195,7 @@ def read_official_arch(path: str | Path, settings: dict | None = None) -> BagelA
         arch.max_latent_size = _side(header["latent_pos_embed.pos_embed"][0], "latent_pos_embed.pos_embed", ema)
     if "vit_pos_embed.pos_embed" in header:
         arch.vit_max_num_patch_per_side = _side(header["vit_pos_embed.pos_embed"][0], "vit_pos_embed.pos_embed", ema)
-    for key in ("timestep_shift", "gradient_checkpointing", "vit_resize", "vae_posterior"):
+    for key in ("timestep_shift", "gradient_checkpointing", "vit_resize", "vae_posterior", "gen_image_size"):
         if key in settings:
             setattr(arch, key, settings[key])
         elif key in extra:
@@ -205,7 +205,8 @@ def read_official_arch(path: str | Path, settings: dict | None = None) -> BagelA
         if vae_spec.get("kind", "flux") == "pixel":
             arch.vae = {"kind": "pixel", "downsample": int(vae_spec.get("downsample", 2))}
         else:
-            arch.vae = _ae_config(path, _header(path / AE_FILE), vae_spec).to_spec()
+            ae = _ae_config(path, _header(path / AE_FILE), vae_spec)
+            arch.vae = ae.to_spec()
         if arch.vae["kind"] == "flux":
             z = int(arch.vae["z_channels"])
         else:
@@ -218,6 +219,9 @@ def read_official_arch(path: str | Path, settings: dict | None = None) -> BagelA
                 f"channels; {AE_FILE} and {EMA_FILE} do not belong together"
             )
         arch.latent_patch_size = p
+        if arch.gen_image_size is None:  # the official inferencer's default: the largest the position table holds
+            down = ae.downsample if arch.vae["kind"] == "flux" else int(arch.vae["downsample"])
+            arch.gen_image_size = arch.max_latent_size * p * down
     return arch
 
 
@@ -361,7 +365,7 @@ def save_official(model: Bagel, tokenizer: Any, path: str | Path) -> Path:
     extra = {
         "timestep_shift": arch.timestep_shift, "max_latent_size": arch.max_latent_size,
         "vit_max_num_patch_per_side": arch.vit_max_num_patch_per_side, "vae": dict(arch.vae),
-        "vit_resize": arch.vit_resize, "vae_posterior": arch.vae_posterior,
+        "vit_resize": arch.vit_resize, "vae_posterior": arch.vae_posterior, "gen_image_size": arch.gen_image_size or arch.vit.image_size,  # the side it generates, explicitly
     }
     write_json(path / EXTRA_FILE, extra, ensure_ascii=True)
     write_tokenizer_files(tokenizer, path)
