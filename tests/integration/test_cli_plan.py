@@ -82,7 +82,7 @@ def test_plan_scales_with_gpus_and_answers_for_a_given_card(capsys):
 @pytest.mark.parametrize("argv,message", [
     (["bagel/sft", "--gpu-memory", "eighty"], "--gpu-memory 'eighty': give a size such as 80GB"),
     (["janus/sft"], "`cmrp plan` estimates BAGEL backbones (adapter 'bagel')"),
-    (["bagel/sft", "trainer.strategy=deepspeed_stage_3"], "trainer.strategy: 'deepspeed_stage_3' cannot be estimated"),
+    (["bagel/sft", "trainer.strategy=ddp_notebook"], "trainer.strategy: 'ddp_notebook' cannot be estimated"),
     (["bagel/sft", "--gpus", "0"], "--gpus and --nodes must be at least 1"),
     (["bagel/sft", "trainer.precison=bf16-true"], "trainer.precison"),
 ])

@@ -77,3 +77,10 @@ def test_qlora_cannot_be_sharded(capsys):
     assert rc != 0
     err = capsys.readouterr().err
     assert "trainer.strategy" in err and "QLoRA" in err
+
+
+def test_deepspeed_is_refused_with_the_strategies_that_run(capsys):
+    rc = cli.main(["validate", str(ROOT / "recipes/bagel-tiny/sft_grpo.yaml"), "trainer.strategy=deepspeed_stage_2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "trainer.strategy" in err and "deepspeed_stage_2" in err
+    assert "use trainer.strategy: fsdp" in err and "ddp" in err and len(err.strip().splitlines()) == 1

@@ -35,20 +35,21 @@ def _positions(out: Path) -> list[tuple[int, str]]:
 
 
 def kill_after(args: list[str], out: Path, ready, timeout: float = 600) -> None:
-    """Start `cmrp fit`, SIGKILL it as soon as `ready(names)` is true for the checkpoints on disk."""
+    """Start `cmrp fit`, SIGKILL it as soon as `ready(names)` is true for the checkpoints on disk (with the
+    processes it started: a multi-process run's other ranks)."""
     proc = subprocess.Popen([CMRP, "fit", *args, f"output_dir={out}"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + timeout
     try:
         while not ready([name for _, name in _positions(out)]):
             assert proc.poll() is None, "the run ended before the kill point"
             assert time.monotonic() < deadline
             time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
         assert proc.wait(30) == -signal.SIGKILL
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert not (out / "metrics.json").exists()  # it really died before the end
 

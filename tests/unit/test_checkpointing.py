@@ -16,12 +16,12 @@ from cmrp.training.checkpointing import (
     capture_rng,
     check_fingerprint,
     find_resume_point,
-    grads_finite,
     load_weights,
     recipe_fingerprint,
     restore_rng,
     write_checkpoint,
 )
+from cmrp.training.sharding import grads_finite
 
 
 def _manifest(stage_index=0, stage="sft", batches=5, done=False):

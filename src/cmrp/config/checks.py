@@ -244,7 +244,11 @@ def _check_trainer(prov: Provenance, cfg: DictConfig) -> None:
             raise prov.error(("trainer", "devices"), f"must be a number of devices (1 or more, -1: all), got {devices}")
     elif not (isinstance(devices, str) and (devices == "auto" or re.fullmatch(r"-1|\d+(,\d+)*,?", devices))):
         raise prov.error(("trainer", "devices"), f"must be auto, a number of devices or a list of indices, got {devices!r}")
-    if cfg.finetune.mode == "qlora" and str(t.strategy).startswith(("fsdp", "deepspeed")):
+    if str(t.strategy).startswith("deepspeed"):
+        raise prov.error(("trainer", "strategy"), f"is {t.strategy!r}: cmrp does not run DeepSpeed (Lightning runs it "
+                         "on CUDA GPUs only, so no test of ours can); use trainer.strategy: fsdp (sharded weights, "
+                         "gradients and optimiser state, as ZeRO-3) or ddp (replicated)")
+    if cfg.finetune.mode == "qlora" and str(t.strategy).startswith("fsdp"):
         raise prov.error(("trainer", "strategy"), f"is {t.strategy!r}, which cannot shard QLoRA's 4-bit "
                          "base layers; use trainer.strategy: auto (one GPU) or ddp")
 

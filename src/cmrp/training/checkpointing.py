@@ -42,7 +42,6 @@ __all__ = [
     "capture_rng",
     "check_fingerprint",
     "find_resume_point",
-    "grads_finite",
     "load_weights",
     "recipe_fingerprint",
     "restore_rng",
@@ -89,15 +88,36 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the running process group; (0, 1) without one."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def capture_rng_all() -> dict[str, Any]:
+    """Every rank's RNG states (a collective in a distributed run): `rng` is rank 0's, `rng_ranks` every rank's
+    — ranks draw different amounts (their batches differ), so each must get its own back."""
+    own = capture_rng()
+    rank, world = _world()
+    if world == 1:
+        return {"rng": own}
+    states: list[Any] = [None] * world
+    torch.distributed.all_gather_object(states, own)
+    return {"rng": states[0], "rng_ranks": states}
+
+
+def rank_rng(state: dict[str, Any]) -> dict[str, Any]:
+    """This rank's RNG states out of a checkpoint's state (rank 0's when it holds only those)."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    ranks = state.get("rng_ranks")
+    rank = _world()[0] if _world()[1] > 1 else getattr(rank_zero_only, "rank", 0)
+    return ranks[rank] if ranks and rank < len(ranks) else state["rng"]
+
+
 # -- non-finite steps --------------------------------------------------------------------------------
-def grads_finite(params) -> bool:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return True
-    total = torch.stack([g.detach().float().abs().sum() for g in grads]).sum()
-    return bool(torch.isfinite(total))
-
-
 class NonFiniteGuard:
     """Counts skipped updates; raises `NonFiniteError` after `limit` in a row (0: never), and at the end of a
     stage in which every update was skipped (`finish`): such a run changed no weight and must not look done.
@@ -406,24 +426,29 @@ def make_resume_callback(*, stage: str, stage_index: int, every: int, batches_pe
             self.rng_pending = None
 
         def on_train_start(self, trainer, pl_module):
+            from cmrp.training.sharding import load_optimizer_state
+
             if resume_state is None:
                 return
             for opt, saved in zip(trainer.optimizers, resume_state["optimizers"], strict=True):
-                opt.load_state_dict(saved)
+                load_optimizer_state(opt, saved)  # each rank keeps its slices when the model is sharded
             for config, saved in zip(trainer.lr_scheduler_configs, resume_state["schedulers"], strict=True):
                 config.scheduler.load_state_dict(saved)
             _set_progress(trainer, pl_module, resume_state["progress"])
             if load_module_state is not None:
                 load_module_state(resume_state.get("module", {}))
-            self.rng_pending = resume_state["rng"]
+            self.rng_pending = rank_rng(resume_state)
 
         def _save(self, trainer, done: bool):
+            """On every rank: slices are gathered into whole tensors (collectives), rank 0 writes."""
+            from cmrp.training.sharding import optimizer_state, whole
+
             state = {
-                "optimizers": [opt.state_dict() for opt in trainer.optimizers],
+                "optimizers": [optimizer_state(opt) for opt in trainer.optimizers],
                 "schedulers": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
                 "progress": _progress(trainer),
-                "module": module_state() if module_state is not None else {},
-                "rng": capture_rng(),
+                "module": whole(module_state()) if module_state is not None else {},
+                **capture_rng_all(),
             }
             write(state, {"stage": stage, "stage_index": stage_index, "batches": self.batches, "done": done,
                           "step": self.batches // batches_per_step})
@@ -458,18 +483,22 @@ class Checkpointer:
         self.results: dict[str, Any] = {}  # stage -> what it returned (finished stages)
 
     def write(self, state: dict[str, Any], part: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+        """Called on every rank: a sharded model's weights are gathered (collectives), then rank 0 writes."""
+        from cmrp.training.sharding import whole
+
+        params = dict(self.model.named_parameters())
+        weights = whole({n: params[n] for n in self.names})
         if not self.main:  # rank 0 writes; the other ranks hold the same weights
             return
-        params = dict(self.model.named_parameters())
         manifest = {**self.base, **part, "results": self.results, "stage_extra": extra or {}}
-        write_checkpoint(self.root, {n: params[n] for n in self.names}, state, manifest, self.keep)
+        write_checkpoint(self.root, weights, state, manifest, self.keep)
 
     def write_done(self, stage: str, stage_index: int, result: dict[str, Any]) -> None:
         """The end of a stage: final weights (after e.g. GRPO's EMA swap), RNG, and its result."""
         self.results[stage] = result
         if self.every:
-            self.write({"rng": capture_rng()}, {"stage": stage, "stage_index": stage_index, "batches": 2**31 - 1,
-                                                 "step": -1, "done": True})
+            self.write(capture_rng_all(), {"stage": stage, "stage_index": stage_index, "batches": 2**31 - 1,
+                                           "step": -1, "done": True})
 
     def stage(self, stage: str, stage_index: int, point: ResumePoint | None) -> StageCheckpoints:
         here = point if point is not None and point.stage_index == stage_index and not point.done else None

@@ -54,19 +54,17 @@ def is_main_process() -> bool:
 
 def trainer_strategy(name: str, adapter: Any = None):
     """`ddp` with unused-parameter detection: a task mix leaves an expert (ViT, generation) idle in some
-    batches, which plain DDP rejects. `fsdp`: Lightning's FSDPStrategy sharding one unit per module class
-    the adapter names (`fsdp_wrap_modules()`, e.g. BAGEL's decoder layer), mixed-size parameters kept
-    apart (`use_orig_params`, so LoRA and frozen weights can share a unit). Other names (`deepspeed`,
-    `deepspeed_stage_2`, ...) go to Lightning as they are."""
+    batches, which plain DDP rejects. `fsdp`: FSDP2 (`cmrp.training.sharding`), one unit per module class
+    the adapter names (`fsdp_wrap_modules()`, e.g. BAGEL's decoder layer) plus the root. Other names go to
+    Lightning as they are (`cmrp validate` has checked them: no `deepspeed*`)."""
     if name == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
         return DDPStrategy(find_unused_parameters=True)
     if name == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
+        from cmrp.training.sharding import ShardedStrategy
 
-        wrap = set(adapter.fsdp_wrap_modules()) if hasattr(adapter, "fsdp_wrap_modules") else None
-        return FSDPStrategy(auto_wrap_policy=wrap, use_orig_params=True)
+        return ShardedStrategy(wrap_modules=adapter.fsdp_wrap_modules() if hasattr(adapter, "fsdp_wrap_modules") else ())
     return name
 
 
@@ -375,6 +373,16 @@ def run_fit(cfg: Any) -> FitResult:
                      resumed_from=point.path if point is not None else None, experiment_id=logger.experiment_id)
 
 
+def _distributed_summary(cfg: Any, digests: list[str], main: bool) -> dict[str, Any]:
+    """World size, strategy and each rank's weights digest (metrics.json); a warning when ranks disagree."""
+    same = len(set(digests)) == 1
+    if not same and main:
+        print(f"cmrp fit: warning: the ranks ended with different weights (sha256 per rank: {digests}); "
+              "the checkpoint holds rank 0's", flush=True)
+    return {"world_size": len(digests), "num_nodes": int(cfg.trainer.num_nodes), "strategy": str(cfg.trainer.strategy),
+            "weights_sha256": digests, "ranks_agree": same}
+
+
 class _Run:
     """The stages of one `cmrp fit` after setup: what run_fit does inside its tracked run."""
 
@@ -387,7 +395,8 @@ class _Run:
         from omegaconf import OmegaConf
 
         from cmrp.config import flatten
-        from cmrp.training.checkpointing import Checkpointer, restore_rng
+        from cmrp.training.checkpointing import Checkpointer, rank_rng, restore_rng
+        from cmrp.training.sharding import gathered, rank_digests, whole_parameters
 
         cfg, out, adapter, character, logger, point = (self.cfg, self.out, self.adapter, self.character,
                                                         self.logger, self.point)
@@ -415,7 +424,7 @@ class _Run:
         if point is not None:
             checkpointer.results = dict(point.manifest["results"])
             if point.done:  # the next stage starts where the finished one left every random generator
-                restore_rng(point.state()["rng"])
+                restore_rng(rank_rng(point.state()))
 
         stages: dict[str, dict[str, Any]] = {}
         for index, stage in enumerate(cfg.stages):
@@ -441,10 +450,13 @@ class _Run:
             checkpointer.write_done(stage, index, stages[stage])
 
         t = time.perf_counter()
-        after = _evaluate(adapter, character, cfg)
-        grid = _sample_grid(adapter, character, cfg.eval, cfg.seed, out / "samples.png") if main else None
+        with gathered(adapter.model):  # a sharded model's weights whole on every rank (fsdp)
+            after = _evaluate(adapter, character, cfg)
+            grid = _sample_grid(adapter, character, cfg.eval, cfg.seed, out / "samples.png") if main else None
         timings["eval_after_s"] = time.perf_counter() - t
-        ckpt = _save_checkpoint(adapter, cfg, ckpt_dir, self.redacted) if main else ckpt_dir
+        digests = rank_digests(adapter.model, trained_names)  # what every rank ended with
+        with whole_parameters(adapter.model):  # rank 0 saves the layout a single process saves
+            ckpt = _save_checkpoint(adapter, cfg, ckpt_dir, self.redacted) if main else ckpt_dir
         timings["total_s"] = time.perf_counter() - self.t0
 
         metrics = {
@@ -459,6 +471,8 @@ class _Run:
             "mlflow": {"run_id": logger.run_id, "experiment_id": logger.experiment_id,
                        "tracking_uri": logger.display_uri, "fingerprint": self.fingerprint},
         }
+        if len(digests) > 1:
+            metrics["distributed"] = _distributed_summary(cfg, digests, main)
         if not main:
             return metrics, None, ckpt
         logger.step_offset = 0

@@ -28,6 +28,7 @@ import torch
 from cmrp.data.tasks import ImagePrompt
 from cmrp.sampling.flow import sde_window
 from cmrp.sampling.guidance import Guidance
+from cmrp.training import sharding
 from cmrp.training.advantages import group_advantages, nan_mean, nan_std, ppo_clipped_loss
 from cmrp.training.peft import freeze_to_groups, is_peft
 from cmrp.training.sft import build_optimizer
@@ -58,13 +59,8 @@ class CharacterGRPOModule(L.LightningModule):
         self.reference_images = reference_images
         self.seed = seed
         self.trained_names = freeze_to_groups(adapter, list(cfg.train_groups))
-        self._reference: dict[str, torch.Tensor] | None = None
-        if cfg.kl_beta > 0 and not is_peft(self.model):
-            # full fine-tuning: keep only the trained weights' starting values, not a second model
-            self._reference = {n: p.detach().clone() for n, p in self._trained_params()}
+        self._reference: dict[str, torch.Tensor] | None = None  # taken in configure_model (slices if sharded)
         self._ema: dict[str, torch.Tensor] | None = None
-        if cfg.ema_decay > 0:
-            self._ema = {n: p.detach().clone() for n, p in self._trained_params()}
         self._pool: ThreadPoolExecutor | None = None
         self.keep_history = False  # set True to keep each iteration's groups, rewards and advantages
         self.history: list[dict] = []
@@ -75,6 +71,16 @@ class CharacterGRPOModule(L.LightningModule):
     # -- parameters ------------------------------------------------------------------------------
     def _trained_params(self):
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def configure_model(self) -> None:
+        """Shard the model under trainer.strategy: fsdp, then copy the weights EMA and the full-mode reference
+        start from (after sharding, so each rank keeps only its slices)."""
+        sharding.shard(self)
+        if self.cfg.kl_beta > 0 and not is_peft(self.model) and self._reference is None:
+            # full fine-tuning: keep only the trained weights' starting values, not a second model
+            self._reference = {n: p.detach().clone() for n, p in self._trained_params()}
+        if self.cfg.ema_decay > 0 and self._ema is None:
+            self._ema = {n: p.detach().clone() for n, p in self._trained_params()}
 
     @contextlib.contextmanager
     def _reference_policy(self):
@@ -91,6 +97,19 @@ class CharacterGRPOModule(L.LightningModule):
             return
         assert self._reference is not None
         params = dict(self.model.named_parameters())
+        if sharding.is_sharded(self.model):
+            # FSDP gathers from its own slice storage: the start values are copied into it (not swapped in)
+            with torch.no_grad():
+                kept = {n: params[n].detach().clone() for n in self._reference}
+                for n, ref in self._reference.items():
+                    params[n].copy_(ref)
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    for n, value in kept.items():
+                        params[n].copy_(value)
+            return
         current = {n: params[n].data for n in self._reference}
         for n, ref in self._reference.items():
             params[n].data = ref.to(current[n].device)
@@ -105,7 +124,8 @@ class CharacterGRPOModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_start(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=self.cfg.reward_workers, thread_name_prefix="cmrp-reward")
+        if not sharding.is_sharded(self.model):  # FSDP's state is not thread-safe: a reward asking the policy
+            self._pool = ThreadPoolExecutor(max_workers=self.cfg.reward_workers, thread_name_prefix="cmrp-reward")
 
     def on_train_end(self) -> None:
         if self._pool is not None:
@@ -172,10 +192,10 @@ class CharacterGRPOModule(L.LightningModule):
         cfg = self.cfg
         self._iteration = self.batch_offset + batch_idx + 1  # 1-based, counted over a resumed run too
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with sharding.gathered(self.model):  # whole weights for sampling and rewards that ask the policy
             rollouts, futures = self.sample_groups(batch, batch_idx + self.batch_offset)
-        t_sampled = time.perf_counter()
-        results = [f.result() for f in futures]
+            t_sampled = time.perf_counter()
+            results = [f.result() for f in futures]
         t_rewarded = time.perf_counter()
 
         rewards = torch.cat([out.scores.float().cpu() for out, _ in results])
@@ -222,13 +242,14 @@ class CharacterGRPOModule(L.LightningModule):
             for c, (rollout, idx, adv) in enumerate(chunks):
                 adv = adv.to(self.device)
                 for k in range(steps_in_window):
-                    current = self.adapter.rollout_logprob(rollout, k, idx, return_mean=True)
+                    if cfg.kl_beta > 0:  # before the policy's pass, which holds the (sharded) root gathered
+                        with torch.no_grad(), self._reference_policy():
+                            reference = self._logprob(rollout, k, idx)
+                    current = self._logprob(rollout, k, idx)
                     logp = current[0]
                     old = rollout.logprobs[idx, k].to(logp.device)
                     loss, stats = ppo_clipped_loss(logp, old, adv, cfg.clip_range)
                     if cfg.kl_beta > 0:
-                        with torch.no_grad(), self._reference_policy():
-                            reference = self.adapter.rollout_logprob(rollout, k, idx, return_mean=True)
                         kl = rollout.step_kl(current, reference)  # Gaussian (flow) or k3 (tokens)
                         loss = loss + cfg.kl_beta * kl.mean()
                         kls.append(float(kl.mean().detach()))
@@ -254,9 +275,12 @@ class CharacterGRPOModule(L.LightningModule):
             out["kl"] = sum(kls) / len(kls)
         return out
 
+    def _logprob(self, rollout, step: int, idx: torch.Tensor):
+        """(log-prob, mean) of stored transitions under the current weights, through the sharded model's entry."""
+        return sharding.call(self.model, lambda: self.adapter.rollout_logprob(rollout, step, idx, return_mean=True))
+
     def _step(self, optimizer) -> float:
-        params = [p for _, p in self._trained_params() if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])) if params else torch.tensor(0.0)
+        norm = sharding.grad_norm(p for _, p in self._trained_params())  # whole, on every rank alike
         # numbered by iteration: a skipped update does not advance global_step, so that would repeat
         if self.nonfinite_guard is not None and not self.nonfinite_guard.step(bool(torch.isfinite(norm)),
                                                                              self._iteration):
@@ -284,7 +308,7 @@ class CharacterGRPOModule(L.LightningModule):
         for name, own in (("ema", self._ema), ("reference", self._reference)):
             if own is not None:
                 for key, value in state[name].items():
-                    own[key].copy_(value)
+                    sharding.load_into(own[key], value)
         if self.nonfinite_guard is not None and state.get("nonfinite"):
             self.nonfinite_guard.load_state_dict(state["nonfinite"])
 

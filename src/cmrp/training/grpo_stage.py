@@ -66,11 +66,13 @@ def heldout_reward(adapter, reward, prompts: list[ImagePrompt], questions_for, r
     return result
 
 
-def _prompt_loader(prompts: list[ImagePrompt], cfg: Any, seed: int, world: int = 1, start: int = 0):
+def _prompt_loader(prompts: list[ImagePrompt], cfg: Any, seed: int, world: int = 1, start: int = 0, rank: int = 0):
     """`max_steps` batches of `prompts_per_step` prompts per rank, drawn (seeded) without repeats within an
-    epoch; Lightning's distributed sampler gives each rank its share. `start`: batches (per rank) already
+    epoch; each rank reads its share in order (`RankBatches`). `start`: batches (per rank) already
     trained on by the run being resumed — the order is a function of the seed alone, so they are skipped."""
     from torch.utils.data import DataLoader
+
+    from cmrp.data.datamodule import RankBatches
 
     rng = random.Random(seed)
     needed = cfg.max_steps * cfg.prompts_per_step * world
@@ -80,7 +82,9 @@ def _prompt_loader(prompts: list[ImagePrompt], cfg: Any, seed: int, world: int =
         rng.shuffle(epoch)
         order += epoch
     skip = start * cfg.prompts_per_step * world
-    return DataLoader(order[skip:needed], batch_size=cfg.prompts_per_step, shuffle=False, collate_fn=list)
+    todo = order[skip:needed]
+    return DataLoader(todo, batch_size=cfg.prompts_per_step, sampler=RankBatches(todo, cfg.prompts_per_step, rank, world),
+                      collate_fn=list)
 
 
 def run_grpo_stage(cfg: Any, adapter: Any, character: Character, preset: dict, logger, out: Path,
@@ -96,6 +100,7 @@ def run_grpo_stage(cfg: Any, adapter: Any, character: Character, preset: dict, l
     from cmrp.training.fit import is_main_process, trainer_strategy
     from cmrp.training.grpo import CharacterGRPOModule
     from cmrp.training.progress import progress_callbacks
+    from cmrp.training.sharding import gathered
 
     g = cfg.grpo
     prompts = image_prompts(character, split="train", decoding=cfg.decoding)
@@ -109,9 +114,10 @@ def run_grpo_stage(cfg: Any, adapter: Any, character: Character, preset: dict, l
     references = reference_tensor(character)
 
     def measure() -> dict[str, float]:
-        return heldout_reward(adapter, reward, heldout, heldout_questions, references,
-                              n=max(2, cfg.eval.images_per_prompt), steps=g.sample_steps, seed=cfg.seed + 1,
-                              **recipe_sampling_kwargs(g))  # the rollouts' guidance and timestep shift
+        with gathered(adapter.model):  # whole weights on every rank when an earlier stage sharded them
+            return heldout_reward(adapter, reward, heldout, heldout_questions, references,
+                                  n=max(2, cfg.eval.images_per_prompt), steps=g.sample_steps, seed=cfg.seed + 1,
+                                  **recipe_sampling_kwargs(g))  # the rollouts' guidance and timestep shift
 
     resuming = checkpoints is not None and checkpoints.resuming
     before = measure()  # also loads the reward nets (lazily, drawing from the global RNG) before training
@@ -138,7 +144,7 @@ def run_grpo_stage(cfg: Any, adapter: Any, character: Character, preset: dict, l
     )
     world = trainer.num_devices * trainer.num_nodes  # each rank takes its own prompts: groups stay on one rank
     t = time.perf_counter()
-    trainer.fit(module, train_dataloaders=_prompt_loader(prompts, g, cfg.seed, world, start))
+    trainer.fit(module, train_dataloaders=_prompt_loader(prompts, g, cfg.seed, world, start, trainer.global_rank))
     if module.nonfinite_guard is not None:
         module.nonfinite_guard.finish()  # every update skipped (NaN/inf): nothing was trained
     seconds = time.perf_counter() - t

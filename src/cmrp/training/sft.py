@@ -49,13 +49,20 @@ class UnifiedSFTModule(L.LightningModule):
         self.max_steps = max_steps
         self.nonfinite_guard = None  # a checkpointing.NonFiniteGuard: skip steps with NaN/inf gradients
 
+    def configure_model(self) -> None:
+        from cmrp.training.sharding import shard
+
+        shard(self)  # under trainer.strategy: fsdp
+
     def on_train_start(self) -> None:
         # the "before" evaluation left the model in eval mode; Lightning keeps a module's mode
         self.model.train()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        from cmrp.training.sharding import call
+
         cfg = self.sft_cfg
-        losses = self.adapter.losses(batch, timestep_shift=cfg.timestep_shift)
+        losses = call(self.model, lambda: self.adapter.losses(batch, timestep_shift=cfg.timestep_shift))
         loss = cfg.ce_weight * losses["ce"] + cfg.mse_weight * losses["mse"]
         n = len(batch.task_ids)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
@@ -69,7 +76,7 @@ class UnifiedSFTModule(L.LightningModule):
         which keeps the data position equal to the step for exact resumption."""
         if self.nonfinite_guard is None:
             return
-        from cmrp.training.checkpointing import grads_finite
+        from cmrp.training.sharding import grads_finite  # one verdict for all ranks under sharding
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.nonfinite_guard.step(grads_finite(params), self.global_step + 1):

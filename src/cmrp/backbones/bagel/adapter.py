@@ -183,12 +183,13 @@ class BagelAdapter:
         return {"generation": [_GEN_PARAMS], "understanding": [r"(?!" + _GEN_PARAMS + r"$).*"]}
 
     def fsdp_wrap_modules(self) -> set[type[torch.nn.Module]]:
-        """Module classes that become one FSDP unit each (`trainer.strategy: fsdp`): the MoT decoder layer
-        (both experts together, as one attention mixes them) and the SigLIP encoder layer."""
+        """Module classes that become one FSDP unit each (`trainer.strategy: fsdp`): the MoT decoder layer,
+        both experts together (one attention mixes them; every batch runs every layer on every rank). The
+        SigLIP layers stay in the root unit: they run only for batches with input images, which differ
+        between ranks, and a unit's weights are gathered by a collective every rank must join."""
         from cmrp.backbones.bagel.qwen2_mot import Qwen2MoTDecoderLayer
-        from cmrp.backbones.bagel.siglip import _EncoderLayer
 
-        return {Qwen2MoTDecoderLayer, _EncoderLayer}
+        return {Qwen2MoTDecoderLayer}
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute each decoder layer in the backward pass instead of keeping its activations
