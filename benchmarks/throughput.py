@@ -6,6 +6,8 @@ Emits JSON:
 - sft: tokens/s (text) and images/s (t2i) of training steps; peak memory;
 - grpo: one iteration's time split sample / reward / train at the default shape;
 - scaling: GRPO iteration time vs group size G, image resolution and prompt length;
+- flops: every timed step's FLOPs (`cmrp.perf.flops`), achieved FLOP/s and utilisation of the device's peak
+  measured in this run (a dense matmul at the benchmark's dtype; MFU on a GPU);
 - ratios (each against the naive variant measured in this same run):
   * g_scaling_exponent: slope of log(time) vs log(G) — below 1 means sub-linear (the prefix is encoded
     once per group, and G samples run as one batch);
@@ -46,8 +48,9 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def sft_throughput(adapter, repeats: int, batch: int = 8) -> dict[str, float]:
-    """Training steps on chat (text) and t2i (image) batches: forward, backward, optimiser step."""
+def sft_throughput(adapter, repeats: int, batch: int = 8, peak: dict | None = None) -> dict[str, float]:
+    """Training steps on chat (text) and t2i (image) batches: forward, backward, optimiser step; with their
+    FLOPs and utilisation of `peak` when given."""
     from PIL import Image
 
     from cmrp.data.tasks import Example, Segment
@@ -76,14 +79,25 @@ def sft_throughput(adapter, repeats: int, batch: int = 8) -> dict[str, float]:
     tokens = int((text_batch.labels != -100).sum())
     t_text = _median_time(lambda: step(text), repeats)
     t_img = _median_time(lambda: step(t2i), repeats)
+    out = {"text_tokens_per_s": tokens / t_text, "t2i_images_per_s": batch / t_img, "peak_memory_mb": _peak_mb()}
+    if peak is not None:
+        from cmrp.perf.device import utilisation
+        from cmrp.perf.flops import SFTLayout, Trainable, sft_step_flops
+
+        train = Trainable.from_model(adapter.model)
+        for name, examples, seconds in (("text", text, t_text), ("t2i", t2i, t_img)):
+            layout = SFTLayout.from_batch(adapter.collate(examples), adapter.arch)
+            out[f"{name}_step"] = {"seconds": seconds,
+                                   **utilisation(sft_step_flops(adapter.arch, layout, train).total, seconds, peak)}
     tmp.unlink(missing_ok=True)
     adapter.model.eval()
-    return {"text_tokens_per_s": tokens / t_text, "t2i_images_per_s": batch / t_img, "peak_memory_mb": _peak_mb()}
+    return out
 
 
 def grpo_iteration(adapter, *, group: int, steps: int, prompt_repeat: int = 1, asynchronous: bool = True,
-                   prompts: int = 2) -> dict[str, float]:
-    """One CharacterGRPOModule iteration (no Lightning Trainer): rollout, sandbox rewards, update."""
+                   prompts: int = 2, peak: dict | None = None) -> dict[str, float]:
+    """One CharacterGRPOModule iteration (no Lightning Trainer): rollout, sandbox rewards, update; with the
+    model FLOPs of sampling and update (rewards not counted) and their utilisation of `peak` when given."""
     from omegaconf import OmegaConf
 
     from cmrp.config.schema import GRPOConfig
@@ -120,8 +134,20 @@ def grpo_iteration(adapter, *, group: int, steps: int, prompt_repeat: int = 1, a
     total = time.perf_counter() - t
     module.on_train_end()
     log = module.last_log
-    return {"iteration_s": total, "sample_s": log["grpo/time_sample_s"], "reward_s": log["grpo/time_reward_s"],
-            "train_s": log["grpo/time_train_s"]}
+    out = {"iteration_s": total, "sample_s": log["grpo/time_sample_s"], "reward_s": log["grpo/time_reward_s"],
+           "train_s": log["grpo/time_train_s"]}
+    if peak is not None:
+        from cmrp.perf.device import utilisation
+        from cmrp.perf.flops import RolloutShape, Trainable, grpo_update_flops, rollout_flops
+
+        prefix = int(adapter.collate([batch[0].context]).input_ids.shape[1])
+        shape = RolloutShape(prompts, group, steps, prefix, (adapter.image_size, adapter.image_size))
+        sample = rollout_flops(adapter.arch, shape).total
+        update = grpo_update_flops(adapter.arch, shape, Trainable.from_model(adapter.model), window=2,
+                                   minibatch=group).total
+        out["sample"] = utilisation(sample, out["sample_s"], peak)
+        out["train"] = utilisation(update, out["train_s"], peak)
+    return out
 
 
 def _slope(xs, ys) -> float:
@@ -142,11 +168,14 @@ def main(argv: list[str] | None = None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
     repeats = 2 if args.quick else 3
+    from cmrp.perf.device import device_label, measure_matmul_peak
+
+    peak = measure_matmul_peak(device, dtype)
     adapter = build_adapter(args.card, device, dtype)
     result: dict = {"benchmark": "throughput", "card": args.card, "dtype": args.dtype,
-                    "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"}
-    result["sft"] = sft_throughput(adapter, repeats)
-    result["grpo"] = grpo_iteration(adapter, group=8, steps=10)
+                    "device": device_label(device), "peak_matmul": peak}
+    result["sft"] = sft_throughput(adapter, repeats, peak=peak)
+    result["grpo"] = grpo_iteration(adapter, group=8, steps=10, peak=peak)
 
     groups = [1, 2, 4, 8, 16] if not args.quick else [1, 4, 16]
     by_g = [grpo_iteration(adapter, group=g, steps=10)["iteration_s"] for g in groups]
@@ -155,19 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = [adapter.image_size]
     by_res = [result["grpo"]["iteration_s"]]
     try:  # a second resolution: the same architecture at twice the image side
-        from cmrp.config import load_backbone_card
-
-        card = load_backbone_card(args.card)
-        big = dict(card.architecture)
-        big_vit = dict(big["vit"])
-        big_vit["image_size"] = 2 * big_vit["image_size"]
-        big["vit"] = big_vit
-        big["max_latent_size"] = 2 * int(big.get("max_latent_size", 16))
-        from cmrp.backbones.bagel import BagelAdapter
-
-        bigger = BagelAdapter.build({**dict(card), "architecture": big}, corpus=[PROMPT] * 20, dtype=dtype).to(device)
-        torch.nn.init.normal_(bigger.bagel.llm2vae.weight, std=0.02)
-        bigger.model.eval()
+        bigger = build_adapter(args.card, device, dtype, image_size=2 * adapter.image_size)
         sizes.append(bigger.image_size)
         by_res.append(grpo_iteration(bigger, group=8, steps=10)["iteration_s"])
     except Exception as err:  # noqa: BLE001 - report, do not fail the whole benchmark

@@ -1,4 +1,5 @@
-"""`cmrp` command line: fit | tracking | validate | ls | data | sandbox | eval | chat | save-character | demo.
+"""`cmrp` command line: fit | tracking | validate | cat | cp | ls | data | sandbox | eval | chat | save-character | demo |
+plan | sweep.
 
 Each area owns its sub-commands in a small `commands` module exposing `register(subparsers)`;
 this file only assembles them and turns a `CmrpError` into one clear message and exit status 2.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from cmrp import __version__
@@ -18,12 +20,14 @@ __all__ = ["build_parser", "main"]
 
 _COMMAND_MODULES = (
     "cmrp.training.commands",  # fit, tracking sync
-    "cmrp.config.commands",  # validate, ls
+    "cmrp.config.commands",  # validate, cat, cp, ls
     "cmrp.data.commands",  # data validate
     "cmrp.sandbox.commands",  # sandbox make
     "cmrp.evaluation.commands",  # eval
     "cmrp.chat.commands",  # chat, save-character
     "cmrp.chat.demo",  # demo
+    "cmrp.perf.commands",  # plan
+    "cmrp.sweeps.commands",  # sweep
 )
 
 
@@ -40,17 +44,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Like `parse_args`, but KEY=VALUE overrides may come after flags too (`fit R --resume a=1`): argparse
+    stops filling a positional list at the first flag and would call the rest unrecognised."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list):
+        stray = [arg for arg in extra if arg.startswith("-") or "=" not in arg]
+        if not stray:
+            args.overrides = [*args.overrides, *extra]
+            return args
+        extra = stray
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     try:
         return int(args.handler(args) or 0)
     except CmrpError as err:
-        print(f"cmrp {args.command}: error: {err}", file=sys.stderr)
+        from cmrp.config.params import (
+            Redactor,  # URI passwords, secret env values, secret-named config values
+        )
+
+        print(f"cmrp {args.command}: error: {Redactor.from_environ().text(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cmrp {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `cmrp ls | head`: the reader left; nothing to report
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so the interpreter's final flush does not fail
+        return 0
 
 
 if __name__ == "__main__":

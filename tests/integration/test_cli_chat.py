@@ -147,8 +147,14 @@ def test_character_artefact_round_trip(runs):
     card = json.loads((art / "character_card.json").read_text())
     assert card["name"] == character_name(run) and card["kind"] == "lora" and card["decoding"] == "chain"
     assert card["profile"].startswith(card["name"])
-    base = Path(card["base"]["path"])
-    assert base == (run / "checkpoint" / "backbone").resolve() and re.fullmatch(r"[0-9a-f]{64}", card["base"]["sha256"])
+    # the run's base is the shipped sandbox base (same weights): named by its portable reference and content hash
+    from cmrp.sandbox.pretrain import shipped_base
+
+    base = shipped_base("base")
+    assert card["base"]["ref"] == "sandbox://base" and re.fullmatch(r"[0-9a-f]{64}", card["base"]["content_sha256"])
+    assert not (art / "base").exists() and str(run) not in json.dumps(card)
+    adapter_config = json.loads((art / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "sandbox://base"
     assert card["thumbnails"] and all((art / t).is_file() for t in card["thumbnails"])
     from PIL import Image
 
@@ -165,3 +171,32 @@ def test_character_artefact_round_trip(runs):
     assert any("lora_A" in n for n, _ in plain.named_parameters())
     proc = run_cli("chat", str(art), "--once", "hello", *CHAT)
     assert proc.returncode == 0 and proc.stdout.startswith(f"{card['name']}: "), proc.stderr[-2000:]
+
+
+@pytest.mark.slow  # one more fit and four chats: about 4 minutes on a loaded 2-core machine
+def test_shared_character_travels(runs, tmp_path):
+    """Characters copied to another folder, their runs gone: a LoRA character on the shipped base, and one whose
+    base the run made (random init: the artefact carries a copy of it) — `cmrp chat` answers as from the run."""
+    made = runs["root"] / "run-tiny"
+    proc = run_cli(*FIT, "backbone=bagel-tiny", "data.path=sandbox://7", f"output_dir={made}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for run, ref in ((runs["first"], "sandbox://base"), (made, "base")):
+        art = tmp_path / f"made-{run.name}"
+        assert run_cli("save-character", str(run), str(art)).returncode == 0
+        card = json.loads((art / "character_card.json").read_text())
+        assert card["base"]["ref"] == ref and (art / "base" / "model.safetensors").is_file() == (ref == "base")
+        before = run_cli("chat", str(art), "--once", "hello", *CHAT)
+        assert before.returncode == 0, before.stderr[-2000:]
+        elsewhere = tmp_path / f"elsewhere-{run.name}" / "shared-character"
+        shutil.copytree(art, elsewhere.parent / "copy")
+        shutil.rmtree(art)
+        (elsewhere.parent / "copy").rename(elsewhere)
+        away = run.with_name(run.name + "-moved")
+        run.rename(away)  # the run (and its checkpoint/backbone) is no longer where the artefact was made
+        try:
+            after = subprocess.run([CMRP, "chat", "shared-character", "--once", "hello", *CHAT], capture_output=True,
+                                   text=True, timeout=600, cwd=elsewhere.parent)
+        finally:
+            away.rename(run)
+        assert after.returncode == 0, after.stderr[-2000:]
+        assert after.stdout == before.stdout  # the same character: same greedy reply

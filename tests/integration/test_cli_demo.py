@@ -112,11 +112,15 @@ def test_demo_page_shows_reply_and_image(run, tmp_path):
                     "() => Array.from(document.querySelectorAll('#cmrp-chat img'))"
                     ".some(img => img.complete && img.naturalWidth > 0)", timeout=30_000)
                 text = page.locator("#cmrp-chat").inner_text()
+                shown = page.evaluate("() => Math.max(...Array.from(document.querySelectorAll('#cmrp-chat img'))"
+                                      ".map(img => img.naturalWidth))")
             finally:
                 browser.close()
         assert MESSAGE in text
         assert words(expected) and words(expected) in words(text)
-        assert sorted(p.name for p in (tmp_path / "img").iterdir()) == ["image-0001.png"]
+        # the sample as drawn, and the copy the page shows, enlarged (nearest neighbour) from 32 px
+        assert sorted(p.name for p in (tmp_path / "img").iterdir()) == ["image-0001-view.png", "image-0001.png"]
+        assert shown >= 256
     finally:
         if once is not None and once.poll() is None:
             once.kill()

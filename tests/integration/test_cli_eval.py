@@ -8,13 +8,14 @@ it is shared by the tests below and runs by default, because it is the acceptanc
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.unit.test_eval_report import needs_chromium, render_probe
+from tests.unit.test_eval_report import CHROMIUM, needs_chromium, render_probe
 
 ROOT = Path(__file__).resolve().parents[2]
 CMRP = str(Path(sys.executable).parent / "cmrp")
@@ -28,8 +29,9 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("eval") / "run"
-    proc = run_cli("fit", "recipes/sandbox/sft.yaml", "trainer.max_steps=2", "data.batch_size=4", "eval.max_items=4",
-                   "eval.grid_prompts=1", "eval.images_per_prompt=1", "eval.sample_steps=2", f"output_dir={out}")
+    proc = run_cli("fit", "recipes/sandbox/sft.yaml", "trainer.max_steps=3", "trainer.log_every_n_steps=1",
+                   "data.batch_size=4", "eval.max_items=4", "eval.grid_prompts=1", "eval.images_per_prompt=1",
+                   "eval.sample_steps=2", f"output_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = run_cli("eval", str(out), *EVAL_ARGS)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -74,6 +76,56 @@ def test_eval_logged_to_mlflow(evaluated):
             "eval/delta/knowledge_qa/mcq_acc_likelihood"} <= set(metrics)
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"eval.json", "report.html"}
     assert run.info.status == "FINISHED"
+    # nested under the training run it evaluates, with the tags Lightning's MLflow logger sets
+    [train] = client.search_runs([experiment.experiment_id], "tags.`cmrp.kind` = 'fit'")
+    assert run.data.tags["mlflow.parentRunId"] == train.info.run_id
+    for tags in (run.data.tags, train.data.tags):
+        assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.name"]
+        assert len(tags.get("mlflow.source.git.commit", "")) == 40
+    report = json.loads((evaluated / "eval" / "eval.json").read_text())
+    assert report["training_run"]["run_id"] == train.info.run_id and report["mlflow"]["run_id"] == run.info.run_id
+    assert report["mlflow"]["link"].endswith(f"/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}")
+    # n and a 95 % interval per number
+    vqa = report["model"]["intervals"]["vqa"]["mcq_acc_likelihood"]
+    assert vqa["n"] == 8 and vqa["method"] == "Wilson" and vqa["low"] <= report["model"]["numbers"]["vqa"][
+        "mcq_acc_likelihood"] <= vqa["high"]
+    clip = report["model"]["intervals"]["t2i"]["clip_t"]
+    assert clip["method"] == "t over images" and clip["n"] == report["model"]["numbers"]["t2i"]["prompts"] * 2
+
+
+@pytest.mark.slow  # a second evaluation and a sync: about a minute on a loaded 2-core machine
+def test_eval_with_the_tracking_server_down_keeps_its_records_for_sync(evaluated, tmp_path):
+    """Outage handling as in `cmrp fit`: the report is written, the MLflow records wait in pending.jsonl (no
+    secret in them), `cmrp tracking sync` uploads them as a run nested under the training run."""
+    import os
+    import socket
+
+    from mlflow.tracking import MlflowClient
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    secret = "pw-0123456789-secret"
+    out = tmp_path / "e"
+    proc = subprocess.run([CMRP, "eval", str(evaluated), "--features", "pixel", "--max-items", "2", "--samples", "1",
+                           "--steps", "2", "--max-new-tokens", "4", "--baseline", "none", "--out", str(out),
+                           "--tracking-uri", f"http://alice:{secret}@127.0.0.1:{port}"], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT, env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("cmrp: tracking: cannot log to http://alice:***@") == 1
+    assert f"cmrp tracking sync {out}" in proc.stdout and (out / "report.html").is_file()
+    assert secret not in proc.stdout + proc.stderr
+    assert all(secret not in p.read_text(errors="ignore") for p in out.rglob("*") if p.is_file())
+    db = f"sqlite:///{evaluated / 'mlflow.db'}"
+    sync = run_cli("tracking", "sync", str(out), "--tracking-uri", db)
+    assert sync.returncode == 0, sync.stderr[-2000:]
+    client = MlflowClient(tracking_uri=db)
+    experiment = client.get_experiment_by_name("cmrp")
+    [train] = client.search_runs([experiment.experiment_id], "tags.`cmrp.kind` = 'fit'")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{train.info.run_id}'")
+    synced = [r for r in runs if "eval/model/vqa/mcq_acc_likelihood" in r.data.metrics and r.data.params.get(
+        "settings.max_items") == "2"]
+    assert len(synced) == 1 and synced[0].info.status == "FINISHED"
 
 
 def test_eval_reports_sandbox_oracle_numbers(evaluated):
@@ -97,8 +149,9 @@ def test_eval_reports_sandbox_oracle_numbers(evaluated):
 
 @pytest.mark.slow
 def test_eval_with_sandbox_feature_models(evaluated, tmp_path):
-    """`--features sandbox` end to end (a second evaluation; the feature set itself is unit-tested)."""
-    proc = run_cli("eval", str(evaluated), "--features", "sandbox", "--max-items", "2", "--samples", "2",
+    """`--features auto` (the default) picks the sandbox feature models for a sandbox character; end to end
+    (a second evaluation; the feature set itself is unit-tested)."""
+    proc = run_cli("eval", str(evaluated), "--max-items", "2", "--samples", "2",
                    "--steps", "2", "--max-new-tokens", "8", "--baseline", "none", "--out", str(tmp_path / "s"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "t2i/identity_fidelity:" in proc.stdout
@@ -113,12 +166,44 @@ def test_eval_with_sandbox_feature_models(evaluated, tmp_path):
 @needs_chromium
 def test_report_renders_in_headless_chromium(evaluated, tmp_path):
     page = evaluated / "eval" / "report.html"
-    assert "https://" not in page.read_text()  # self-contained
+    assert not re.search(r"src=['\"]https?:", page.read_text())  # self-contained: no external resource
     counts, dom = render_probe(page, tmp_path)
-    assert counts["images"] >= 8 + 2 * 3  # reference strip + per prompt: target, 2 model and 2 baseline samples
+    assert counts["images"] >= 1 + 8 + 2 * 3  # curves + reference strip + per prompt: target, 2 model, 2 baseline
     assert counts["decoded"] == counts["images"]
     assert counts["tables"] >= 6  # summary + one per task
     assert "Text-to-image" in dom and "Knowledge QA" in dom
+
+
+@needs_chromium
+def test_report_screenshot_shows_curves_intervals_and_runs(evaluated, tmp_path):
+    """A real browser's screenshot: the training run's loss curve is drawn, numbers have n, intervals and
+    direction markers, the run ids link to MLflow, and 32 px samples are shown enlarged."""
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+
+    from tests.integration.test_cli_screens import keep_screenshot
+
+    shot, curves = tmp_path / "report-cmrp-eval.png", tmp_path / "report-curves.png"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto((evaluated / "eval" / "report.html").as_uri())
+            page.screenshot(path=str(shot), full_page=True)
+            page.locator("img.curves").screenshot(path=str(curves))
+            links = page.eval_on_selector_all("ul.runs a", "els => els.map(e => e.href)")
+            summary = page.locator("table.summary").inner_text()
+            widths = page.eval_on_selector_all("div.grid img", "els => els.map(e => e.naturalWidth)")
+        finally:
+            browser.close()
+    keep_screenshot(shot)
+    with Image.open(curves) as image:  # the loss line is drawn in the curve's blue (#1f5fbf)
+        pixels = image.convert("RGB").getdata()
+        blue = sum(1 for r, g, b in pixels if abs(r - 31) < 40 and abs(g - 95) < 40 and abs(b - 191) < 40)
+    assert blue > 50, blue
+    assert len(links) == 2 and all("/#/experiments/" in link for link in links)
+    assert "[95 % CI]" in summary and "↑" in summary and re.search(r"0\.\d{3} \[0\.\d{3}, [01]\.\d{3}\]", summary)
+    assert widths and min(widths) >= 128  # 32 px samples enlarged (nearest) for viewing
 
 
 @pytest.mark.slow

@@ -28,17 +28,18 @@ def test_sft_then_grpo_logs_every_metric(sft_grpo_run):
     metrics = set(run.data.metrics)
     assert "train/loss" in metrics  # the SFT stage ran
     expected = {
-        "reward/total_mean", "reward/total_std", "reward/vqa_consistency", "reward/vqa_consistency_std",
+        "reward/total", "reward/total_std", "reward/vqa_consistency", "reward/vqa_consistency_std",
         "reward/lpips_diversity", "reward/trainset_penalty", "grpo/zero_std_ratio", "grpo/clip_frac",
         "grpo/approx_kl", "grpo/ratio_mean", "grpo/ratio_std", "grpo/grad_norm", "grpo/time_sample_s",
-        "grpo/time_reward_s", "grpo/time_train_s", "eval/grpo_before/reward_total", "eval/grpo_after/reward_total",
+        "grpo/time_reward_s", "grpo/time_train_s", "val/reward/total",
     }
     assert expected <= metrics, expected - metrics
     history = client.get_metric_history(run.info.run_id, "grpo/ratio_mean")
     assert len(history) == 2
     # one update per iteration on fresh samples: on-policy ratios are 1 up to float error
     assert all(abs(m.value - 1.0) < 1e-3 for m in history)
-    assert run.data.params["rewards"] == "sandbox" and run.data.params["grpo.group_size"] == "4"
+    assert run.data.params["rewards.name"] == "sandbox" and run.data.params["grpo.group_size"] == "4"
+    assert run.data.params["rewards.terms.clip_similarity.weight"] == "0.45"  # the preset in full
 
 
 def test_grpo_result_in_metrics_file(sft_grpo_run):

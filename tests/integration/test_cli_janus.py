@@ -31,10 +31,10 @@ def test_sft_loss_falls_and_grpo_metrics_are_tracked(janus_run):
     assert len(losses) == 12
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.95 * first, losses  # SFT trains the tiny Janus (about 8% in 10 steps)
-    expected = {"reward/total_mean", "reward/total_std", "reward/vqa_consistency", "reward/lpips_diversity",
+    expected = {"reward/total", "reward/total_std", "reward/vqa_consistency", "reward/lpips_diversity",
                 "reward/trainset_penalty", "grpo/zero_std_ratio", "grpo/clip_frac", "grpo/approx_kl",
                 "grpo/ratio_mean", "grpo/ratio_std", "grpo/grad_norm", "grpo/time_sample_s", "grpo/time_train_s",
-                "eval/grpo_before/reward_total", "eval/grpo_after/reward_total"}
+                "val/reward/total"}
     metrics = set(run.data.metrics)
     assert expected <= metrics, expected - metrics
     ratios = client.get_metric_history(run.info.run_id, "grpo/ratio_mean")

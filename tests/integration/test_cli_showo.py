@@ -32,9 +32,9 @@ def test_sft_loss_decreases_and_grpo_metrics_are_logged(showo_run):
     assert len(losses) >= 6
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses  # SFT trained
     metrics = set(run.data.metrics)
-    expected = {"reward/total_mean", "reward/total_std", "reward/vqa_consistency", "reward/lpips_diversity",
+    expected = {"reward/total", "reward/total_std", "reward/vqa_consistency", "reward/lpips_diversity",
                 "reward/trainset_penalty", "grpo/ratio_mean", "grpo/clip_frac", "grpo/approx_kl", "grpo/grad_norm",
-                "grpo/time_sample_s", "eval/grpo_before/reward_total", "eval/grpo_after/reward_total"}
+                "grpo/time_sample_s", "val/reward/total"}
     assert expected <= metrics, expected - metrics
     ratios = client.get_metric_history(run.info.run_id, "grpo/ratio_mean")
     assert len(ratios) == 2 and all(abs(m.value - 1.0) < 1e-4 for m in ratios), [m.value for m in ratios]

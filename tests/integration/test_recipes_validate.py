@@ -12,7 +12,7 @@ import pytest
 from cmrp import cli
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "sweeps" not in p.parts)  # sweeps: cmrp sweep
 BAGEL_RECIPES = {"sft", "grpo", "sft_grpo", "lora/sft", "lora/grpo", "lora/sft_grpo",
                  "qlora/sft", "qlora/grpo", "qlora/sft_grpo"}
 

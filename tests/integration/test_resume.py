@@ -54,7 +54,7 @@ def kill_after(args: list[str], out: Path, ready, timeout: float = 600) -> None:
 
 
 def history(out: Path) -> dict[str, dict[int, float]]:
-    """Every metric's value per step (a resumed run logs the steps after its checkpoint again, the same values)."""
+    """Every metric's value per step (a resumed run does not log the steps it replays again)."""
     client, run = read_run(out)
     result: dict[str, dict[int, float]] = {}
     for key in run.data.metrics:

@@ -43,7 +43,8 @@ def test_pretrain_writes_a_loadable_base_with_its_manifest(tiny_base):
     assert adapter.tokenizer.decode(adapter.tokenizer.encode("Moki, happy, on the beach")) == "Moki, happy, on the beach"
     # the run is tracked like any other
     _, run = read_run(tiny_base)
-    assert "train/loss" in run.data.metrics and "heldout/pretrained/vqa_mcq_acc" in run.data.metrics
+    assert "train/loss" in run.data.metrics and "eval/after/vqa_mcq_acc" in run.data.metrics
+    assert run.info.status == "FINISHED"
 
 
 def test_fit_starts_from_a_pretrained_base_folder(tiny_base, tmp_path):

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import pytest
 import torch
 
 from tests.integration.test_cli_fit import CMRP, ROOT, run_cli
+from tests.integration.test_tracking_server import start_server, stop_server
 
 TINY = ["recipes/sandbox/sft.yaml", "data.batch_size=2", "data.max_text_tokens=32", "eval.max_items=4",
         "eval.grid_prompts=1", "eval.images_per_prompt=1", "eval.sample_steps=2", "checkpoint.every_n_steps=0"]
@@ -80,7 +79,7 @@ def test_nan_losses_are_skipped_and_an_unreachable_server_defers_logging(tmp_pat
 
     # later: upload to a tracking store (here a sqlite database)
     target = f"sqlite:///{tmp_path / 'later.db'}"
-    done = sync_pending(out, target)
+    [done] = sync_pending(out, target)
     assert done["metrics"] >= 8 * 3 and done["artifacts"] == 3 and done["status"] == "FINISHED"
     assert set(metric_history(target, done["run_id"], "train/loss")) == set(range(8))
     assert metric_history(target, done["run_id"], "train/nonfinite_steps")[7] == 2
@@ -101,37 +100,11 @@ def test_diverging_run_stops_with_a_clear_message(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def _start_server(db: Path, port: int, cwd: Path) -> subprocess.Popen:
-    mlflow = str(Path(sys.executable).parent / "mlflow")
-    proc = subprocess.Popen([mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                             "--backend-store-uri", f"sqlite:///{db}"], cwd=cwd, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    import urllib.request
-
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)  # noqa: S310 - local test server
-            return proc
-        except OSError:
-            assert proc.poll() is None, "mlflow server exited"
-            assert time.monotonic() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)  # the server and its workers (its own session, started above)
-        proc.wait(30)
-
-
 @pytest.mark.slow
 def test_tracking_server_killed_mid_run_then_synced_to_a_restarted_server(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    db, port = tmp_path / "server.db", free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = _start_server(db, port, tmp_path)
+    server, uri = start_server(tmp_path)
     out = tmp_path / "run"
     try:
         fit = subprocess.Popen([CMRP, "fit", *TINY, "trainer.max_steps=60", "trainer.log_every_n_steps=1",
@@ -148,10 +121,10 @@ def test_tracking_server_killed_mid_run_then_synced_to_a_restarted_server(tmp_pa
                 break
             time.sleep(0.2)
         run_id = runs[0].info.run_id
-        _stop(server)
+        stop_server(server)
         stdout, stderr = fit.communicate(timeout=600)
     finally:
-        _stop(server)
+        stop_server(server)
     assert fit.returncode == 0, stderr[-3000:]
     assert stderr.count(WARNING) == 1
     assert "not logged:" in stdout and f"cmrp tracking sync {out}" in stdout
@@ -160,9 +133,9 @@ def test_tracking_server_killed_mid_run_then_synced_to_a_restarted_server(tmp_pa
     offline_steps = {r["step"] for r in records if r["op"] == "metrics" and "train/loss" in r["metrics"]}
     assert offline_steps and max(offline_steps) == 59
 
-    server = _start_server(db, port, tmp_path)  # the server is back (same database)
+    server, uri = start_server(tmp_path)  # the server is back (same database, another port)
     try:
-        proc = run_cli("tracking", "sync", str(out))
+        proc = run_cli("tracking", "sync", str(out), "--tracking-uri", uri)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert f"uploaded to run {run_id}" in proc.stdout
         history = metric_history(uri, run_id, "train/loss")
@@ -170,7 +143,7 @@ def test_tracking_server_killed_mid_run_then_synced_to_a_restarted_server(tmp_pa
         run = MlflowClient(tracking_uri=uri).get_run(run_id)
         assert run.info.status == "FINISHED" and "eval/after/vqa_mcq_acc" in run.data.metrics
     finally:
-        _stop(server)
+        stop_server(server)
 
 
 def test_secrets_in_the_environment_never_reach_mlflow_or_the_output_dir(tmp_path):
@@ -182,7 +155,7 @@ def test_secrets_in_the_environment_never_reach_mlflow_or_the_output_dir(tmp_pat
     proc = subprocess.run(
         [CMRP, "fit", *TINY, "trainer.max_steps=2", "checkpoint.every_n_steps=1",
          "tracking.run_name=run-${oc.env:OPENAI_API_KEY}", "name=n-${oc.env:CMRP_JUDGE_API_KEY}",
-         f"output_dir={out}"],
+         "tracking.experiment=exp-${oc.env:HF_TOKEN}", f"output_dir={out}"],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -197,5 +170,5 @@ def test_secrets_in_the_environment_never_reach_mlflow_or_the_output_dir(tmp_pat
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
-    run = client.search_runs([client.get_experiment_by_name("cmrp").experiment_id])[0]
+    run = client.search_runs([client.get_experiment_by_name("exp-***").experiment_id])[0]  # the experiment too
     assert run.data.tags["mlflow.runName"] == "run-***" and run.data.params["name"] == "n-***"

@@ -165,7 +165,7 @@ def test_overrides_of_each_type(tmp_path):
             "sft.optimizer.lr=1e-4",  # float in exponent form
             "finetune.mode=full",  # str
             "tracking.run_name=null",  # null
-            "trainer.devices=true",  # bool into an Any field
+            "trainer.devices=[0]",  # a list into an Any field
             "stages=[sft,grpo]",  # list
             f"rewards={tmp_path / 'preset.yaml'}",
             "data.tasks.chat=2.0",  # a key inside a free-form dict
@@ -176,7 +176,7 @@ def test_overrides_of_each_type(tmp_path):
     assert cfg.sft.optimizer.lr == pytest.approx(1e-4)
     assert cfg.finetune.mode == "full"
     assert cfg.tracking.run_name is None
-    assert cfg.trainer.devices is True
+    assert list(cfg.trainer.devices) == [0]
     assert list(cfg.stages) == ["sft", "grpo"]
     assert cfg.data.tasks.chat == 2.0 and cfg.data.tasks.vqa == 1.0
     assert list(cfg.finetune.targets) == ["q_proj", "v_proj"]
@@ -249,9 +249,11 @@ def test_wrong_shapes(tmp_path, text, key):
     assert f"'{key}'" in message and "recipe.yaml" in message
 
 
-def test_free_form_keys_are_free(tmp_path):
-    cfg = load_recipe(recipe(tmp_path, "backbone: card.yaml\nfinetune: {targets: {anything: [x]}}\n"))
-    assert cfg.finetune.targets.anything == ["x"]
+def test_free_form_keys_pass_the_key_check_and_meet_the_value_check(tmp_path):
+    """An `Any` field's keys are not schema keys (no "unknown key"), but its value must still be usable."""
+    message = error_of(recipe(tmp_path, "backbone: card.yaml\nfinetune: {targets: {anything: [x]}}\n"))
+    assert "unknown key" not in message
+    assert "'finetune.targets' must be a target set name" in message and "recipe.yaml:2" in message
 
 
 def test_bad_mode_value_suggests(tmp_path):
@@ -498,7 +500,7 @@ def test_flatten_a_loaded_recipe(tmp_path):
 
 
 def test_every_shipped_recipe_validates():
-    paths = sorted(resources.asset_dir("recipes").rglob("*.yaml"))
+    paths = sorted(p for p in resources.asset_dir("recipes").rglob("*.yaml") if "sweeps" not in p.parts)
     assert paths, "no recipe is shipped"
     for path in paths:
         cfg = load_recipe(path)

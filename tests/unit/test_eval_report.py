@@ -86,3 +86,54 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert counts["decoded"] == counts["images"]
     assert counts["tables"] == 1 + 3  # summary + one per task
     assert "Text-to-image" in dom and "a blue fox" in dom
+
+
+def test_intervals_wilson_for_shares_t_for_per_image_values_none_for_corpus_statistics():
+    from cmrp.evaluation.report import intervals
+
+    numbers = {"vqa": {"items": 20, "mcq_acc_likelihood": 0.5},
+               "t2i": {"prompts": 2, "samples_per_prompt": 2, "clip_t": 0.25, "diversity": 0.3},
+               "text_roleplay": {"items": 5, "distinct_2": 0.8}}
+    out = intervals(numbers, {"t2i": {"clip_t": [0.1, 0.2, 0.3, 0.4]}})
+    vqa = out["vqa"]["mcq_acc_likelihood"]
+    assert vqa["n"] == 20 and vqa["method"] == "Wilson"
+    assert (round(vqa["low"], 3), round(vqa["high"], 3)) == (0.299, 0.701)  # Wilson 95 % for 10/20
+    clip = out["t2i"]["clip_t"]  # mean 0.25, sd 0.1291, t(3) 3.182: half width 0.2054
+    assert clip["n"] == 4 and (round(clip["low"], 4), round(clip["high"], 4)) == (0.0446, 0.4554)
+    assert out["t2i"]["diversity"] == {"n": 2, "low": None, "high": None, "method": "none"}
+    assert out["text_roleplay"]["distinct_2"]["n"] == 5 and out["text_roleplay"]["distinct_2"]["low"] is None
+    assert "items" not in out["vqa"]  # counts get no interval
+
+
+def test_curves_png_draws_loss_and_reward_panels():
+    import base64
+    import io
+
+    from PIL import Image
+
+    from cmrp.evaluation.report import curves_png
+
+    assert curves_png({}) is None
+    uri = curves_png({"train/loss": [(0, 3.0), (1, 2.0), (2, 1.5)], "reward/total": [(3, 0.2), (4, 0.3)],
+                      "val/reward/total": [(3, 0.21), (5, 0.33)]}, "run x")
+    image = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB")
+    assert image.width > 2 * image.height  # two panels side by side
+    halves = [image.crop((0, 0, image.width // 2, image.height)), image.crop((image.width // 2, 0, image.width,
+                                                                              image.height))]
+    for half in halves:  # each panel has its blue line
+        assert sum(1 for r, g, b in half.getdata() if abs(r - 31) < 40 and abs(g - 95) < 40 and abs(b - 191) < 40) > 30
+
+
+def test_small_images_are_enlarged_with_nearest_neighbour():
+    import base64
+    import io
+
+    from PIL import Image
+
+    from cmrp.evaluation.report import png_data_uri
+
+    image = torch.zeros(3, 32, 32)
+    image[0, :16] = 1.0  # top half red
+    shown = Image.open(io.BytesIO(base64.b64decode(png_data_uri(image).split(",", 1)[1]))).convert("RGB")
+    assert shown.size == (128, 128)
+    assert shown.getpixel((5, 63)) == (255, 0, 0) and shown.getpixel((5, 64)) == (0, 0, 0)  # sharp edge, no blur

@@ -124,7 +124,7 @@ def test_only_the_generation_expert_changes(adapter):
     assert changed and all(gen.fullmatch(n) for n in changed)
     assert any("_moe_gen" in n for n in changed)
     log = module.last_log
-    for key in ("reward/total_mean", "reward/brightness", "grpo/clip_frac", "grpo/approx_kl", "grpo/ratio_mean",
+    for key in ("reward/total", "reward/brightness", "grpo/clip_frac", "grpo/approx_kl", "grpo/ratio_mean",
                 "grpo/ratio_std", "grpo/grad_norm", "grpo/zero_std_ratio", "grpo/time_sample_s",
                 "grpo/time_reward_s", "grpo/time_train_s"):
         assert key in log, key

@@ -277,7 +277,8 @@ def test_cmrp_validate_lists_missing_reward_weights_without_failing(empty_caches
 
     assert main(["validate", "recipes/bagel/sft_grpo.yaml"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("OK: ") and "note: reward preset 'unicharacter': 4 pretrained models" in out
+    assert out.startswith("OK: ") and "note: `cmrp fit` would stop on this machine: reward preset 'unicharacter': " \
+        "4 pretrained models" in out
     assert "`hf download facebook/dinov2-base`" in out
     assert main(["validate", "quickstart"]) == 0
     assert "note:" not in capsys.readouterr().out  # the sandbox reward needs no downloads

@@ -2,12 +2,39 @@
 
 from __future__ import annotations
 
+import contextlib
+import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from cmrp.errors import ConfigError, WeightsError
 
-__all__ = ["find_checkpoint", "merge_saved_adapter"]
+__all__ = ["find_checkpoint", "merge_saved_adapter", "reading_weights"]
+
+
+def _damaged(err: BaseException) -> bool:
+    """Whether `err` is how safetensors or torch.load report a damaged or foreign weights file."""
+    if type(err).__name__ == "SafetensorError" or isinstance(err, pickle.UnpicklingError | EOFError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        mark in text for mark in ("PytorchStreamReader", "invalid header", "zip archive", "weights_only"))
+
+
+@contextlib.contextmanager
+def reading_weights(where: str | Path) -> Iterator[None]:
+    """Turn a damaged weights file under `where` (a header that does not parse, a file cut short, a pickle
+    where tensors belong) into one WeightsError naming the folder; torch's advice to load unsafely is not
+    repeated. Anything else passes through."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - only the damage cases are mapped
+        if not _damaged(err):
+            raise
+        detail = "" if "weights_only" in str(err) else f": {' '.join(str(err).split())[:160]}"
+        raise WeightsError(f"{where}: a weights file there is damaged or was not written by cmrp "
+                           f"({type(err).__name__}{detail}); restore it or re-run `cmrp fit`") from None
 
 
 def merge_saved_adapter(adapter: Any, directory: str | Path) -> None:
@@ -18,7 +45,8 @@ def merge_saved_adapter(adapter: Any, directory: str | Path) -> None:
     directory = Path(directory)
     if not (directory / "adapter_config.json").is_file():
         raise WeightsError(f"{directory}: no adapter_config.json; not a PEFT adapter saved by `cmrp fit`")
-    adapter.model = PeftModel.from_pretrained(adapter.model, str(directory)).merge_and_unload()
+    with reading_weights(directory):
+        adapter.model = PeftModel.from_pretrained(adapter.model, str(directory)).merge_and_unload()
 
 
 def find_checkpoint(path: str | Path) -> Path:

@@ -1,14 +1,18 @@
 """Shareable characters: an adapter in PEFT's own format + a character card, and a pool of them on one base.
 
-An artefact folder:
+An artefact folder travels on its own (copy it to another directory or machine and `cmrp chat` it):
 ```
-character_card.json    name, profile, decoding default, kind (lora | full), base model reference, thumbnails
+character_card.json    name, profile, decoding default, kind (lora | full), the base model, thumbnails
 adapter/               LoRA runs: the PEFT adapter (adapter_config.json + adapter_model.safetensors)
+base/                  LoRA runs whose base exists only in their run (random init, merged): that base
 backbone/              full fine-tuning runs: the whole backbone instead (no adapter exists)
 thumbnails/ref-*.png   small copies of the reference images
 ```
-The base model is referenced by the folder it was loaded from (or the card's weights id) and the sha256 of
-its `model.safetensors` as revision, checked when the character is loaded.
+The card names the base by content (the sha256 of its weights, checked when the character is loaded) and by
+a portable reference: a base shipped with cmrp (`sandbox://base`), a path relative to the card (`base`, the
+copy above), or the backbone card's weights (a hub id) with the card itself. `adapter_config.json`'s
+`base_model_name_or_path` holds the same reference. Cards written before this format (an absolute `path`
+and the file's sha256) still load.
 """
 
 from __future__ import annotations
@@ -19,23 +23,34 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from cmrp.backbones.loading import reading_weights
 from cmrp.chat.session import CharacterInfo, ChatSession, Reply
+from cmrp.checkpoint import file_sha256
 from cmrp.errors import ConfigError, WeightsError
 from cmrp.jsonio import write_json
 
-__all__ = ["CARD_FILE", "CharacterPool", "load_character", "load_chat_source", "save_character"]
+__all__ = ["CARD_FILE", "CharacterPool", "load_character", "load_chat_source", "save_character", "weights_sha256"]
 
 CARD_FILE = "character_card.json"
 CARD_FORMAT = "cmrp-character/1"
 WEIGHTS_FILE = "model.safetensors"
 THUMBNAIL_SIZE = 64
+SHIPPED = "sandbox://"
+COPIED_BASE = "base"
 
 
-def file_sha256(path: Path) -> str:
+def weights_sha256(path: Path) -> str:
+    """The sha256 of a safetensors file's tensors (names, dtypes, shapes, values in name order), not of its
+    bytes: the same weights saved again, with other metadata or order, hash the same."""
+    import torch
+    from safetensors import safe_open
+
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
+    with safe_open(str(path), framework="pt") as fh:
+        for name in sorted(fh.keys()):
+            tensor = fh.get_tensor(name).contiguous()
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -49,7 +64,9 @@ def _load_backbone_folder(folder: Path) -> Any:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise WeightsError(f"{config_file}: cannot read the backbone's adapter name ({type(err).__name__}); "
                            "pass a backbone folder written by `cmrp fit` (output_dir/checkpoint/backbone)") from None
-    backbone = BACKBONES.get(name, where=f"{config_file} key 'adapter'").from_pretrained(folder)
+    adapter_cls = BACKBONES.get(name, where=f"{config_file} key 'adapter'")
+    with reading_weights(folder):
+        backbone = adapter_cls.from_pretrained(folder)
     backbone.model.eval()
     return backbone
 
@@ -90,6 +107,32 @@ def _info(character: Any, cfg: Any, fallback: str) -> CharacterInfo:
 
 
 # -- saving --------------------------------------------------------------------------------------------
+def _portable_base(base_folder: Path, weights: str | None, staging: Path) -> dict[str, Any]:
+    """How the card names a LoRA character's base: the shipped base it is (same weights), else a copy in the
+    artefact (`base/`, the run made this base: random init or merged)."""
+    digest = weights_sha256(base_folder / WEIGHTS_FILE)
+    if weights and weights.startswith(SHIPPED):
+        from cmrp.sandbox.pretrain import shipped_base
+
+        try:
+            shipped = shipped_base(weights[len(SHIPPED):])
+        except WeightsError:
+            shipped = None
+        if shipped is not None and weights_sha256(shipped / WEIGHTS_FILE) == digest:
+            return {"ref": weights, "content_sha256": digest}
+    shutil.copytree(base_folder, staging / COPIED_BASE)
+    return {"ref": COPIED_BASE, "content_sha256": digest}
+
+
+def _set_base_reference(adapter_dir: Path, ref: str) -> None:
+    """PEFT's `base_model_name_or_path` (null when the run trained an in-memory model): the portable
+    reference, a path relative to adapter/ for a copied base."""
+    config_file = adapter_dir / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = f"../{ref}" if ref == COPIED_BASE else ref
+    write_json(config_file, config)
+
+
 def save_character(run_dir: str | Path, out_dir: str | Path, *, max_thumbnails: int = 4) -> Path:
     """Write the character of a `cmrp fit` run (output_dir or its checkpoint/) as a shareable artefact."""
     ckpt, cfg, character = _run_parts(Path(run_dir))
@@ -99,25 +142,30 @@ def save_character(run_dir: str | Path, out_dir: str | Path, *, max_thumbnails: 
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
+    from omegaconf import OmegaConf
+
+    from cmrp.config import resolve_recipe_parts
+
     base_folder = (ckpt / "backbone").resolve()
-    if not base_folder.is_dir():
-        raise ConfigError(f"{ckpt}: this LoRA run trained on its backbone card's pretrained weights and kept no "
-                          "base beside its adapter; a character artefact needs that base folder. Save the base "
-                          f"there first (the adapter class's from_pretrained(<the card's weights>)"
-                          f".save_pretrained('{ckpt / 'backbone'}')), then run save-character again")
-    base_config = json.loads((base_folder / "config.json").read_text())
-    base_weights_id = ((base_config.get("card") or {}).get("weights")) or None
+    card_cfg, _ = resolve_recipe_parts(cfg)  # the run's backbone card: where its base's weights came from
+    weights = str(card_cfg.weights) if card_cfg.get("weights") else None
     if (ckpt / "adapter").is_dir():
         shutil.copytree(ckpt / "adapter", staging / "adapter")
         kind, note = "lora", "PEFT LoRA adapter in adapter/; load it on the base model below"
-        base = {"path": str(base_folder), "weights": base_weights_id, "sha256": file_sha256(base_folder / WEIGHTS_FILE),
-                "adapter_class": base_config.get("adapter")}
+        if base_folder.is_dir():
+            base_config = json.loads((base_folder / "config.json").read_text())
+            base = {**_portable_base(base_folder, weights, staging), "weights": weights,
+                    "adapter_class": base_config.get("adapter")}
+        else:  # a LoRA run on its backbone card's pretrained weights: the card says where they come from
+            base = {"ref": weights, "content_sha256": None, "weights": weights, "adapter_class": str(card_cfg.adapter),
+                    "card": OmegaConf.to_container(card_cfg, resolve=True)}
+        _set_base_reference(staging / "adapter", base["ref"])
     else:
         shutil.copytree(ckpt / "backbone", staging / "backbone")
         kind = "full"
         note = ("full fine-tuning run: there is no LoRA adapter, so backbone/ holds the whole fine-tuned backbone; "
                 "it cannot share a base model with other characters")
-        base = {"path": None, "weights": base_weights_id, "sha256": None, "adapter_class": base_config.get("adapter")}
+        base = {"ref": None, "weights": weights, "content_sha256": None, "adapter_class": str(card_cfg.adapter)}
     thumbs = _write_thumbnails(character, staging / "thumbnails", max_thumbnails)
     info = _info(character, cfg, fallback=ckpt.parent.name)
     card = {
@@ -129,7 +177,7 @@ def save_character(run_dir: str | Path, out_dir: str | Path, *, max_thumbnails: 
         "note": note,
         "base": base,
         "thumbnails": thumbs,
-        "source_run": str(ckpt.parent.resolve()),
+        "source_run": ckpt.parent.name,  # where it came from, for people; never read back
         "finetune": {"mode": str(cfg.finetune.mode), "r": cfg.finetune.get("r"), "alpha": cfg.finetune.get("alpha")},
         "sampling": info.extra["image_kwargs"],  # guidance / timestep shift the images are drawn with
     }
@@ -173,13 +221,31 @@ def read_card(artefact_dir: str | Path) -> dict[str, Any]:
     return card
 
 
+def _check_revision(folder: Path, info: dict[str, Any], where: Path) -> None:
+    want_content, want_file = info.get("content_sha256"), info.get("sha256")  # sha256: cards before content hashes
+    if want_content and weights_sha256(folder / WEIGHTS_FILE) != want_content:
+        raise WeightsError(f"{where}: base model {folder} is not the revision this character was trained on "
+                           f"(its weights' sha256 differs from {want_content[:12]}...); pass the right base")
+    if not want_content and want_file and file_sha256(folder / WEIGHTS_FILE) != want_file:
+        raise WeightsError(f"{where}: base model {folder} is not the revision this character was trained on "
+                           f"(sha256 of {WEIGHTS_FILE} differs from {want_file[:12]}...); pass the right base")
+
+
 def _base_folder(card: dict[str, Any], base: str | Path | None, where: Path) -> Path:
-    folder = Path(base).expanduser() if base is not None else None
-    if folder is None:
-        path = (card.get("base") or {}).get("path")
-        if not path:
-            raise WeightsError(f"{where}: the card names no base model folder; pass base=<backbone folder>")
-        folder = Path(path)
+    """The folder of a character's base: `base` (cmrp chat --base) when given, else the card's reference — a
+    shipped base, a folder relative to the card, or (older cards) an absolute path."""
+    info = card.get("base") or {}
+    if base is not None:
+        folder = Path(base).expanduser()
+    elif str(info.get("ref") or "").startswith(SHIPPED):
+        from cmrp.sandbox.pretrain import shipped_base
+
+        folder = shipped_base(info["ref"][len(SHIPPED):], f"{where / CARD_FILE} base")
+    elif info.get("ref") or info.get("path"):
+        folder = Path(info.get("ref") or info["path"])
+        folder = folder if folder.is_absolute() else where / folder
+    else:
+        raise WeightsError(f"{where}: the card names no base model; pass base=<backbone folder> (cmrp chat: --base)")
     if (folder / "checkpoint" / "backbone").is_dir():
         folder = folder / "checkpoint" / "backbone"
     elif (folder / "backbone").is_dir() and not (folder / WEIGHTS_FILE).is_file():
@@ -187,29 +253,42 @@ def _base_folder(card: dict[str, Any], base: str | Path | None, where: Path) -> 
     if not (folder / WEIGHTS_FILE).is_file():
         raise WeightsError(f"{where}: base model {folder} not found (no {WEIGHTS_FILE}); pass base=<the base "
                            "backbone folder> (cmrp chat: --base)")
-    want = (card.get("base") or {}).get("sha256")
-    if want and file_sha256(folder / WEIGHTS_FILE) != want:
-        raise WeightsError(f"{where}: base model {folder} is not the revision this character was trained on "
-                           f"(sha256 of {WEIGHTS_FILE} differs from {want[:12]}...); pass the right base")
+    _check_revision(folder, info, where)
     return folder
+
+
+def _load_base(card: dict[str, Any], base: str | Path | None, folder: Path) -> Any:
+    """The base backbone of a LoRA character: from a folder, or built from the backbone card the character
+    card carries (a LoRA run on a card's pretrained weights, e.g. a hub id)."""
+    info = card.get("base") or {}
+    if base is None and info.get("card") and not str(info.get("ref") or "").startswith(SHIPPED):
+        from cmrp.config import load_backbone_card
+        from cmrp.registry import BACKBONES
+
+        card_cfg = load_backbone_card(info["card"])
+        backbone = BACKBONES.get(card_cfg.adapter, where=f"{folder / CARD_FILE} base.card.adapter").build(card_cfg)
+        backbone.model.eval()
+        return backbone
+    return _load_backbone_folder(_base_folder(card, base, folder))
 
 
 def load_character(artefact_dir: str | Path, base: str | Path | None = None, *, merge: bool = True):
     """(backbone, CharacterInfo) of an artefact; LoRA characters are loaded onto `base` (default: the
-    folder the card names), merged into its weights unless `merge=False`."""
+    base the card names), merged into its weights unless `merge=False`."""
     from peft import PeftModel
 
-    folder = Path(artefact_dir).expanduser()
+    folder = Path(artefact_dir).expanduser().resolve()
     card = read_card(folder)
     info = CharacterInfo(name=card.get("name") or folder.name, profile=card.get("profile") or "",
                          decoding=card.get("decoding") or "chain", extra={"card": card, "artefact": str(folder),
                                                                           "image_kwargs": card.get("sampling") or {}})
     if card.get("kind") == "full":
         return _load_backbone_folder(folder / "backbone"), info
-    backbone = _load_backbone_folder(_base_folder(card, base, folder))
+    backbone = _load_base(card, base, folder)
     if not (folder / "adapter" / "adapter_config.json").is_file():
         raise WeightsError(f"{folder}/adapter: no adapter_config.json; the artefact is incomplete")
-    model = PeftModel.from_pretrained(backbone.model, str(folder / "adapter"))
+    with reading_weights(folder / "adapter"):
+        model = PeftModel.from_pretrained(backbone.model, str(folder / "adapter"))
     backbone.model = model.merge_and_unload() if merge else model
     backbone.model.eval()
     return backbone, info
@@ -254,7 +333,8 @@ class CharacterPool:
 
     def __init__(self, base_dir: str | Path, **session_defaults: Any):
         self.base_dir = _base_folder({}, base_dir, Path(base_dir))
-        self.base_sha256 = file_sha256(self.base_dir / WEIGHTS_FILE)
+        self.base_sha256 = weights_sha256(self.base_dir / WEIGHTS_FILE)
+        self._base_file_sha256: str | None = None  # for cards written before content hashes
         self.backbone = _load_backbone_folder(self.base_dir)
         self.characters: dict[str, CharacterInfo] = {}
         self.sessions: dict[str, ChatSession] = {}
@@ -269,10 +349,14 @@ class CharacterPool:
         if card.get("kind") != "lora":
             raise ConfigError(f"{folder}: a {card.get('kind')!r} character holds a whole backbone; only LoRA "
                               "characters can share a base model in a pool")
-        want = (card.get("base") or {}).get("sha256")
-        if want and want != self.base_sha256:
+        base = card.get("base") or {}
+        want, have = base.get("content_sha256"), self.base_sha256
+        if not want and base.get("sha256"):
+            want = base["sha256"]
+            self._base_file_sha256 = have = self._base_file_sha256 or file_sha256(self.base_dir / WEIGHTS_FILE)
+        if want and want != have:
             raise WeightsError(f"{folder}: trained on another base model (sha256 {want[:12]}...) than the pool's "
-                               f"{self.base_dir} ({self.base_sha256[:12]}...)")
+                               f"{self.base_dir} ({have[:12]}...)")
         name = name or card.get("name") or folder.name
         if name in self.characters:
             raise ConfigError(f"a character named {name!r} is already in the pool; pass another name")

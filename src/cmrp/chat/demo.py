@@ -46,6 +46,19 @@ def _import_gradio() -> Any:
     return gradio
 
 
+def _view_copy(path: Path, min_side: int = 256) -> Path:
+    """An enlarged copy (nearest neighbour) beside the sample, for the page: a 32 px image shown at its own
+    size is a speck. The sample itself stays as drawn."""
+    from PIL import Image
+
+    from cmrp.evaluation.report import upscaled
+
+    view = path.with_name(f"{path.stem}-view.png")
+    with Image.open(path) as image:
+        upscaled(image.convert("RGB"), min_side).save(view)
+    return view
+
+
 def build_demo(backbone: Any, info: Any, *, out_dir: str | Path = "chat", **session_kwargs: Any) -> Any:
     """The Gradio Blocks app: a chatbot, a message box, a 'with image' checkbox, Send and Reset buttons.
 
@@ -71,7 +84,7 @@ def build_demo(backbone: Any, info: Any, *, out_dir: str | Path = "chat", **sess
         history.append({"role": "user", "content": message})
         history.append({"role": "assistant", "content": reply.text})
         if reply.image_path is not None:
-            history.append({"role": "assistant", "content": {"path": str(reply.image_path)}})
+            history.append({"role": "assistant", "content": {"path": str(_view_copy(reply.image_path))}})
         return "", history
 
     def reset(request: gr.Request):

@@ -16,9 +16,10 @@ if TYPE_CHECKING:
         load_reward_preset,
         resolve_recipe_parts,
     )
-    from cmrp.config.params import flatten, redact_secrets
+    from cmrp.config.params import Redactor, flatten, redact_secrets
 
 __all__ = [
+    "Redactor",
     "find_recipe",
     "flatten",
     "load_backbone_card",
@@ -34,6 +35,7 @@ _HOMES = {
     "load_recipe": "cmrp.config.loader",
     "load_reward_preset": "cmrp.config.loader",
     "resolve_recipe_parts": "cmrp.config.loader",
+    "Redactor": "cmrp.config.params",
     "flatten": "cmrp.config.params",
     "redact_secrets": "cmrp.config.params",
 }

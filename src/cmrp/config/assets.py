@@ -13,10 +13,11 @@ from pathlib import Path
 from cmrp import resources
 from cmrp.errors import ConfigError
 
-__all__ = ["KIND_LABELS", "asset_names", "find_asset", "is_path_ref", "is_shipped"]
+__all__ = ["KIND_LABELS", "SWEEPS", "asset_names", "find_asset", "is_path_ref", "is_shipped"]
 
 _SUFFIXES = (".yaml", ".yml")
 KIND_LABELS = {"recipes": "recipe", "backbones": "backbone card", "rewards": "reward preset"}
+SWEEPS = "sweeps"  # recipes/sweeps/: sweep files (`cmrp sweep`), shipped beside the recipes but not recipes
 
 
 def is_path_ref(ref: str) -> bool:
@@ -34,6 +35,8 @@ def asset_names(kind: str) -> list[str]:
         for path in root.rglob("*")
         if path.suffix in _SUFFIXES and path.is_file()
     }
+    if kind == "recipes":
+        names = {name for name in names if not name.startswith(f"{SWEEPS}/")}
     return sorted(names)
 
 

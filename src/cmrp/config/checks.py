@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from collections.abc import Iterable
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from cmrp.config.layers import Provenance
 from cmrp.config.yamlio import KeyPath
@@ -45,6 +46,34 @@ RENORM_TYPES = ("global", "channel", "text_channel", "none")  # cmrp.sampling.gu
 RESUME_MODES = ("never", "auto")
 
 
+# Upper bounds: what numpy, torch and Lightning accept, and sizes far beyond any real run, so a typo such as
+# 10**26 steps fails here with its file and line instead of overflowing deep inside a data loader.
+MAX_SEED = 2**32 - 1  # numpy's and Lightning's seed range
+MAX_COUNT = 2**31 - 1  # steps and counters (torch/Lightning int32 progress counters)
+MAX_BATCH = 2**16  # examples, prompts, samples per step
+MAX_SAMPLE_STEPS = 10_000  # sampler steps of one image
+MAX_WORKERS = 1024  # data-loader processes, reward threads
+MAX_DRAWN = 50_000_000  # examples (SFT) or prompts (GRPO) a run draws up front, as one list in memory
+MAX_FLOAT = 1e30  # float32 holds up to 3.4e38: a learning rate this large still multiplies a gradient finitely
+PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "64", "16", "bf16",
+              "transformer-engine", "transformer-engine-float16")  # Lightning's names
+
+
+def _count(prov: Provenance, path: KeyPath, value: Any, low: int, high: int) -> None:
+    """An integer in [low, high] (bool is not an integer here)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise prov.error(path, f"must be an integer from {low} to {high}, got {value!r}")
+
+
+def _finite(prov: Provenance, path: KeyPath, value: float, high: float, *, positive: bool = False) -> None:
+    """A number in [0, high] (or (0, high]); `high` keeps float32 arithmetic (lr x weight decay, a weight x a
+    loss) finite — 1e300 is a finite Python float but overflows every tensor it touches."""
+    ok = math.isfinite(value) and (value > 0 if positive else value >= 0) and value <= high
+    if not ok:
+        low = "above 0" if positive else "from 0"
+        raise prov.error(path, f"must be a number {low} up to {high:g}, got {value!r}")
+
+
 def _one_of(prov: Provenance, path: KeyPath, value: Any, allowed: Iterable[str]) -> None:
     allowed = tuple(allowed)
     if value in allowed:
@@ -63,24 +92,10 @@ def _known_name(prov: Provenance, path: KeyPath, name: str, known: Iterable[str]
     raise prov.error(path, f"names an unknown {what}{hint} Known {what}s: {', '.join(known)}.")
 
 
-def _positive(prov: Provenance, path: KeyPath, value: float) -> None:
-    if not value > 0 or math.isinf(value):
-        raise prov.error(path, f"must be a positive number, got {value!r}")
-
-
-def _non_negative(prov: Provenance, path: KeyPath, value: float) -> None:
-    if not value >= 0 or math.isinf(value):
-        raise prov.error(path, f"must be zero or more, got {value!r}")
-
-
 def check_recipe(cfg: DictConfig, prov: Provenance) -> None:
     """Everything about a recipe except whether its backbone card and reward preset exist."""
-    _one_of(prov, ("finetune", "mode"), cfg.finetune.mode, FINETUNE_MODES)
-    if cfg.finetune.mode != "full":
-        _positive(prov, ("finetune", "r"), cfg.finetune.r)
-        _positive(prov, ("finetune", "alpha"), cfg.finetune.alpha)
-    if not 0 <= cfg.finetune.dropout < 1:
-        raise prov.error(("finetune", "dropout"), f"must be in [0, 1), got {cfg.finetune.dropout!r}")
+    _count(prov, ("seed",), cfg.seed, 0, MAX_SEED)
+    _check_finetune(prov, cfg.finetune)
     _one_of(prov, ("decoding",), cfg.decoding, DECODING_NAMES)
 
     stages = list(cfg.stages)
@@ -95,32 +110,107 @@ def check_recipe(cfg: DictConfig, prov: Provenance) -> None:
             ("rewards",), "is null but stage 'grpo' needs a reward preset, e.g. rewards: unicharacter"
         )
 
-    _one_of(prov, ("data", "format"), cfg.data.format, DATA_FORMATS)
-    for task, weight in cfg.data.tasks.items():
+    _check_data(prov, cfg.data)
+    _check_trainer(prov, cfg)
+    _check_sft(prov, cfg)  # after the trainer's ranges: it bounds their product
+    _check_grpo(prov, cfg.grpo, stages)
+
+    _one_of(prov, ("resume",), cfg.resume, RESUME_MODES)
+    _count(prov, ("checkpoint", "every_n_steps"), cfg.checkpoint.every_n_steps, 0, MAX_COUNT)
+    _count(prov, ("checkpoint", "keep"), cfg.checkpoint.keep, 1, 10_000)
+    _count(prov, ("nonfinite_stop_after",), cfg.nonfinite_stop_after, 0, MAX_COUNT)
+    e = cfg.eval
+    _count(prov, ("eval", "grid_prompts"), e.grid_prompts, 0, MAX_BATCH)
+    _count(prov, ("eval", "images_per_prompt"), e.images_per_prompt, 1, MAX_BATCH)
+    _count(prov, ("eval", "sample_steps"), e.sample_steps, 1, MAX_SAMPLE_STEPS)
+    _count(prov, ("eval", "max_items"), e.max_items, 0, MAX_COUNT)
+    w = cfg.world
+    _count(prov, ("world", "first_seed"), w.first_seed, 0, MAX_SEED)
+    _count(prov, ("world", "characters"), w.characters, 1, 1_000_000)
+    _count(prov, ("world", "reference_images"), w.reference_images, 1, 60)
+    _count(prov, ("world", "scenes"), w.scenes, 1, 100_000)
+    _count(prov, ("world", "heldout_characters"), w.heldout_characters, 0, 10_000)
+
+
+def _check_finetune(prov: Provenance, f: DictConfig) -> None:
+    _one_of(prov, ("finetune", "mode"), f.mode, FINETUNE_MODES)
+    if f.mode != "full":
+        _count(prov, ("finetune", "r"), f.r, 1, MAX_BATCH)
+        _count(prov, ("finetune", "alpha"), f.alpha, 1, MAX_BATCH)
+    if not 0 <= f.dropout < 1:
+        raise prov.error(("finetune", "dropout"), f"must be in [0, 1), got {f.dropout!r}")
+    targets = f.targets
+    if isinstance(targets, str):
+        if not targets.strip():
+            raise prov.error(("finetune", "targets"), "must name a LoRA target set (e.g. default) or list patterns")
+        return
+    if not isinstance(targets, ListConfig) or not targets or not all(isinstance(t, str) and t for t in targets):
+        raise prov.error(("finetune", "targets"), "must be a target set name (default, generation, understanding) "
+                         f"or a non-empty list of module-name patterns, got {targets!r}")
+    for index, pattern in enumerate(targets):
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise prov.error(("finetune", "targets", index), f"is not a valid regular expression ({err})") from None
+
+
+def _check_data(prov: Provenance, d: DictConfig) -> None:
+    if not str(d.path).strip():
+        raise prov.error(("data", "path"), "must name a character directory or sandbox://SEED")
+    _one_of(prov, ("data", "format"), d.format, DATA_FORMATS)
+    for task, weight in d.tasks.items():
         _known_name(prov, ("data", "tasks", task), task, TASKS, "task")
-        _non_negative(prov, ("data", "tasks", task), weight)
-    if not any(weight > 0 for weight in cfg.data.tasks.values()):
+        _finite(prov, ("data", "tasks", task), weight, 1e6)
+    if not any(weight > 0 for weight in d.tasks.values()):
         raise prov.error(("data", "tasks"), f"must give at least one of {', '.join(TASKS)} a weight above 0")
-    _positive(prov, ("data", "batch_size"), cfg.data.batch_size)
-    _non_negative(prov, ("data", "num_workers"), cfg.data.num_workers)
-    _positive(prov, ("data", "max_text_tokens"), cfg.data.max_text_tokens)
+    _count(prov, ("data", "batch_size"), d.batch_size, 1, MAX_BATCH)
+    _count(prov, ("data", "num_workers"), d.num_workers, 0, MAX_WORKERS)
+    _count(prov, ("data", "max_text_tokens"), d.max_text_tokens, 1, 2**20)
 
-    opt = cfg.sft.optimizer
-    _one_of(prov, ("sft", "optimizer", "name"), opt.name, OPTIMIZERS)
-    _one_of(prov, ("sft", "optimizer", "scheduler"), opt.scheduler, SCHEDULERS)
-    _positive(prov, ("sft", "optimizer", "lr"), opt.lr)
-    _non_negative(prov, ("sft", "optimizer", "weight_decay"), opt.weight_decay)
-    _non_negative(prov, ("sft", "optimizer", "warmup_steps"), opt.warmup_steps)
-    _non_negative(prov, ("sft", "ce_weight"), cfg.sft.ce_weight)
-    _non_negative(prov, ("sft", "mse_weight"), cfg.sft.mse_weight)
 
-    g = cfg.grpo
-    for key in ("max_steps", "prompts_per_step", "group_size", "sample_steps", "window_size", "inner_epochs",
-                "minibatch_size", "accumulate", "clip_range", "adv_eps", "reward_workers"):
-        _positive(prov, ("grpo", key), g[key])
+def _check_optimizer(prov: Provenance, section: str, opt: DictConfig) -> None:
+    at = (section, "optimizer")
+    _one_of(prov, (*at, "name"), opt.name, OPTIMIZERS)
+    _one_of(prov, (*at, "scheduler"), opt.scheduler, SCHEDULERS)
+    _finite(prov, (*at, "lr"), opt.lr, MAX_FLOAT, positive=True)
+    betas = list(opt.betas)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise prov.error((*at, "betas"), f"must be [beta1, beta2], each in [0, 1), got {betas}")
+    _finite(prov, (*at, "weight_decay"), opt.weight_decay, 10)
+    _count(prov, (*at, "warmup_steps"), opt.warmup_steps, 0, MAX_COUNT)
+
+
+def _check_sft(prov: Provenance, cfg: DictConfig) -> None:
+    _finite(prov, ("sft", "ce_weight"), cfg.sft.ce_weight, 1000)
+    _finite(prov, ("sft", "mse_weight"), cfg.sft.mse_weight, 1000)
+    _finite(prov, ("sft", "timestep_shift"), cfg.sft.timestep_shift, 100, positive=True)
+    _check_optimizer(prov, "sft", cfg.sft.optimizer)
+    if "sft" in cfg.stages:
+        drawn = cfg.trainer.max_steps * cfg.trainer.accumulate_grad_batches * cfg.data.batch_size
+        if drawn > MAX_DRAWN:
+            raise prov.error(("trainer", "max_steps"), f"x trainer.accumulate_grad_batches x data.batch_size is {drawn} "
+                             f"examples, drawn up front; at most {MAX_DRAWN} (lower one of them)")
+
+
+def _check_grpo(prov: Provenance, g: DictConfig, stages: list[str]) -> None:
+    _count(prov, ("grpo", "max_steps"), g.max_steps, 1, MAX_COUNT)
+    for key in ("prompts_per_step", "group_size", "minibatch_size", "accumulate"):
+        _count(prov, ("grpo", key), g[key], 1, MAX_BATCH)
+    for key in ("sample_steps", "window_size", "inner_epochs"):
+        _count(prov, ("grpo", key), g[key], 1, MAX_SAMPLE_STEPS)
+    _count(prov, ("grpo", "reward_workers"), g.reward_workers, 1, MAX_WORKERS)
+    if g.max_steps * g.prompts_per_step > MAX_DRAWN:
+        raise prov.error(("grpo", "max_steps"), f"x grpo.prompts_per_step is {g.max_steps * g.prompts_per_step} "
+                         f"prompts, drawn up front; at most {MAX_DRAWN}")
+    for key, high in (("clip_range", 10), ("adv_eps", 10)):
+        _finite(prov, ("grpo", key), g[key], high, positive=True)
     _check_guidance(prov, g)
-    for key in ("noise_level", "adv_clip", "kl_beta", "max_grad_norm"):
-        _non_negative(prov, ("grpo", key), g[key])
+    for key, high in (("adv_clip", MAX_FLOAT), ("kl_beta", 1000), ("max_grad_norm", MAX_FLOAT)):
+        _finite(prov, ("grpo", key), g[key], high)
+    # cps: the step's noise fraction is sin(eta·pi/2), which falls again above 1
+    _finite(prov, ("grpo", "noise_level"), g.noise_level, 1 if g.sde == "cps" else 10)
+    if g.timestep_shift is not None:
+        _finite(prov, ("grpo", "timestep_shift"), g.timestep_shift, 100, positive=True)
     _one_of(prov, ("grpo", "sde"), g.sde, SDE_KINDS)
     _one_of(prov, ("grpo", "adv_std"), g.adv_std, ADV_STD)
     if not 0 <= g.ema_decay < 1:
@@ -132,29 +222,39 @@ def check_recipe(cfg: DictConfig, prov: Provenance) -> None:
         raise prov.error(("grpo", "noise_level"), "is 0: GRPO needs SDE steps with noise (e.g. 0.7)")
     for index, group in enumerate(g.train_groups):
         _one_of(prov, ("grpo", "train_groups", index), group, TRAIN_GROUPS)
-    gopt = g.optimizer
-    _one_of(prov, ("grpo", "optimizer", "name"), gopt.name, OPTIMIZERS)
-    _one_of(prov, ("grpo", "optimizer", "scheduler"), gopt.scheduler, SCHEDULERS)
-    _positive(prov, ("grpo", "optimizer", "lr"), gopt.lr)
+    _check_optimizer(prov, "grpo", g.optimizer)
 
-    _positive(prov, ("trainer", "max_steps"), cfg.trainer.max_steps)
-    if cfg.finetune.mode == "qlora" and str(cfg.trainer.strategy).startswith(("fsdp", "deepspeed")):
-        raise prov.error(("trainer", "strategy"), f"is {cfg.trainer.strategy!r}, which cannot shard QLoRA's 4-bit "
+
+def _check_trainer(prov: Provenance, cfg: DictConfig) -> None:
+    """Ranges and names; whether this machine has the accelerator and devices is `cmrp.training.preflight`'s."""
+    t = cfg.trainer
+    _count(prov, ("trainer", "max_steps"), t.max_steps, 1, MAX_COUNT)
+    _count(prov, ("trainer", "num_nodes"), t.num_nodes, 1, MAX_BATCH)
+    _count(prov, ("trainer", "accumulate_grad_batches"), t.accumulate_grad_batches, 1, MAX_BATCH)
+    _count(prov, ("trainer", "log_every_n_steps"), t.log_every_n_steps, 1, MAX_COUNT)
+    if t.gradient_clip_val is not None:
+        _finite(prov, ("trainer", "gradient_clip_val"), t.gradient_clip_val, MAX_FLOAT)
+    _one_of(prov, ("trainer", "precision"), str(t.precision), PRECISIONS)
+    devices = t.devices
+    if isinstance(devices, ListConfig):
+        if not devices or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_BATCH
+                                  for d in devices):
+            raise prov.error(("trainer", "devices"), f"must list device indices (e.g. [0, 1]), got {list(devices)}")
+    elif isinstance(devices, int) and not isinstance(devices, bool):
+        if not (devices == -1 or 1 <= devices <= MAX_BATCH):
+            raise prov.error(("trainer", "devices"), f"must be a number of devices (1 or more, -1: all), got {devices}")
+    elif not (isinstance(devices, str) and (devices == "auto" or re.fullmatch(r"-1|\d+(,\d+)*,?", devices))):
+        raise prov.error(("trainer", "devices"), f"must be auto, a number of devices or a list of indices, got {devices!r}")
+    if cfg.finetune.mode == "qlora" and str(t.strategy).startswith(("fsdp", "deepspeed")):
+        raise prov.error(("trainer", "strategy"), f"is {t.strategy!r}, which cannot shard QLoRA's 4-bit "
                          "base layers; use trainer.strategy: auto (one GPU) or ddp")
-    _positive(prov, ("trainer", "accumulate_grad_batches"), cfg.trainer.accumulate_grad_batches)
-    _positive(prov, ("trainer", "log_every_n_steps"), cfg.trainer.log_every_n_steps)
-
-    _one_of(prov, ("resume",), cfg.resume, RESUME_MODES)
-    _non_negative(prov, ("checkpoint", "every_n_steps"), cfg.checkpoint.every_n_steps)
-    _positive(prov, ("checkpoint", "keep"), cfg.checkpoint.keep)
-    _non_negative(prov, ("nonfinite_stop_after",), cfg.nonfinite_stop_after)
 
 
 def _check_guidance(prov: Provenance, g: DictConfig) -> None:
     """Classifier-free guidance keys of the `grpo:` section (also used by evaluation and the fit grid)."""
     for key in ("cfg_scale", "cfg_img_scale"):
-        if not 1 <= g[key] < math.inf:
-            raise prov.error(("grpo", key), f"must be 1 or more (1 turns this guidance off), got {g[key]!r}")
+        if not 1 <= g[key] <= 100:
+            raise prov.error(("grpo", key), f"must be from 1 (1 turns this guidance off) up to 100, got {g[key]!r}")
     if g.cfg_img_scale > 1 and g.cfg_scale <= 1:
         raise prov.error(("grpo", "cfg_img_scale"), "has no effect while cfg_scale is 1: guidance (image guidance "
                          "included) is on only when cfg_scale > 1, as in BAGEL; raise cfg_scale or set cfg_img_scale: 1")
@@ -189,13 +289,13 @@ def check_preset(cfg: DictConfig, prov: Provenance, known_terms: list[str]) -> N
 
 def _check_term_kwargs(prov: Provenance, term: str, kwargs: dict[str, Any]) -> None:
     """A kwarg the term's constructor does not take fails here, not when GRPO starts."""
-    from cmrp.registry import REWARDS
-    from cmrp.rewards.composite import unknown_kwargs
+    from cmrp.registry import REWARDS, kwarg_hints
 
-    hints, accepted = unknown_kwargs(REWARDS.get(term), kwargs)
+    accepted = REWARDS.parameters(term)  # read from the term's source: validating imports no torch
+    hints = kwarg_hints(kwargs, accepted)
     if hints:
         raise prov.error(("terms", term, "kwargs"),
-                         f"has unknown kwarg {', '.join(hints)}; {term} accepts: {', '.join(accepted)}")
+                         f"has unknown kwarg {', '.join(hints)}; {term} accepts: {', '.join(accepted or [])}")
     for key in ("encoder", "features"):  # a feature net named in YAML must be registered (FEATURE_MODELS)
         if isinstance(kwargs.get(key), str):
             from cmrp.registry import FEATURE_MODELS

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cmrp.config.assets import find_asset
+from cmrp.config.params import REDACTED, is_secret_key, remember_secrets
 from cmrp.config.yamlio import KeyPath, display_path, parse_value, read_yaml
 from cmrp.errors import ConfigError
 
@@ -117,8 +119,8 @@ def override_layers(overrides: Iterable[str]) -> list[Layer]:
     """`trainer.max_steps=50` -> a layer `{trainer: {max_steps: 50}}`; values read as YAML."""
     layers = []
     for text in overrides:
-        label = f"command-line override '{text}'"
         key, sep, raw = text.partition("=")
+        label = f"command-line override '{_shown_override(text, key, raw)}'"
         parts = key.strip().split(".")
         if not sep or not all(parts):
             raise ConfigError(f"{label}: expected KEY=VALUE with a dotted key, e.g. trainer.max_steps=50")
@@ -127,6 +129,17 @@ def override_layers(overrides: Iterable[str]) -> list[Layer]:
             value = {part: value}
         layers.append(Layer(value, Origin(label, Path.cwd())))
     return layers
+
+
+def _shown_override(text: str, key: str, raw: str) -> str:
+    """The override as error messages show it: the value hidden when the key, or a key inside the value
+    (`kwargs={api_key: ...}`), is secret-named (the value is also remembered, for any other message)."""
+    if any(is_secret_key(part) for part in key.split(".")):
+        remember_secrets({"secret": raw.strip()})
+        return f"{key}={REDACTED}"
+    if any(is_secret_key(word) for word in re.findall(r"[A-Za-z_][A-Za-z0-9_-]*", raw)):
+        return f"{key}=<value hidden: it names a secret key>"
+    return text
 
 
 def _merge_into(

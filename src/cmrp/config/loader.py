@@ -64,7 +64,10 @@ def _load(
 ) -> tuple[DictConfig, Provenance]:
     if isinstance(ref, Mapping | DictConfig):
         label = f"inline {KIND_LABELS[kind]}"
-        return _typed(cls, [_inline_layer(kind, ref, label)], inline_prov)
+        layer = _inline_layer(kind, ref, label)
+        if "base" in layer.data:
+            return _refined(kind, cls, layer, inline_prov)
+        return _typed(cls, [layer], inline_prov)
     if isinstance(ref, Path) and ref.is_file():
         path = ref.resolve()
     elif isinstance(ref, str | Path):
@@ -72,6 +75,31 @@ def _load(
     else:
         raise ConfigError(f"a {KIND_LABELS[kind]} reference must be a name, a path or a mapping, got {ref!r}")
     return _typed(cls, _file_layers(kind, path))
+
+
+def _refined(kind: str, cls: type, layer: Layer, inline_prov: Provenance | None) -> tuple[DictConfig, Provenance]:
+    """An inline mapping with `base: NAME_OR_PATH`: the named card/preset with the mapping's keys on top
+    (`rewards: {base: sandbox, terms: {clip_similarity: {weight: 0.9}}}`). Errors name the recipe line or
+    override for the keys it set, the preset file for the others."""
+    data = dict(layer.data)
+    base = data.pop("base")
+    at = inline_prov or Provenance({}, layer.origin)
+    origin = at.origin(("base",))
+    where = f"{origin.at((*at.prefix, 'base'))}: key '{at.key(('base',))}'"
+    if not isinstance(base, str):
+        raise ConfigError(f"{where} must be a {KIND_LABELS[kind]} name or path, got {base!r}")
+    path = find_asset(kind, base, relative_to=origin.directory, where=where)
+    layers = [*_file_layers(kind, path), Layer(data, layer.origin)]
+    for part in layers:
+        check_layer(part, cls, inline_prov.prefix if inline_prov else ())
+    raw, merged = merge_layers(layers, layers[-1].origin)
+    if inline_prov is None:
+        return structure(cls, raw, merged), merged
+    prefix = inline_prov.prefix
+    origins = {(*prefix, *key): found for key, found in merged.origins.items() if found is not layer.origin}
+    origins.update({key: found for key, found in inline_prov.origins.items() if key[:len(prefix)] == prefix})
+    prov = Provenance(origins, inline_prov.fallback, prefix)
+    return structure(cls, raw, prov), prov
 
 
 def _card(ref: Ref, inline_prov: Provenance | None = None) -> DictConfig:
@@ -103,14 +131,16 @@ def load_reward_preset(ref: Ref) -> dict[str, Any]:
 
 
 def _check_part(cfg: DictConfig, prov: Provenance, key: str, kind: str) -> None:
-    """Load the card/preset `cfg[key]` refers to; a relative path becomes absolute so the config
-    can be resolved later from anywhere (names stay names)."""
+    """Load the card/preset `cfg[key]` refers to. A reward preset is then written into the recipe in full
+    (every term, weight and kwargs: what MLflow params and recipe.yaml show), and so is an inline card; a
+    card named by name stays a name, a relative path becomes absolute so the config can be resolved later
+    from anywhere."""
     ref = cfg[key]
     if isinstance(ref, DictConfig):
         if kind == "backbones":
-            _card(ref, prov.nested(key))
+            cfg[key] = OmegaConf.to_container(_card(ref, prov.nested(key)), resolve=True)
         else:
-            _preset(ref, prov.nested(key))
+            cfg[key] = _preset(ref, prov.nested(key))
         return
     if not isinstance(ref, str):
         label = KIND_LABELS[kind]
@@ -123,7 +153,37 @@ def _check_part(cfg: DictConfig, prov: Provenance, key: str, kind: str) -> None:
     if kind == "backbones":
         _card(path)
     else:
-        _preset(path)
+        cfg[key] = _preset(path)
+
+
+_NAMED_PARTS = {"backbone": "backbones", "rewards": "rewards"}
+
+
+def _refine_named_parts(layers: list[Layer]) -> list[Layer]:
+    """A layer giving a mapping for `rewards` (or `backbone`) where an earlier layer named a preset (card)
+    changes that one: `rewards=sandbox` then `rewards.terms.clip_similarity.weight=0.9` is
+    `rewards: {base: sandbox, terms: {clip_similarity: {weight: 0.9}}}`. A path is made absolute, relative
+    to the file that wrote it."""
+    named: dict[str, tuple[Any, Origin]] = {}
+    out = []
+    for layer in layers:
+        data = layer.data
+        for key, kind in _NAMED_PARTS.items():
+            if key not in data:
+                continue
+            value = data[key]
+            earlier, origin = named.get(key, (None, layer.origin))
+            if isinstance(value, dict) and "base" not in value and isinstance(earlier, str):
+                ref = earlier
+                if is_path_ref(ref):
+                    ref = str(find_asset(kind, ref, relative_to=origin.directory,
+                                         where=f"{origin.at((key,))}: key '{key}'"))
+                data = {**data, key: {"base": ref, **value}}
+            elif isinstance(value, dict) and isinstance(earlier, dict):
+                continue  # merged into the earlier mapping: still a mapping
+            named[key] = (data[key], layer.origin)
+        out.append(layer if data is layer.data else Layer(data, layer.origin))
+    return out
 
 
 def load_recipe(source: str | Path, overrides: Iterable[str] = ()) -> DictConfig:
@@ -134,7 +194,8 @@ def load_recipe(source: str | Path, overrides: Iterable[str] = ()) -> DictConfig
     """
     path = find_recipe(source)
     files = file_layers("recipes", path)
-    layers = files + override_layers(overrides)
+    layers = _refine_named_parts(files + override_layers(overrides))
+    files = layers[:len(files)]
     for layer in layers:
         check_layer(layer, Recipe)
     top = files[-1].origin

@@ -146,11 +146,13 @@ class _Walker:
         elif isinstance(value, dict | list):
             raise self._shape(path, tp, value)
 
-    def _section(self, value: Any, cls: type, path: KeyPath) -> None:
+    def _section(self, value: Any, cls: type, path: KeyPath, inline: bool = False) -> None:
         if not isinstance(value, dict):
             raise self._shape(path, cls, value)
         fields = _fields(cls)
         for key, item in value.items():
+            if inline and key == "base":
+                continue  # an inline card/preset that changes a named one (the loader resolves it)
             if key not in fields:
                 root, prefix = self.roots[-1]
                 hint = _suggest(key, cls, path, root, prefix)
@@ -162,7 +164,7 @@ class _Walker:
             inline = _INLINE.get((cls, key))
             if inline is not None and isinstance(item, dict):
                 self.roots.append((inline, (*path, key)))
-                self._section(item, inline, (*path, key))
+                self._section(item, inline, (*path, key), inline=True)
                 self.roots.pop()
             else:
                 self.walk(item, fields[key], (*path, key))

@@ -4,6 +4,12 @@ PyYAML's safe loader follows YAML 1.1: `1e-3` is a string, `2024-01-01` a date, 
 key silently wins. Here `1e-3` is a float, dates stay strings (omegaconf cannot hold them), a
 repeated key is an error, and every error names the file and line. The key -> line table lets
 later errors (unknown key, wrong type) point at the line too.
+
+Every YAML cmrp reads goes through here, so the size of what a file can make us build is bounded:
+nesting deeper than `MAX_DEPTH` (PyYAML's composer and omegaconf recurse per level), an alias that
+refers to the node holding it (a cycle), and aliases that expand to more than `MAX_VALUES` values
+(a "billion laughs" bomb: a few hundred bytes that unfold into billions of items) are rejected from
+the node graph, before anything is constructed or walked.
 """
 
 from __future__ import annotations
@@ -14,11 +20,15 @@ from typing import Any
 
 import yaml
 
+from cmrp.config.params import is_secret_key, remember_secrets
 from cmrp.errors import ConfigError
 
-__all__ = ["KeyPath", "check_plain", "display_path", "parse_value", "read_yaml"]
+__all__ = ["MAX_DEPTH", "MAX_VALUES", "KeyPath", "check_plain", "display_path", "parse_value", "read_yaml"]
 
 KeyPath = tuple[Any, ...]
+
+MAX_DEPTH = 32  # nested lists/mappings; recipes use fewer than 10, omegaconf fails near 100
+MAX_VALUES = 100_000  # values after alias expansion; a recipe has a few hundred
 
 _FLOAT = re.compile(
     r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
@@ -30,8 +40,25 @@ _FLOAT = re.compile(
 )
 
 
+class _TooLarge(yaml.MarkedYAMLError):
+    """The document is nested too deeply, is cyclic or expands too far (see the module docstring)."""
+
+
 class _Loader(yaml.SafeLoader):
-    """Safe loader with YAML 1.2 floats, no timestamps, and no duplicate keys."""
+    """Safe loader with YAML 1.2 floats, no timestamps, no duplicate keys, and bounded nesting."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        # the composer recurses once per level: stop before Python's recursion limit does
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _TooLarge(problem=f"nested more than {MAX_DEPTH} levels deep (flatten the structure)",
+                                problem_mark=self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -68,6 +95,43 @@ def display_path(path: Path) -> str:
         return str(path)
 
 
+def _check_expansion(root: yaml.Node) -> None:
+    """Reject cycles and alias expansion beyond MAX_VALUES / MAX_DEPTH, in time linear in the number of
+    distinct nodes (each node's expanded size and depth are computed once; no recursion)."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    open_nodes: set[int] = set()
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if isinstance(node, yaml.ScalarNode):
+            size[key], depth[key] = 1, 0
+            continue
+        children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else node.value
+        if children_done:
+            open_nodes.discard(key)
+            size[key] = 1 + sum(size[id(c)] for c in children)
+            depth[key] = 1 + max((depth[id(c)] for c in children), default=0)
+            if size[key] > MAX_VALUES:
+                raise _TooLarge(problem=f"expands to more than {MAX_VALUES} values through its aliases (*name); "
+                                "write the values out or use fewer aliases", problem_mark=node.start_mark)
+            if depth[key] > MAX_DEPTH:
+                raise _TooLarge(problem=f"nested more than {MAX_DEPTH} levels deep once its aliases (*name) are "
+                                "expanded", problem_mark=node.start_mark)
+            continue
+        if key in size:
+            continue
+        open_nodes.add(key)
+        stack.append((node, True))
+        for child in children:
+            if id(child) in open_nodes:
+                raise _TooLarge(problem="an alias (*name) refers to the list or mapping that contains it (a cycle)",
+                                problem_mark=child.start_mark)
+            if id(child) not in size:
+                stack.append((child, False))
+
+
 def _line_table(node: yaml.Node | None, prefix: KeyPath, out: dict[KeyPath, int]) -> None:
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
@@ -90,7 +154,8 @@ def check_plain(value: Any, where: str, path: str = "") -> None:
             check_plain(item, where, f"{path}[{index}]")
     elif value is not None and not isinstance(value, str | int | float | bool):
         key = f"key '{path}' has " if path else ""
-        raise ConfigError(f"{where}: {key}an unsupported value {value!r} of type {type(value).__name__}")
+        shown = "" if any(is_secret_key(part) for part in path.replace("[", ".").split(".")) else f" {value!r}"
+        raise ConfigError(f"{where}: {key}an unsupported value{shown} of type {type(value).__name__}")
 
 
 def _load(text: str, where: str) -> tuple[Any, dict[KeyPath, int]]:
@@ -98,9 +163,14 @@ def _load(text: str, where: str) -> tuple[Any, dict[KeyPath, int]]:
         loader = _Loader(text)  # rejects unprintable characters already
         try:
             node = loader.get_single_node()
+            if node is not None:
+                _check_expansion(node)
             data = loader.construct_document(node) if node is not None else None
         finally:
             loader.dispose()
+    except _TooLarge as err:
+        line = f":{err.problem_mark.line + 1}" if err.problem_mark is not None else ""
+        raise ConfigError(f"{where}{line}: {err.problem}") from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -109,6 +179,7 @@ def _load(text: str, where: str) -> tuple[Any, dict[KeyPath, int]]:
     except yaml.YAMLError as err:
         detail = " ".join(str(err).split())
         raise ConfigError(f"{where}: YAML syntax error: {detail}") from None
+    remember_secrets(data)  # an error that quotes a value later must not show a secret's
     check_plain(data, where)
     lines: dict[KeyPath, int] = {}
     _line_table(node, (), lines)

@@ -387,6 +387,7 @@ def _plan(opts: BuildOptions, name: str, profile: str, images: list[ImageRef], s
 def _run(items: list[_Item], opts: BuildOptions, log: Callable[[str], None]) -> None:
     """Fill `item.value` for every item, from the cache or the endpoint, N at a time."""
     from cmrp.data.llm import ChatClient, LLMError, ResponseCache, request_key
+    from cmrp.progress import Progress, interactive
 
     api_key = os.environ.get(opts.api_key_env) or None
     if api_key is None:
@@ -406,6 +407,7 @@ def _run(items: list[_Item], opts: BuildOptions, log: Callable[[str], None]) -> 
     log(f"{total} items: {done} cached, {len(todo)} to request from {opts.base_url} (model {opts.model}, "
         f"{opts.concurrency} at a time)")
     failures: list[str] = []
+    bar = Progress(len(todo), "data build", unit="item") if interactive() and todo else None  # lines otherwise
 
     def work(item: _Item) -> None:
         item.value = client.complete_json(item.messages, SCHEMAS[item.kind], label=item.label)
@@ -421,14 +423,18 @@ def _run(items: list[_Item], opts: BuildOptions, log: Callable[[str], None]) -> 
                 error = future.exception()
                 with lock:
                     done += 1
-                    if error is None:
-                        log(f"[{done}/{total}] {item.label}: done")
-                    else:
+                    if error is not None:
                         message = str(error) if isinstance(error, LLMError) else f"{type(error).__name__}: {error}"
                         failures.append(message)
-                        log(f"[{done}/{total}] {item.label}: FAILED: {message}")
+                        (bar.write if bar is not None else log)(f"[{done}/{total}] {item.label}: FAILED: {message}")
+                    elif bar is None:
+                        log(f"[{done}/{total}] {item.label}: done")
+                    if bar is not None:
+                        bar.update(1, failed=len(failures))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        if bar is not None:
+            bar.close()
     if failures:
         raise LLMError(f"{len(failures)} of {total} items failed ({failures[0]}); the {total - len(failures)} "
                        "finished items are cached: run the same command again to resume")

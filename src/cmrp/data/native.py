@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import re
 import shutil
@@ -178,18 +179,38 @@ def _read_json(root: Path, name: str, problems: list[Problem], *, required: bool
     if not isinstance(data, dict):
         doc.error("(root)", f"should be a JSON object {{...}}, got {_describe(data)} (wrap the content in an object)")
         return None
+    for field, value in _non_finite(data, ""):
+        doc.error(field, f"is {value}, which is not a number (JSON has no NaN or infinity; write a finite number)")
     return data
 
 
+def _non_finite(value: Any, path: str, limit: int = 20) -> list[tuple[str, str]]:
+    """Where Python's JSON reader let NaN, Infinity or an overflowing number (1e400) in: (path, what), at most
+    `limit` of them. Iterative, since a file may nest deeply."""
+    found: list[tuple[str, str]] = []
+    stack = [(value, path)]
+    while stack and len(found) < limit:
+        item, at = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            found.append((at or "(root)", "NaN" if math.isnan(item) else "infinite"))
+        elif isinstance(item, dict):
+            stack += [(v, _join(at, str(k))) for k, v in reversed(item.items())]
+        elif isinstance(item, list):
+            stack += [(v, _join(at, i)) for i, v in reversed(list(enumerate(item)))]
+    return found
+
+
 def _undecodable(path: Path) -> str | None:
-    """Why PIL cannot decode the image at `path`, or None when it can."""
-    from PIL import Image
+    """Why PIL cannot decode the image at `path` (or why cmrp will not: too many pixels), or None when it can."""
+    from cmrp.data.images import ImageTooLarge, open_image
 
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image.verify()  # checksums and structure
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image.load()  # the pixel data itself
+    except ImageTooLarge as err:
+        return err.reason
     except Exception as err:  # noqa: BLE001 - PIL raises many unrelated types for corrupt files
         return f"{type(err).__name__}: {err}"
     return None

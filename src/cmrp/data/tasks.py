@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cmrp.data.character import Character, CharacterSplit, MultipleChoice, Turn
+from cmrp.errors import DataError
 
 __all__ = [
     "TASKS",
@@ -236,8 +237,9 @@ def shuffled_mix(examples: dict[str, list[Example]], weights: dict[str, float], 
     """Draw `n` examples: a task by weight, then an example of that task uniformly."""
     rng = random.Random(seed)
     tasks = [t for t, w in weights.items() if w > 0 and examples.get(t)]
-    if not tasks:
-        raise ValueError("no examples for any task with a positive weight")
+    if not tasks:  # `cmrp validate` and fit's preflight say this first, naming the data
+        counts = ", ".join(f"{t} {len(examples.get(t, []))}" for t, w in weights.items() if w > 0)
+        raise DataError(f"no training examples for any task with a weight above 0 ({counts or 'no task weighted'})")
     task_weights = [weights[t] for t in tasks]
     picks = rng.choices(tasks, weights=task_weights, k=n)
     return [rng.choice(examples[t]) for t in picks]

@@ -52,9 +52,13 @@ def errors_of(problems: list[Problem]) -> list[Problem]:
 
 
 def problems_error(root: Path, problems: list[Problem]) -> DataError:
-    """A DataError listing every problem, errors first."""
+    """A DataError listing every problem, errors first; one line when there is one error (the warnings are
+    then counted, and `cmrp data validate` lists them)."""
     errors = errors_of(problems)
     warnings = [p for p in problems if p.severity == "warning"]
+    if len(errors) == 1:
+        more = f" ({len(warnings)} warning(s) too: `cmrp data validate {root}` lists them)" if warnings else ""
+        return DataError(f"{root}/{errors[0]}{more}")
     lines = [f"{root}: {len(errors)} error(s) in the character data "
              f"(fix them; `cmrp data validate {root}` re-checks):"]
     lines += [f"  {p}" for p in errors]

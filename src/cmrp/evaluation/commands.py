@@ -18,10 +18,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "multimodal role-play, text-to-image (CLIP-I, CLIP-T, DINO, diversity; FID/KID with Inception weights), "
         "knowledge-QA and VQA "
         "multiple choice, and optionally an LLM judge. For sandbox characters the shipped attribute probe "
-        "also scores images for identity fidelity, prompt faithfulness and text-image agreement. Writes report.html and "
-        "eval.json and logs both to a new MLflow run in the run's database. With --mmrole-tests it instead scores "
-        "a model's answers (--answers, or the checkpoint's own) on MMRole's official test files as MMRole-Eval "
-        "does: one request per metric to its reward model, the per-record ratio averaged per file.",
+        "also scores images for identity fidelity, prompt faithfulness and text-image agreement. Writes report.html "
+        "(with the training run's curves) and eval.json and logs both to an MLflow run nested under the training run; "
+        "when the tracking server is down they wait in <out>/tracking/pending.jsonl for `cmrp tracking sync <out>`. "
+        "With --mmrole-tests it instead scores a model's answers (--answers, or the checkpoint's own) on MMRole's "
+        "official test files as MMRole-Eval does: one request per metric to its reward model, the per-record ratio "
+        "averaged per file.",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR", nargs="?", default=None,
                    help="a `cmrp fit` output_dir (or its checkpoint/); not needed with --mmrole-tests and --answers")
@@ -37,13 +39,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--decoding", default=None, metavar="chain|joint|think",
                    help="how images of dialogue turns are drawn (default: the run's `decoding`): after the reply "
                    "(chain), from the query alone (joint), after the reply and the character's own thinking (think)")
-    p.add_argument("--features", choices=("pixel", "sandbox", "pretrained"), default="pretrained",
-                   help="`pretrained`: CLIP ViT-L/14, DINOv2, LPIPS (and InceptionV3 for FID/KID when present) from "
-                   "local caches; `sandbox`: the small CLIP and image-feature models trained on sandbox renders "
-                   "(shipped); `pixel`: weight-free proxies")
+    p.add_argument("--features", choices=("auto", "pixel", "sandbox", "pretrained"), default="auto",
+                   help="`auto` (default): `sandbox` for a sandbox character, else `pretrained`; `pretrained`: "
+                   "CLIP ViT-L/14, DINOv2, LPIPS (and InceptionV3 for FID/KID when present) from local caches; "
+                   "`sandbox`: the small CLIP and image-feature models trained on sandbox renders (shipped); "
+                   "`pixel`: weight-free proxies")
     p.add_argument("--device", default="cpu", help="torch device for the models and feature nets (default cpu)")
     p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: the run's own, sqlite:///<run>/mlflow.db)")
+                   help="MLflow tracking URI (default: the run's own, sqlite:///<run>/mlflow.db); needed when the "
+                   "run's URI held a password (it was saved hidden)")
     judge = p.add_argument_group("LLM judge (optional; any OpenAI-compatible endpoint)")
     judge.add_argument("--judge-url", default=None, help="base URL, e.g. https://api.openai.com/v1")
     judge.add_argument("--judge-model", default=None, help="model name, e.g. gpt-4o")
@@ -111,10 +115,11 @@ def _visual_replies(items: list, model: Any, baseline: Any, task: str, k: int = 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Everything `cmrp eval` does; returns the report dictionary (also written to eval.json)."""
+    from cmrp.config import Redactor
     from cmrp.data.sources import load_recipe_character
     from cmrp.evaluation.features import load_feature_set
-    from cmrp.evaluation.oracle import chance_levels, prompt_attributes
-    from cmrp.evaluation.report import log_to_mlflow, write_html, write_json
+    from cmrp.evaluation.oracle import chance_levels, prompt_attributes, sandbox_identity
+    from cmrp.evaluation.report import curves_png, intervals, log_report, write_html, write_json
     from cmrp.evaluation.runner import (
         EvalOptions,
         evaluate_model,
@@ -127,9 +132,11 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         t2i_prompts,
         turn_items,
     )
+    from cmrp.tracking import tracked_run
 
     _check_args(args)
     t0 = time.perf_counter()
+    redactor = Redactor.from_environ()  # read once: every name and message below is redacted with it
     ckpt = find_checkpoint(args.checkpoint)
     run_dir = ckpt.parent
     cfg = load_recipe_of(ckpt)
@@ -143,7 +150,10 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     opts = EvalOptions(max_items=args.max_items, samples=args.samples, steps=args.steps,
                        max_new_tokens=args.max_new_tokens, seed=args.seed)
-    feats = load_feature_set(args.features, device=args.device)
+    features = args.features
+    if features == "auto":  # the sandbox's own feature models read sandbox images; pretrained ones the rest
+        features = "sandbox" if sandbox_identity(character) is not None else "pretrained"
+    feats = load_feature_set(features, device=args.device)
     judge = None
     if args.judge_url:
         from cmrp.evaluation.judge import JudgeClient
@@ -154,12 +164,13 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 
     model = load_checkpoint(ckpt, cfg).to(args.device)
     size = (model.image_size, model.image_size) if hasattr(model, "image_size") else (64, 64)
-    model_eval = evaluate_model(model, character, cfg, feats, opts, judge)
+    model_eval = evaluate_model(model, character, cfg, feats, opts, judge, label="eval model")
     del model
     baseline_eval, baseline_source = None, None
     if args.baseline != "none":
         baseline, baseline_source = load_baseline(args.baseline, cfg, character)
-        baseline_eval = evaluate_model(baseline.to(args.device), character, cfg, feats, opts, judge)
+        baseline_eval = evaluate_model(baseline.to(args.device), character, cfg, feats, opts, judge,
+                                       label="eval baseline")
         del baseline
 
     settings = {"max_items": opts.max_items, "samples": opts.samples, "steps": opts.steps,
@@ -173,8 +184,10 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         "settings": settings,
         "judge_endpoint": f"{judge.url} ({judge.model})" if judge is not None else None,
         "judge_protocol": _JSON_PROTOCOL if judge is not None else None,
-        "model": {"numbers": model_eval.numbers, "timings": model_eval.timings},
-        "baseline": {"numbers": baseline_eval.numbers, "timings": baseline_eval.timings} if baseline_eval else None,
+        "model": {"numbers": model_eval.numbers, "timings": model_eval.timings,
+                  "intervals": intervals(model_eval.numbers, model_eval.samples)},
+        "baseline": {"numbers": baseline_eval.numbers, "timings": baseline_eval.timings,
+                     "intervals": intervals(baseline_eval.numbers, baseline_eval.samples)} if baseline_eval else None,
         "reference": reference_numbers(character, cfg, feats, opts, size),
     }
     prompts = t2i_prompts(character, cfg, opts.max_items)
@@ -194,17 +207,20 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         "replies": _visual_replies(text_items, model_eval, baseline_eval, "text_roleplay")
         + _visual_replies(mm_items, model_eval, baseline_eval, "multimodal_roleplay", k=2),
     }
+    logger, training = _tracking(args, cfg, run_dir, out, redactor)
+    history, source = _training_history(run_dir, args, cfg, redactor)
+    training["history_source"] = source
+    visuals["curves"] = curves_png(history, f"training run {training.get('run_id') or run_dir.name}")
+    report["training_run"] = training
+    report["mlflow"] = {"tracking_uri": logger.display_uri, "run_id": logger.run_id, "link": logger.link(),
+                        "note": f"not logged yet: cmrp tracking sync {out}" if logger.offline else None}
     report["timings"] = {"total_s": time.perf_counter() - t0}
     json_path = write_json(report, out / "eval.json")
     html_path = write_html(report, visuals, out / "report.html")
-
-    from cmrp.tracking import default_tracking_uri
-
-    uri = args.tracking_uri or cfg.tracking.tracking_uri or default_tracking_uri(run_dir)
-    local = not uri.startswith(("http://", "https://", "databricks"))
-    run_id = log_to_mlflow(report, [json_path, html_path], uri, cfg.tracking.experiment,
-                           run_dir / "mlartifacts" if local else None)
-    report["mlflow"] = {"tracking_uri": uri, "run_id": run_id}
+    with tracked_run(logger):
+        log_report(logger, report, [json_path, html_path])
+    report["mlflow"]["pending"] = str(logger.pending) if logger.offline else None
+    report["mlflow"]["hint"] = logger.hint()
     report["files"] = {"json": str(json_path), "html": str(html_path)}
     return report
 
@@ -224,6 +240,39 @@ def _eval_mmrole(args: argparse.Namespace) -> int:
         print(f"answers:     {report['answers']}  (score them: add --judge-url URL --judge-model MODEL)")
     print(f"numbers:     {report['files']['json']}")
     return 0
+
+
+def _run_uri(args: argparse.Namespace, cfg: Any, run_dir: Path) -> str:
+    """The URI to connect to: --tracking-uri, else the run's (as its recipe.yaml saved it: a password in it
+    was hidden, and connecting then asks for --tracking-uri), else the run's own database."""
+    from cmrp.tracking import default_tracking_uri
+
+    return args.tracking_uri or cfg.tracking.tracking_uri or default_tracking_uri(run_dir)
+
+
+def _tracking(args: argparse.Namespace, cfg: Any, run_dir: Path, out: Path, redactor: Any):
+    """The evaluation's MLflow run, nested under the training run (same experiment, `mlflow.parentRunId`);
+    and what is known of the training run. A server that is down: records go to <out>/tracking/pending.jsonl."""
+    from cmrp.tracking import TrackingLogger, default_tags, is_remote, read_run_file, run_link
+
+    uri = _run_uri(args, cfg, run_dir)
+    trained = read_run_file(run_dir)
+    tags = {**default_tags("eval"), "cmrp.checkpoint": str(run_dir / "checkpoint")}
+    if trained.get("run_id"):
+        tags.update({"mlflow.parentRunId": trained["run_id"], "cmrp.train_run_id": trained["run_id"]})
+    logger = TrackingLogger(uri, cfg.tracking.experiment, "eval", out, tags=tags, redactor=redactor,
+                            artifact_location=None if is_remote(uri) else (run_dir / "mlartifacts").as_uri())
+    training = {"run_id": trained.get("run_id"), "tracking_uri": redactor.text(uri),
+                "link": run_link(redactor.text(uri), trained.get("experiment_id"), trained.get("run_id")),
+                "note": None if trained.get("run_id") else "the training run recorded no MLflow run id"}
+    return logger, training
+
+
+def _training_history(run_dir: Path, args: argparse.Namespace, cfg: Any, redactor: Any):
+    from cmrp.tracking import run_history
+
+    return run_history(run_dir, _run_uri(args, cfg, run_dir), ["train/loss", "reward/total", "val/reward/total"],
+                       redactor)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -248,5 +297,12 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"{task + '/' + key + ':':<42}{a:.3f}{tail}")
     print(f"report:      {report['files']['html']}")
     print(f"numbers:     {report['files']['json']}")
-    print(f"MLflow run:  {report['mlflow']['run_id']} in {report['mlflow']['tracking_uri']}")
+    mlflow = report["mlflow"]
+    print(f"MLflow run:  {mlflow['run_id'] or '(not created: server unreachable)'} in {mlflow['tracking_uri']}"
+          + (f", nested under training run {report['training_run']['run_id']}"
+             if report["training_run"].get("run_id") else ""))
+    if mlflow["pending"]:
+        print(f"  not logged: {mlflow['pending']} — upload with: cmrp tracking sync {Path(mlflow['pending']).parents[1]}")
+    else:
+        print(f"  browse with: {mlflow['hint']}")
     return 0

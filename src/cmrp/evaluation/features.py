@@ -27,10 +27,11 @@ import torch
 
 from cmrp.errors import WeightsError
 
-__all__ = ["FEATURE_SETS", "INCEPTION_URL", "ColourWordClip", "FeatureSet", "InceptionFeatures", "LpipsMetric",
-           "inception_missing", "load_feature_set", "load_inception", "load_lpips_metric"]
+__all__ = ["FEATURE_CHOICES", "FEATURE_SETS", "INCEPTION_URL", "ColourWordClip", "FeatureSet", "InceptionFeatures",
+           "LpipsMetric", "inception_missing", "load_feature_set", "load_inception", "load_lpips_metric"]
 
 FEATURE_SETS = ("pixel", "sandbox", "pretrained")
+FEATURE_CHOICES = ("auto", *FEATURE_SETS)  # auto: sandbox for a sandbox character, else pretrained
 # torch-fidelity's InceptionV3 weights, the network FID is defined with (torchmetrics loads it through torch-fidelity)
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 

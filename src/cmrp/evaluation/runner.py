@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from cmrp.backbones.loading import find_checkpoint
+from cmrp.backbones.loading import find_checkpoint, reading_weights
 from cmrp.data.character import Character, ImageRef
 from cmrp.data.images import load_images
 from cmrp.data.tasks import Example, Segment, image_prompts, system_prompt
@@ -76,6 +76,7 @@ class ModelEval:
     t2i_images: list[torch.Tensor] = field(default_factory=list)  # per prompt [n, 3, H, W]
     shown_images: list[torch.Tensor] = field(default_factory=list)  # per multimodal "show" turn [3, H, W]
     timings: dict[str, float] = field(default_factory=dict)
+    samples: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # per-image values (report intervals)
 
 
 # -- loading ---------------------------------------------------------------------------------------------
@@ -111,7 +112,9 @@ def load_checkpoint(ckpt: Path, cfg: Any | None = None) -> Any:
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ConfigError(f"{config_file}: cannot read the backbone's adapter name ({type(err).__name__}); "
                               "the checkpoint is incomplete — re-run `cmrp fit` or pass another run") from None
-        adapter = BACKBONES.get(adapter_name, where=f"{config_file} key 'adapter'").from_pretrained(ckpt / "backbone")
+        adapter_cls = BACKBONES.get(adapter_name, where=f"{config_file} key 'adapter'")
+        with reading_weights(ckpt / "backbone"):  # a damaged file: one clear error, not safetensors' traceback
+            adapter = adapter_cls.from_pretrained(ckpt / "backbone")
     if (ckpt / "adapter").is_dir():
         from cmrp.backbones.loading import merge_saved_adapter
 
@@ -300,6 +303,7 @@ def _t2i(adapter, character, prompts, feats: FeatureSet, refs: torch.Tensor, opt
     numbers["dino_references"] = M.dino_similarity(feats.dino, images, refs)
     numbers["dino_max_reference"] = M.max_reference_similarity(feats.dino, images, refs)
     numbers["diversity"] = M.within_prompt_diversity(feats.distance, images, group_ids)
+    result.samples["t2i"] = _per_image(emb, feats.clip.encode_text(texts), feats, images, refs)
     numbers.update(image_oracle_numbers(  # sandbox characters: the attribute probe reads the samples
         character, images, [prompt_attributes(p.prompt, all_images.get(p.image_id)) for p in prompts for _ in range(n)]))
     with_target = [(i, all_images[p.image_id]) for i, p in enumerate(prompts) if p.image_id in all_images]
@@ -318,6 +322,21 @@ def _t2i(adapter, character, prompts, feats: FeatureSet, refs: torch.Tensor, opt
         real = torch.cat([refs, targets]) if with_target else refs
         numbers.update(M.fid_kid(feats.inception, real, images))
     result.numbers["t2i"] = numbers
+
+
+def _per_image(emb: torch.Tensor, text_emb: torch.Tensor, feats: FeatureSet, images: torch.Tensor,
+               refs: torch.Tensor) -> dict[str, list[float]]:
+    """Each image's value of the T2I similarity numbers (their means are the numbers), for the report's
+    confidence intervals."""
+    from cmrp.rewards._ops import cosine_matrix
+
+    out = {"clip_t": _per_item_cosine(emb, text_emb)}
+    if refs.shape[0]:
+        clip_refs = cosine_matrix(emb, feats.clip.encode_image(refs))
+        dino_refs = cosine_matrix(feats.dino(images), feats.dino(refs))
+        out.update({"clip_i_references": clip_refs.mean(1).tolist(), "dino_references": dino_refs.mean(1).tolist(),
+                    "dino_max_reference": dino_refs.max(1).values.tolist()})
+    return out
 
 
 def _mcq(adapter, character, opts, result: ModelEval) -> None:
@@ -388,7 +407,7 @@ def _judge(adapter, character, text_items: list[TurnItem], mm_items: list[TurnIt
 
 
 def evaluate_model(adapter: Any, character: Character, cfg: Any, feats: FeatureSet, opts: EvalOptions,
-                   judge: Any = None) -> ModelEval:
+                   judge: Any = None, label: str = "eval") -> ModelEval:
     """Every task for one model; the same inputs and seeds for the model and its baseline. Images are
     sampled as the recipe says: its decoding (think mode) and its `grpo:` guidance and timestep shift."""
     import dataclasses
@@ -414,11 +433,14 @@ def evaluate_model(adapter: Any, character: Character, cfg: Any, feats: FeatureS
     ]
     if judge is not None:
         steps.append(("judge", lambda: _judge(adapter, character, text_items, mm_items, judge, opts, result)))
-    with torch.no_grad():
+    from cmrp.progress import Progress
+
+    with torch.no_grad(), Progress(len(steps), label, unit="task") as progress:
         for name, step in steps:
             t = time.perf_counter()
             step()
             result.timings[f"{name}_s"] = time.perf_counter() - t
+            progress.update(1, done=name)
     return result
 
 

@@ -139,7 +139,7 @@ def scalar_metrics(info: Mapping[str, Any], prefix: str = "reward/") -> dict[str
 def unknown_kwargs(cls: Any, kwargs: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     """(kwargs the reward's constructor does not take, each with a close-name hint; what it accepts).
     Lets `cmrp validate` reject a preset's typo before anything is built."""
-    import difflib
+    from cmrp.registry import kwarg_hints
 
     try:
         signature = inspect.signature(cls)
@@ -148,11 +148,7 @@ def unknown_kwargs(cls: Any, kwargs: Mapping[str, Any]) -> tuple[list[str], list
     if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
         return [], []
     accepted = [p for p in signature.parameters if p != "self"]
-    hints = []
-    for key in sorted(set(kwargs) - set(accepted)):
-        close = difflib.get_close_matches(key, accepted, n=1)
-        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return hints, accepted
+    return kwarg_hints(kwargs, accepted), accepted
 
 
 def _construct(name: str, cls: Any, kwargs: dict[str, Any], where: str) -> Reward:

@@ -1,17 +1,14 @@
 """Samplers shared by training, evaluation and chat: flow ODE/SDE steps and token sampling with
-log-probs, the Rollout they produce, and decoding strategies (chain / joint)."""
+log-probs, the Rollout they produce, and decoding strategies (chain / joint).
 
-from cmrp.sampling.flow import (
-    FlowStep,
-    FlowTrajectory,
-    flow_step,
-    gaussian_logprob,
-    sample_flow,
-    sampling_timesteps,
-    sde_window,
-)
-from cmrp.sampling.rollout import Rollout, TokenTrajectory
-from cmrp.sampling.tokens import TokenStep, guided_logits, sample_token_sequence, token_step
+Names are imported on first use, so `cmrp.sampling.decoding` (read by `cmrp ls` and `cmrp validate`)
+imports without torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = [
     "FlowStep",
@@ -28,3 +25,17 @@ __all__ = [
     "sde_window",
     "token_step",
 ]
+
+_HOMES = {
+    **dict.fromkeys(("FlowStep", "FlowTrajectory", "flow_step", "gaussian_logprob", "sample_flow",
+                     "sampling_timesteps", "sde_window"), "cmrp.sampling.flow"),
+    **dict.fromkeys(("Rollout", "TokenTrajectory"), "cmrp.sampling.rollout"),
+    **dict.fromkeys(("TokenStep", "guided_logits", "sample_token_sequence", "token_step"), "cmrp.sampling.tokens"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'cmrp.sampling' has no attribute {name!r}")
+    return getattr(importlib.import_module(home), name)

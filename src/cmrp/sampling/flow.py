@@ -30,6 +30,7 @@ __all__ = [
     "sample_flow",
     "sampling_timesteps",
     "sde_window",
+    "window_starts",
 ]
 
 SDE_KINDS = ("sde", "cps")
@@ -109,14 +110,21 @@ def flow_step(
     return FlowStep(next_sample, mean, std_t, gaussian_logprob(next_sample, mean, std_t))
 
 
+def window_starts(steps: int, size: int, lo: float = 0.0, hi: float = 1.0) -> tuple[int, int]:
+    """The first and last step index an SDE window of `size` steps may start at (see `sde_window`)."""
+    if size >= steps:
+        return 0, 0
+    first = min(int(math.floor(lo * steps)), steps - size)
+    return first, max(first, min(int(math.ceil(hi * steps)) - size, steps - size))
+
+
 def sde_window(steps: int, size: int, lo: float = 0.0, hi: float = 1.0,
                generator: torch.Generator | None = None) -> tuple[int, int]:
     """[start, end) step indices of an SDE window of `size` steps whose start is drawn uniformly from
     the fraction [lo, hi] of the schedule (e.g. the first half: lo 0, hi 0.5). size >= steps: all steps."""
     if size >= steps:
         return 0, steps
-    first = min(int(math.floor(lo * steps)), steps - size)
-    last = max(first, min(int(math.ceil(hi * steps)) - size, steps - size))
+    first, last = window_starts(steps, size, lo, hi)
     start = first + int(torch.randint(0, last - first + 1, (1,), generator=generator))
     return start, start + size
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch import nn
 
 from cmrp.errors import WeightsError
 from cmrp.jsonio import write_json
+from cmrp.resources import git_commit  # re-exported: the manifests record it
 from cmrp.sandbox.renderer import ATTRIBUTE_VALUES, render
 
 __all__ = [
@@ -153,19 +153,6 @@ def train_on_renders(model: nn.Module, loss_fn: Callable[[list[dict[str, str]], 
             break
     model.eval()
     return losses, done
-
-def git_commit() -> str | None:
-    """The commit of the source tree these files come from (with `+dirty` for local changes), if known."""
-    root = Path(__file__).resolve().parents[3]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit + ("+dirty" if dirty else "") if commit else None
-
 
 def save_asset(model: nn.Module, manifest: dict[str, Any], out_dir: Path, name: str,
                extra: dict[str, torch.Tensor] | None = None) -> tuple[Path, Path]:

@@ -60,10 +60,11 @@ def world_examples(world: Any, root: Path, decoding: str) -> tuple[dict[str, lis
     and their texts (the tokenizer's corpus). Text-to-image gets each reference image twice: under
     its name prompt and under its plain description, so the base learns to draw what words say."""
     from cmrp.data.tasks import TASKS, Example, Segment, build_examples, character_corpus
+    from cmrp.progress import track
 
     examples: dict[str, list] = {task: [] for task in TASKS}
     corpus: list[str] = []
-    for seed in range(world.first_seed, world.first_seed + world.characters):
+    for seed in track(range(world.first_seed, world.first_seed + world.characters), "world characters"):
         character = _world_character(seed, world, root)
         for task, items in build_examples(character, decoding=decoding).items():
             examples[task] += items
@@ -111,14 +112,11 @@ def pretrain(cfg: Any, out: Path) -> dict[str, Any]:
     """Train the base of recipe `cfg` (its `world`, `data.tasks`, `sft` and `trainer` sections) and write
     it into `out` with its manifest; returns the manifest."""
     import lightning as L
-    import torch
     from omegaconf import OmegaConf
 
-    from cmrp.config import flatten, redact_secrets, resolve_recipe_parts
+    from cmrp.config import redact_secrets, resolve_recipe_parts
     from cmrp.registry import BACKBONES
-    from cmrp.sandbox.nets import git_commit
-    from cmrp.tracking import make_logger
-    from cmrp.training.fit import run_sft
+    from cmrp.tracking import make_logger, tracked_run
     from cmrp.training.peft import apply_finetune
 
     world = cfg.world
@@ -148,7 +146,20 @@ def pretrain(cfg: Any, out: Path) -> dict[str, Any]:
     adapter.max_text_tokens = cfg.data.max_text_tokens
     apply_finetune(adapter, cfg.finetune)
     redacted = redact_secrets(OmegaConf.to_container(cfg, resolve=True))
-    logger = make_logger(cfg.tracking, run_dir, run_name=cfg.name)
+    logger = make_logger(cfg.tracking, run_dir, run_name=cfg.name, kind="pretrain")
+    with tracked_run(logger):  # FINISHED, or FAILED / KILLED: never left RUNNING
+        return _pretrain_tracked(cfg, out, adapter, logger, redacted, examples, heldout, world, first_heldout,
+                                 timings, t0)
+
+
+def _pretrain_tracked(cfg, out, adapter, logger, redacted, examples, heldout, world, first_heldout, timings, t0):
+    import torch
+
+    from cmrp.config import flatten
+    from cmrp.resources import git_commit
+    from cmrp.training.fit import run_sft
+
+    run_dir = Path(cfg.output_dir).expanduser().resolve()
     logger.log_hyperparams(flatten(redacted))
 
     t = time.perf_counter()
@@ -177,8 +188,7 @@ def pretrain(cfg: Any, out: Path) -> dict[str, Any]:
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
     write_json(out / BASE_MANIFEST, manifest, ensure_ascii=True)
-    logger.log_metrics({**{f"heldout/untrained/{k}": v for k, v in before.items()},
-                        **{f"heldout/pretrained/{k}": v for k, v in after.items()}}, step=0)
+    logger.log_metrics({f"eval/before/{k}": v for k, v in before.items()}, step=0)  # held-out world characters
+    logger.log_metrics({f"eval/after/{k}": v for k, v in after.items()}, step=int(cfg.trainer.max_steps))
     logger.log_artifact(out / BASE_MANIFEST)
-    logger.finalize("success")
     return manifest

@@ -6,10 +6,13 @@ Layout: `<output_dir>/resume/<NN>-<stage>-<step>/` with
 - `state.pt` — optimiser, scheduler, RNG states (torch, CUDA, numpy, python) and stage state (GRPO EMA /
   reference weights), plain tensors and containers only, read back with `torch.load(weights_only=True)`;
 - `manifest.json` — written last: stage, step, data position, MLflow run id, results of finished stages,
-  the recipe's fingerprint, and the size of every file. A directory is a checkpoint only when its manifest
-  parses and every listed file has its recorded size.
+  the recipe's fingerprint, the size and sha256 of every file, and a sha256 of the manifest itself.
 A checkpoint is assembled in a hidden temporary directory beside the others, each file fsynced, then
 renamed into place (atomic on one file system); leftovers of a crash mid-write are removed on the next save.
+
+Before a run resumes from a checkpoint, its manifest and every file are verified against their sha256: a
+checkpoint damaged in place (same size, changed bytes) is skipped with a warning naming the file, and the
+one before it is used. Sizes alone decide which old checkpoints to prune (cheap, on every save).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import os
 import random
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +30,9 @@ from typing import Any
 
 import torch
 
+from cmrp.checkpoint import file_sha256
 from cmrp.errors import CmrpError, ConfigError
-from cmrp.jsonio import write_json
+from cmrp.jsonio import dumps, to_strict, write_json
 
 __all__ = [
     "FORMAT",
@@ -35,6 +40,7 @@ __all__ = [
     "NonFiniteGuard",
     "ResumePoint",
     "capture_rng",
+    "check_fingerprint",
     "find_resume_point",
     "grads_finite",
     "load_weights",
@@ -43,7 +49,7 @@ __all__ = [
     "write_checkpoint",
 ]
 
-FORMAT = 1
+FORMAT = 2  # 2: sha256 of every file and of the manifest
 WEIGHTS = "weights.safetensors"
 STATE = "state.pt"
 MANIFEST = "manifest.json"
@@ -93,36 +99,49 @@ def grads_finite(params) -> bool:
 
 
 class NonFiniteGuard:
-    """Counts skipped steps; raises `NonFiniteError` after `limit` in a row (0: never)."""
+    """Counts skipped updates; raises `NonFiniteError` after `limit` in a row (0: never), and at the end of a
+    stage in which every update was skipped (`finish`): such a run changed no weight and must not look done.
+    `unit` names what `step` numbers: SFT's optimiser steps, GRPO's iterations (several updates each)."""
 
-    def __init__(self, limit: int, where: str):
+    def __init__(self, limit: int, where: str, unit: str = "step"):
         self.limit = int(limit)
         self.where = where
+        self.unit = unit
         self.in_row = 0
         self.total = 0
+        self.seen = 0
 
     def step(self, finite: bool, step: int) -> bool:
-        """Record one step; True when it may go ahead."""
+        """Record one update at `step` (1-based); True when it may go ahead."""
+        self.seen += 1
         if finite:
             self.in_row = 0
             return True
         self.in_row += 1
         self.total += 1
-        print(f"cmrp: {self.where} step {step}: non-finite loss or gradients, update skipped "
+        print(f"cmrp: {self.where} {self.unit} {step}: non-finite loss or gradients, update skipped "
               f"({self.in_row} in a row, {self.total} in all)", flush=True)
         if self.limit and self.in_row >= self.limit:
             raise NonFiniteError(
-                f"{self.where}: {self.in_row} steps in a row (up to step {step}) had a NaN/inf loss or gradients "
-                f"(nonfinite_stop_after: {self.limit}). Lower the learning rate ({self.where}.optimizer.lr), check "
-                "the data, or raise nonfinite_stop_after; `cmrp fit --resume` continues from the last checkpoint."
+                f"{self.where}: {self.in_row} steps in a row (up to {self.unit} {step}) had a NaN/inf loss or "
+                f"gradients (nonfinite_stop_after: {self.limit}). Lower the learning rate ({self.where}.optimizer.lr), "
+                "check the data, or raise nonfinite_stop_after; `cmrp fit --resume` continues from the last checkpoint."
             )
         return False
 
+    def finish(self) -> None:
+        """The end of a stage: raise when every update of it was skipped (nothing was trained)."""
+        if self.seen and self.total == self.seen:
+            raise NonFiniteError(
+                f"{self.where}: every one of its {self.seen} updates had a NaN/inf loss or gradients and was skipped, "
+                f"so no weight changed. Lower the learning rate ({self.where}.optimizer.lr) or check the data."
+            )
+
     def state_dict(self) -> dict[str, int]:
-        return {"in_row": self.in_row, "total": self.total}
+        return {"in_row": self.in_row, "total": self.total, "seen": self.seen}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.in_row, self.total = int(state["in_row"]), int(state["total"])
+        self.in_row, self.total, self.seen = int(state["in_row"]), int(state["total"]), int(state.get("seen", 0))
 
 
 # -- fingerprint -------------------------------------------------------------------------------------
@@ -152,34 +171,51 @@ def _order(manifest: dict[str, Any]) -> tuple[int, int]:
     return int(manifest["stage_index"]), int(manifest["batches"])
 
 
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    return hashlib.sha256(dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def write_checkpoint(root: Path, weights: dict[str, torch.Tensor], state: dict[str, Any], manifest: dict[str, Any],
                      keep: int) -> Path:
-    """Write one checkpoint atomically under `root`; keep the newest `keep` valid ones."""
+    """Write one checkpoint atomically under `root`; keep the newest `keep` valid ones. A failed write (a full
+    disk) leaves no partial checkpoint and raises a CmrpError naming the latest valid one, which is intact."""
     from safetensors.torch import save_file
 
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):  # a crash mid-write left this; it was never valid
-        shutil.rmtree(stale, ignore_errors=True)
+    from cmrp.training.preflight import write_error
+
     position = "done" if manifest["done"] else f"{int(manifest['batches']):08d}"
     name = f"{int(manifest['stage_index']):02d}-{manifest['stage']}-{position}"
     tmp = root / f".tmp-{name}-{os.getpid()}"
-    tmp.mkdir()
+    final = root / name
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):  # a crash mid-write left this; it was never valid
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in weights.items()}
         save_file(tensors, str(tmp / WEIGHTS))
         torch.save(state, tmp / STATE)
-        files = {f: (tmp / f).stat().st_size for f in (WEIGHTS, STATE)}
-        write_json(tmp / MANIFEST, {**manifest, "format": FORMAT, "files": files}, indent=1, ensure_ascii=True)
+        files = {f: {"size": (tmp / f).stat().st_size, "sha256": file_sha256(tmp / f)} for f in (WEIGHTS, STATE)}
+        body = to_strict({**manifest, "format": FORMAT, "files": files})  # digest what is written (NaN -> null)
+        write_json(tmp / MANIFEST, {**body, "digest": _manifest_digest(body)}, indent=1, ensure_ascii=True)
         for f in (WEIGHTS, STATE, MANIFEST):
             _fsync(tmp / f)
         _fsync(tmp)
-        final = root / name
         if final.exists():  # the same point written again after a resume: replace it
             old = root / f".tmp-old-{name}-{os.getpid()}"
             final.rename(old)
             shutil.rmtree(old, ignore_errors=True)
         tmp.rename(final)
         _fsync(root)
+    except Exception as err:  # noqa: BLE001 - safetensors and torch report a full disk in their own types
+        mapped = write_error(err, final)
+        if mapped is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # before naming the survivor: frees the space it took
+        latest = find_resume_point(root, verify=False)
+        kept = f"the last valid checkpoint {latest.path} is intact" if latest else "no earlier checkpoint exists"
+        raise type(mapped)(f"{mapped}; {kept}. Free space, then continue with `cmrp fit --resume`") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -208,57 +244,106 @@ class ResumePoint:
         return bool(self.manifest["done"])
 
     def state(self) -> dict[str, Any]:
+        import warnings
+
         try:
-            return torch.load(self.path / STATE, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - a damaged file is reported with its path
-            raise CmrpError(f"{self.path / STATE}: cannot be read ({err}); delete {self.path} to resume from the "
-                            "checkpoint before it") from None
+            with warnings.catch_warnings():  # a foreign pickle makes torch warn as well as fail: one message
+                warnings.simplefilter("ignore")
+                return torch.load(self.path / STATE, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - torch's message advises unsafe loading: not repeated here
+            raise CmrpError(f"{self.path / STATE}: not a state file cmrp can read ({type(err).__name__}); delete "
+                            f"{self.path} to resume from the checkpoint before it") from None
 
 
-def _read_manifest(path: Path) -> dict[str, Any] | None:
+def _warn(message: str) -> None:
+    print(f"cmrp: resume: {message}", file=sys.stderr, flush=True)
+
+
+def _read_manifest(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """The manifest of a checkpoint directory whose files have their recorded sizes, or None and why not."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        return None
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, f"{path}: no {MANIFEST} (a checkpoint whose writing never finished)"
+    except (OSError, ValueError) as err:
+        return None, f"{path / MANIFEST}: unreadable ({type(err).__name__})"
+    if not isinstance(manifest, dict) or manifest.get("digest") != _manifest_digest(manifest):
+        return None, f"{path / MANIFEST}: its content does not match its sha256 (the file was changed or damaged)"
+    if manifest.get("format") != FORMAT:
+        return None, f"{path / MANIFEST}: format {manifest.get('format')!r}, this cmrp reads format {FORMAT}"
     files = manifest.get("files")
-    if not isinstance(files, dict) or set(files) != {WEIGHTS, STATE}:
-        return None
-    for name, size in files.items():
-        try:
-            if (path / name).stat().st_size != size:
-                return None
-        except OSError:
-            return None
     required = ("stage", "stage_index", "batches", "done")
-    return manifest if all(k in manifest for k in required) else None
+    if not isinstance(files, dict) or set(files) != {WEIGHTS, STATE} or not all(k in manifest for k in required):
+        return None, f"{path / MANIFEST}: incomplete (not written by this cmrp)"
+    for name, entry in files.items():
+        try:
+            size = (path / name).stat().st_size
+        except OSError:
+            return None, f"{path / name}: missing"
+        if not isinstance(entry, dict) or size != entry.get("size"):
+            return None, f"{path / name}: {size} bytes, the manifest says {entry.get('size') if isinstance(entry, dict) else '?'} (cut short)"
+    return manifest, ""
+
+
+def _verify_files(point: ResumePoint) -> str | None:
+    """Why a checkpoint's files do not match the sha256 in its manifest, or None when they all do."""
+    for name, entry in point.manifest["files"].items():
+        try:
+            if file_sha256(point.path / name) != entry.get("sha256"):
+                return f"{point.path / name}: its content does not match the sha256 in {MANIFEST} (damaged)"
+        except OSError as err:
+            return f"{point.path / name}: unreadable ({err.strerror or type(err).__name__})"
+    return None
+
+
+def _candidates(root: Path, warn: bool) -> tuple[list[ResumePoint], int]:
+    """Checkpoint directories whose manifest and file sizes are right, and how many others there were."""
+    points, rejected = [], 0
+    if not root.is_dir():
+        return points, rejected
+    for path in sorted(root.iterdir()):
+        if path.name.startswith(".") or not path.is_dir():
+            continue
+        manifest, reason = _read_manifest(path)
+        if manifest is not None:
+            points.append(ResumePoint(path, manifest))
+        else:
+            rejected += 1
+            if warn:
+                _warn(f"skipping {reason}")
+    return points, rejected
 
 
 def _valid_points(root: Path) -> list[ResumePoint]:
-    points = []
-    if not root.is_dir():
-        return points
-    for path in root.iterdir():
-        if path.name.startswith(".") or not path.is_dir():
-            continue
-        manifest = _read_manifest(path)
-        if manifest is not None:
-            points.append(ResumePoint(path, manifest))
-    return points
+    return _candidates(root, warn=False)[0]
 
 
-def find_resume_point(root: Path) -> ResumePoint | None:
-    """The latest valid checkpoint under `root` (half-written or damaged ones are passed over)."""
-    points = _valid_points(root)
-    return max(points, key=lambda p: _order(p.manifest)) if points else None
+def find_resume_point(root: Path, *, verify: bool = True) -> ResumePoint | None:
+    """The latest checkpoint under `root` that passes verification (half-written, cut short or damaged ones
+    are passed over, each with a warning on stderr). None when `root` holds no checkpoint at all; a CmrpError
+    when it holds some but none passes (starting afresh would silently drop them)."""
+    points, rejected = _candidates(root, warn=verify)
+    for point in sorted(points, key=lambda p: _order(p.manifest), reverse=True):
+        problem = _verify_files(point) if verify else None
+        if problem is None:
+            return point
+        _warn(f"skipping {problem}")
+        rejected += 1
+    if verify and rejected:
+        raise CmrpError(f"{root}: none of its {rejected} checkpoint(s) passed verification (see the warnings above); "
+                        "restore them, or delete the folder (or set resume: never) to start afresh")
+    return None
 
 
 def load_weights(model: torch.nn.Module, path: Path, names: list[str]) -> None:
     """Copy the checkpoint's weights into `model`; the names must be exactly the run's trained weights."""
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path / WEIGHTS))
+    try:
+        tensors = load_file(str(path / WEIGHTS))
+    except Exception as err:  # noqa: BLE001 - safetensors' own error type; a damaged header or data
+        raise CmrpError(f"{path / WEIGHTS}: not a weights file cmrp can read ({type(err).__name__}); delete {path} "
+                        "to resume from the checkpoint before it") from None
     missing, unexpected = sorted(set(names) - set(tensors)), sorted(set(tensors) - set(names))
     if missing or unexpected:
         raise ConfigError(
@@ -406,7 +491,7 @@ class StageCheckpoints:
         return self.point is not None
 
     def guard(self) -> NonFiniteGuard:
-        return NonFiniteGuard(self.owner.max_nonfinite, self.name)
+        return NonFiniteGuard(self.owner.max_nonfinite, self.name, "iteration" if self.name == "grpo" else "step")
 
     def callback(self, *, batches_per_step: int = 1, module_state=None, load_module_state=None):
         return make_resume_callback(

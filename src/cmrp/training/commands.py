@@ -1,4 +1,4 @@
-"""`cmrp fit RECIPE [key=value ...] [--resume]` and `cmrp tracking sync OUTPUT_DIR`."""
+"""`cmrp fit RECIPE [key=value ...] [--resume]` (flags and overrides in any order) and `cmrp tracking sync OUTPUT_DIR`."""
 
 from __future__ import annotations
 
@@ -24,15 +24,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t = subparsers.add_parser(
         "tracking",
         help="tracking utilities (upload what a run could not log)",
-        description="When the tracking server fails, `cmrp fit` goes on and writes what it could not log to "
-        "<output_dir>/tracking/pending.jsonl; `cmrp tracking sync` uploads it.",
+        description="When the tracking server fails, `cmrp fit` (and `cmrp eval`) goes on and writes what it "
+        "could not log to <output_dir>/tracking/pending.jsonl; `cmrp tracking sync` uploads it.",
     )
     sub = t.add_subparsers(dest="tracking_command", metavar="SUBCOMMAND")
     sub.required = True
     s = sub.add_parser("sync", help="upload a run's pending tracking records to MLflow",
                        description="Upload <output_dir>/tracking/pending.jsonl (params, metrics, artifacts, status) "
-                       "to the run it belongs to (created if the server never saw it); the file is then "
-                       "renamed synced-<time>.jsonl so nothing is uploaded twice.")
+                       "to the run it belongs to (created if the server never saw it), and pending-*.jsonl kept "
+                       "from earlier runs in the same folder; each file is then renamed synced-<time>-*.jsonl so "
+                       "nothing is uploaded twice. Rows the run already holds (a resumed run's replayed steps) "
+                       "are not uploaded again.")
     s.add_argument("output_dir", help="the run's output directory")
     s.add_argument("--tracking-uri", default=None,
                    help="where to upload (default: the URI the run used, recorded in the file)")
@@ -40,21 +42,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _fit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from cmrp.config import load_recipe
     from cmrp.training.fit import run_fit
+    from cmrp.training.preflight import writing
 
     overrides = [*args.overrides, "resume=auto"] if args.resume else args.overrides
     cfg = load_recipe(args.recipe, overrides)
-    from cmrp.training.peft import check_finetune_runtime
-
-    check_finetune_runtime(cfg.finetune)  # e.g. qlora without a CUDA GPU: fail before building the model
-    result = run_fit(cfg)
+    with writing(Path(cfg.output_dir)):  # a full disk or read-only mount mid-run: one clear error
+        result = run_fit(cfg)  # checks what `cmrp validate` checks (and this machine) before any work
     if not result.main:  # a non-zero rank of a distributed run: rank 0 reports
         return 0
     before, after = result.metrics["before"], result.metrics["after"]
     print(f"character:      {result.metrics['character']}")
     for key in after:
-        print(f"{key + ':':<16}{before[key]:.3f} -> {after[key]:.3f}")
+        print(f"{key + ':':<19}{before[key]:.3f} -> {after[key]:.3f}")
     if "loss_drop" in result.metrics:
         m = result.metrics
         change = f"{100 * abs(m['loss_drop']):.0f}% {'lower' if m['loss_drop'] >= 0 else 'higher'}"
@@ -63,16 +66,16 @@ def _fit(args: argparse.Namespace) -> int:
         g = result.metrics["grpo"]
         b, a = g["heldout_reward_before"].get("total", float("nan")), g["heldout_reward_after"].get("total", float("nan"))
         print(f"grpo reward:    {b:.3f} -> {a:.3f} (held-out prompts)")
-    from cmrp.tracking import redact_text
+    from cmrp.tracking import browse_hint
 
-    uri = redact_text(result.tracking_uri)
+    uri = result.tracking_uri  # redacted: the run never returns the real one
     if result.resumed_from is not None:
         print(f"resumed from:   {result.resumed_from}")
     print(f"MLflow run:     {result.run_id or '(not created: server unreachable)'} in {uri}")
     if result.tracking_pending is not None:
         print(f"  not logged:   {result.tracking_pending} — upload with: cmrp tracking sync {result.output_dir}")
     else:
-        print(f"  browse with:  mlflow ui --backend-store-uri {uri}")
+        print(f"  browse with:  {browse_hint(uri, result.experiment_id, result.run_id)}")
     if result.grid_path is not None:
         print(f"sample grid:    {result.grid_path}")
     print(f"checkpoint:     {result.checkpoint_dir}")
@@ -82,15 +85,16 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 def _sync(args: argparse.Namespace) -> int:
-    from cmrp.tracking import sync_pending
+    from cmrp.tracking import browse_hint, sync_pending
 
-    done = sync_pending(args.output_dir, args.tracking_uri)
-    print(f"uploaded to run {done['run_id']} in {done['tracking_uri']}: {done['params']} params, "
-          f"{done['metrics']} metric values, {done['artifacts']} artifacts"
-          + (f", status {done['status']}" if done["status"] else ""))
-    if done["missing_artifacts"]:
-        print(f"missing artifact files (not uploaded): {', '.join(done['missing_artifacts'])}")
-    if done["damaged_lines"]:
-        print(f"skipped {done['damaged_lines']} damaged line(s) (cut short by a crash)")
-    print(f"records archived as {done['archived_as']}")
+    for done in sync_pending(args.output_dir, args.tracking_uri):
+        print(f"{done['file'].name}: uploaded to run {done['run_id']} in {done['tracking_uri']}: {done['params']} "
+              f"params, {done['metrics']} metric values, {done['artifacts']} artifacts"
+              + (f", status {done['status']}" if done["status"] else ""))
+        if done["missing_artifacts"]:
+            print(f"  missing artifact files (not uploaded): {', '.join(done['missing_artifacts'])}")
+        if done["damaged_lines"]:
+            print(f"  skipped {done['damaged_lines']} damaged line(s) (cut short by a crash)")
+        print(f"  records archived as {done['archived_as']}")
+        print(f"  browse with: {browse_hint(done['tracking_uri'], done['experiment_id'], done['run_id'])}")
     return 0

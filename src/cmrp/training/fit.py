@@ -10,6 +10,8 @@ scheduler, RNG, data position and MLflow run, and stages already finished are no
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,8 @@ from typing import Any
 from cmrp.errors import ConfigError
 from cmrp.jsonio import write_json
 
-__all__ = ["FitResult", "load_run_character", "run_fit", "run_sft"]
+__all__ = ["FitResult", "load_run_character", "run_fit", "run_sft", "stage_offset", "stage_steps"]
+
 
 @dataclass
 class FitResult:
@@ -32,6 +35,7 @@ class FitResult:
     main: bool = True  # False on the non-zero ranks of a distributed run
     tracking_pending: Path | None = None  # set when the tracking server failed: records waiting for upload
     resumed_from: Path | None = None
+    experiment_id: str | None = None
 
 
 def load_run_character(data_cfg: Any, output_dir: Path):
@@ -127,12 +131,13 @@ def _sample_grid(adapter, character, eval_cfg, seed: int, path: Path) -> Path | 
     adapter.model.eval()
     samples = adapter.sample_images(contexts, n=eval_cfg.images_per_prompt, steps=eval_cfg.sample_steps, seed=seed).images
     rows = []
+    n = eval_cfg.images_per_prompt
     for i, item in enumerate(items):
         ref = images.get(item.image_id) if item.image_id else None
         ref_tensor = adapter._load_image(ref.path) if ref is not None else None  # noqa: SLF001 - same resize as training
-        n = eval_cfg.images_per_prompt
         rows.append([ref_tensor, *samples[i * n : (i + 1) * n]])
-    return save_image_grid(rows, path)
+    return save_image_grid(rows, path, row_labels=[item.instruction for item in items],
+                           col_labels=["reference", *(f"sample {k + 1}" for k in range(n))])
 
 
 def _save_checkpoint(adapter, cfg, ckpt: Path, redacted: dict) -> Path:
@@ -194,10 +199,12 @@ def run_sft(cfg: Any, adapter, examples: dict[str, list], logger, out: Path, che
     from omegaconf import OmegaConf
 
     from cmrp.data.datamodule import TaskMixDataModule
+    from cmrp.training.progress import progress_callbacks
     from cmrp.training.sft import UnifiedSFTModule
 
     history = _LossHistory()
-    callbacks: list = [history.callback]
+    shown, progress_bar = progress_callbacks("sft", main=is_main_process())
+    callbacks: list = [history.callback, *shown]
     module = UnifiedSFTModule(adapter, cfg.sft, cfg.trainer.max_steps)
     acc, start = cfg.trainer.accumulate_grad_batches, 0
     if checkpoints is not None:
@@ -219,7 +226,7 @@ def run_sft(cfg: Any, adapter, examples: dict[str, list], logger, out: Path, che
         logger=logger,
         callbacks=callbacks,
         enable_checkpointing=False,
-        enable_progress_bar=False,
+        enable_progress_bar=progress_bar,
         enable_model_summary=False,
         default_root_dir=str(out),
     )
@@ -232,6 +239,8 @@ def run_sft(cfg: Any, adapter, examples: dict[str, list], logger, out: Path, che
     adapter.model.train()  # the "before" evaluation left it in eval mode
     t = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
+    if checkpoints is not None:
+        guard.finish()  # every step skipped (NaN/inf): nothing was trained, the run must not look done
     return {"examples_per_task": {k: len(v) for k, v in examples.items()}, **history.summary(),
             "sft_s": time.perf_counter() - t}
 
@@ -253,107 +262,217 @@ def _resume_point(cfg: Any, out: Path, fingerprint: str, flat: dict):
     return point
 
 
+def stage_steps(cfg: Any, stage: str) -> int:
+    """Steps a stage logs: SFT optimiser steps, GRPO iterations."""
+    return int(cfg.trainer.max_steps if stage == "sft" else cfg.grpo.max_steps)
+
+
+def stage_offset(cfg: Any, index: int) -> int:
+    """The run-wide step at which stage `index` starts: the steps of the stages before it. The final
+    evaluation is logged at `stage_offset(cfg, len(cfg.stages))`, after every stage."""
+    return sum(stage_steps(cfg, stage) for stage in list(cfg.stages)[:index])
+
+
+def _finished_run(out: Path, point: Any, fingerprint: str, n_stages: int) -> FitResult | None:
+    """`--resume` of a run that already ended (its last stage done and metrics.json written by the same
+    recipe): nothing is trained, evaluated or logged again."""
+    if point is None or not point.done or point.stage_index != n_stages - 1:
+        return None
+    try:
+        metrics = json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    run = metrics.get("mlflow") or {}
+    if run.get("fingerprint") != fingerprint:
+        return None
+    if is_main_process():
+        print(f"cmrp fit: this run already finished ({out / 'metrics.json'}); nothing to resume", flush=True)
+    grid = out / "samples.png"
+    return FitResult(out, run.get("tracking_uri", ""), run.get("run_id") or "", metrics,
+                     grid if grid.is_file() else None, out / "checkpoint", metrics.get("timings", {}),
+                     main=is_main_process(), resumed_from=point.path, experiment_id=run.get("experiment_id"))
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler's kill, `kill PID`) ends the run like Ctrl-C: marked KILLED, not left RUNNING."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_fit(cfg: Any) -> FitResult:
-    """Run every stage of a loaded recipe. Prints where the run, grid and checkpoint are."""
+    """Run every stage of a loaded recipe, tracked in MLflow: the run ends FINISHED, or FAILED on an error,
+    or KILLED on Ctrl-C / SIGTERM (re-raised as KeyboardInterrupt) — never left RUNNING."""
     import lightning as L
     from omegaconf import OmegaConf
 
-    from cmrp.config import flatten, redact_secrets, resolve_recipe_parts
-    from cmrp.data.tasks import build_examples
-    from cmrp.tracking import make_logger
-    from cmrp.training.checkpointing import Checkpointer, load_weights, recipe_fingerprint, restore_rng
+    from cmrp.config import Redactor, resolve_recipe_parts
+    from cmrp.tracking import make_logger, tracked_run
+    from cmrp.training.checkpointing import load_weights, recipe_fingerprint
     from cmrp.training.peft import count_trainable
+    from cmrp.training.preflight import (
+        check_free_space,
+        check_model,
+        check_output_dir,
+        check_run,
+        checkpoint_bytes,
+    )
+    from cmrp.training.progress import quiet_noise
 
+    quiet_noise()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    out = Path(cfg.output_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    redacted = redact_secrets(OmegaConf.to_container(cfg, resolve=True))
+    redactor = Redactor.from_environ()  # the environment's secrets, read once for the whole run
+    out = check_output_dir(cfg.output_dir, create=False).resolve()  # a file, read-only, ...: one clear error
+    redacted = redactor.mapping(OmegaConf.to_container(cfg, resolve=True))
     fingerprint, flat = recipe_fingerprint(redacted)
     point = _resume_point(cfg, out, fingerprint, flat)
+    finished = _finished_run(out, point, fingerprint, len(cfg.stages))
+    if finished is not None:
+        return finished
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     card, preset = resolve_recipe_parts(cfg)
-    character = load_run_character(cfg.data, out)
+    # the pass `cmrp validate` runs: this machine, then training examples per task
+    character = check_run(cfg, lambda: load_run_character(cfg.data, out), fit=True).character
     ckpt_dir = out / "checkpoint"
     adapter = _build_backbone(cfg, card, character, ckpt_dir)
     trained_names = [n for n, p in adapter.model.named_parameters() if p.requires_grad]
+    check_model(cfg, adapter, trained_names)
+    if is_main_process():
+        check_free_space(out, checkpoint_bytes(adapter.model, trained_names, cfg), "checkpoints")
     if point is not None:
         load_weights(adapter.model, point.path, trained_names)
     trainable, total = count_trainable(adapter.model)
     timings["setup_s"] = time.perf_counter() - t0
 
-    logger = make_logger(cfg.tracking, out, run_name=cfg.name, run_id=point.manifest.get("run_id") if point else None)
-    main = is_main_process()
-    if point is None:  # a resumed run logged these already (MLflow params cannot change)
-        logger.log_hyperparams(flatten(redacted))
-        if main:
-            recipe_file = out / "recipe.yaml"
-            recipe_file.write_text(OmegaConf.to_yaml(OmegaConf.create(redacted)))
-            logger.log_artifact(recipe_file)
-
-    t = time.perf_counter()
-    before = point.manifest["before"] if point is not None else _evaluate(adapter, character, cfg)
-    timings["eval_before_s"] = time.perf_counter() - t
-
-    checkpointer = Checkpointer(
-        out / "resume", adapter.model, trained_names, every=cfg.checkpoint.every_n_steps, keep=cfg.checkpoint.keep,
-        max_nonfinite=cfg.nonfinite_stop_after, main=main,
-        base_manifest={"run_id": logger.run_id, "fingerprint": fingerprint, "recipe": flat, "before": before},
-    )
-    if point is not None:
-        checkpointer.results = dict(point.manifest["results"])
-        if point.done:  # the next stage starts where the finished one left every random generator
-            restore_rng(point.state()["rng"])
-
-    stages: dict[str, dict[str, Any]] = {}
-    for index, stage in enumerate(cfg.stages):
-        if point is not None and (index < point.stage_index or (index == point.stage_index and point.done)):
-            stages[stage] = dict(point.manifest["results"][stage])  # finished before the interruption
-            continue
-        checkpoints = checkpointer.stage(stage, index, point)
-        if stage == "sft":
-            examples = build_examples(character, [k for k, w in cfg.data.tasks.items() if w > 0], decoding=cfg.decoding)
-            stages["sft"] = run_sft(cfg, adapter, examples, logger, out, checkpoints)
-            timings["sft_s"] = stages["sft"].pop("sft_s")
-        elif stage == "grpo":
-            from cmrp.training.grpo_stage import run_grpo_stage
-
-            stages["grpo"] = run_grpo_stage(cfg, adapter, character, preset, logger, out, checkpoints=checkpoints)
-            timings["grpo_s"] = stages["grpo"].pop("grpo_s")
-        checkpointer.write_done(stage, index, stages[stage])
-
-    t = time.perf_counter()
-    after = _evaluate(adapter, character, cfg)
-    grid = _sample_grid(adapter, character, cfg.eval, cfg.seed, out / "samples.png") if main else None
-    timings["eval_after_s"] = time.perf_counter() - t
-    ckpt = _save_checkpoint(adapter, cfg, ckpt_dir, redacted) if main else ckpt_dir
-    timings["total_s"] = time.perf_counter() - t0
-
-    metrics = {
-        "character": character.name,
-        "trainable_params": trainable,
-        "total_params": total,
-        "before": before,
-        "after": after,
-        **stages.get("sft", {}),
-        **({"grpo": stages["grpo"]} if "grpo" in stages else {}),
-        "timings": timings,
-    }
-    if not main:  # other ranks trained in step with rank 0; it alone writes and reports
+    logger = make_logger(cfg.tracking, out, run_name=cfg.name, run_id=point.manifest.get("run_id") if point else None,
+                         redactor=redactor, resume=point is not None)
+    run = _Run(cfg, out, adapter, character, preset, logger, redacted, fingerprint, flat, point, timings, t0)
+    try:
+        with _sigterm_as_interrupt(), tracked_run(logger):
+            metrics, grid, ckpt = run.stages(trained_names, ckpt_dir, trainable, total)
+    except SystemExit:  # Lightning's own exit after a Ctrl-C inside a stage (its graceful shutdown)
+        raise KeyboardInterrupt from None
+    if not is_main_process():  # other ranks trained in step with rank 0; it alone writes and reports
         return FitResult(out, "", "", metrics, None, ckpt, timings, main=False)
-    metrics_file = out / "metrics.json"
-    write_json(metrics_file, metrics)
-    final = {**{f"eval/before/{k}": v for k, v in before.items()}, **{f"eval/after/{k}": v for k, v in after.items()}}
-    if "grpo" in stages:
-        for when in ("before", "after"):
-            for term, value in stages["grpo"][f"heldout_reward_{when}"].items():
-                final[f"eval/grpo_{when}/reward_{term}"] = value
-    logger.log_metrics(final, step=0)
-    logger.log_artifact(metrics_file)
-    if grid is not None:
-        logger.log_artifact(grid)
-    logger.finalize("success")
-    return FitResult(out, logger.tracking_uri, logger.run_id or "", metrics, grid, ckpt, timings,
+    return FitResult(out, logger.display_uri, logger.run_id or "", metrics, grid, ckpt, timings,
                      tracking_pending=logger.pending if logger.offline else None,
-                     resumed_from=point.path if point is not None else None)
+                     resumed_from=point.path if point is not None else None, experiment_id=logger.experiment_id)
+
+
+class _Run:
+    """The stages of one `cmrp fit` after setup: what run_fit does inside its tracked run."""
+
+    def __init__(self, cfg, out, adapter, character, preset, logger, redacted, fingerprint, flat, point, timings, t0):
+        self.cfg, self.out, self.adapter, self.character, self.preset = cfg, out, adapter, character, preset
+        self.logger, self.redacted, self.fingerprint, self.flat = logger, redacted, fingerprint, flat
+        self.point, self.timings, self.t0 = point, timings, t0
+
+    def stages(self, trained_names: list[str], ckpt_dir: Path, trainable: int, total: int):
+        from omegaconf import OmegaConf
+
+        from cmrp.config import flatten
+        from cmrp.training.checkpointing import Checkpointer, restore_rng
+
+        cfg, out, adapter, character, logger, point = (self.cfg, self.out, self.adapter, self.character,
+                                                        self.logger, self.point)
+        timings = self.timings
+        main = is_main_process()
+        if point is None:  # a resumed run logged these already (MLflow params cannot change)
+            logger.log_hyperparams(flatten(self.redacted))
+            if main:
+                recipe_file = out / "recipe.yaml"
+                recipe_file.write_text(OmegaConf.to_yaml(OmegaConf.create(self.redacted)))
+                logger.log_artifact(recipe_file)
+
+        t = time.perf_counter()
+        before = point.manifest["before"] if point is not None else _evaluate(adapter, character, cfg)
+        timings["eval_before_s"] = time.perf_counter() - t
+        logger.step_offset = 0
+        logger.log_metrics({f"eval/before/{k}": v for k, v in before.items()}, step=0)
+
+        checkpointer = Checkpointer(
+            out / "resume", adapter.model, trained_names, every=cfg.checkpoint.every_n_steps, keep=cfg.checkpoint.keep,
+            max_nonfinite=cfg.nonfinite_stop_after, main=main,
+            base_manifest={"run_id": logger.run_id, "fingerprint": self.fingerprint, "recipe": self.flat,
+                           "before": before},
+        )
+        if point is not None:
+            checkpointer.results = dict(point.manifest["results"])
+            if point.done:  # the next stage starts where the finished one left every random generator
+                restore_rng(point.state()["rng"])
+
+        stages: dict[str, dict[str, Any]] = {}
+        for index, stage in enumerate(cfg.stages):
+            if point is not None and (index < point.stage_index or (index == point.stage_index and point.done)):
+                stages[stage] = dict(point.manifest["results"][stage])  # finished before the interruption
+                continue
+            checkpoints = checkpointer.stage(stage, index, point)
+            logger.step_offset = stage_offset(cfg, index)  # this stage's steps continue the run's
+            if stage == "sft":
+                from cmrp.data.tasks import build_examples
+
+                examples = build_examples(character, [k for k, w in cfg.data.tasks.items() if w > 0],
+                                          decoding=cfg.decoding)
+                stages["sft"] = run_sft(cfg, adapter, examples, logger, out, checkpoints)
+                timings["sft_s"] = stages["sft"].pop("sft_s")
+            elif stage == "grpo":
+                from cmrp.training.grpo_stage import run_grpo_stage
+
+                stages["grpo"] = run_grpo_stage(cfg, adapter, character, self.preset, logger, out,
+                                                checkpoints=checkpoints)
+                timings["grpo_s"] = stages["grpo"].pop("grpo_s")
+                self._log_heldout_reward(stages["grpo"], index)
+            checkpointer.write_done(stage, index, stages[stage])
+
+        t = time.perf_counter()
+        after = _evaluate(adapter, character, cfg)
+        grid = _sample_grid(adapter, character, cfg.eval, cfg.seed, out / "samples.png") if main else None
+        timings["eval_after_s"] = time.perf_counter() - t
+        ckpt = _save_checkpoint(adapter, cfg, ckpt_dir, self.redacted) if main else ckpt_dir
+        timings["total_s"] = time.perf_counter() - self.t0
+
+        metrics = {
+            "character": character.name,
+            "trainable_params": trainable,
+            "total_params": total,
+            "before": before,
+            "after": after,
+            **stages.get("sft", {}),
+            **({"grpo": stages["grpo"]} if "grpo" in stages else {}),
+            "timings": timings,
+            "mlflow": {"run_id": logger.run_id, "experiment_id": logger.experiment_id,
+                       "tracking_uri": logger.display_uri, "fingerprint": self.fingerprint},
+        }
+        if not main:
+            return metrics, None, ckpt
+        logger.step_offset = 0
+        logger.log_metrics({f"eval/after/{k}": v for k, v in after.items()}, step=stage_offset(cfg, len(cfg.stages)))
+        metrics_file = out / "metrics.json"
+        write_json(metrics_file, metrics)
+        logger.log_artifact(metrics_file)
+        if grid is not None:
+            logger.log_artifact(grid)
+        return metrics, grid, ckpt
+
+    def _log_heldout_reward(self, grpo: dict[str, Any], index: int) -> None:
+        """The reward of held-out prompts measured before and after GRPO, as `val/reward/<term>` at the
+        stage's first and last step (a two-point curve beside the per-iteration `reward/<term>`)."""
+        start = stage_offset(self.cfg, index)
+        self.logger.step_offset = 0
+        for step, key in ((start, "heldout_reward_before"), (start + stage_steps(self.cfg, "grpo"), "heldout_reward_after")):
+            self.logger.log_metrics({f"val/reward/{term}": v for term, v in grpo[key].items()}, step=step)

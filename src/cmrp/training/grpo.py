@@ -70,6 +70,7 @@ class CharacterGRPOModule(L.LightningModule):
         self.history: list[dict] = []
         self.batch_offset = 0  # iterations done before this fit (a resumed run): keeps rollout seeds in step
         self.nonfinite_guard = None  # a checkpointing.NonFiniteGuard: skip updates with NaN/inf gradients
+        self._iteration = 0
 
     # -- parameters ------------------------------------------------------------------------------
     def _trained_params(self):
@@ -169,6 +170,7 @@ class CharacterGRPOModule(L.LightningModule):
 
     def training_step(self, batch: list[ImagePrompt], batch_idx: int):
         cfg = self.cfg
+        self._iteration = self.batch_offset + batch_idx + 1  # 1-based, counted over a resumed run too
         t0 = time.perf_counter()
         with torch.no_grad():
             rollouts, futures = self.sample_groups(batch, batch_idx + self.batch_offset)
@@ -255,8 +257,9 @@ class CharacterGRPOModule(L.LightningModule):
     def _step(self, optimizer) -> float:
         params = [p for _, p in self._trained_params() if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])) if params else torch.tensor(0.0)
+        # numbered by iteration: a skipped update does not advance global_step, so that would repeat
         if self.nonfinite_guard is not None and not self.nonfinite_guard.step(bool(torch.isfinite(norm)),
-                                                                             self.global_step + 1):
+                                                                             self._iteration):
             optimizer.zero_grad(set_to_none=True)  # NaN/inf loss or gradients: this update is skipped
             return float(norm)
         if self.cfg.max_grad_norm > 0:
@@ -287,7 +290,7 @@ class CharacterGRPOModule(L.LightningModule):
 
     def _log_iteration(self, results, rewards, adv_stats, train_stats, timings) -> None:
         n = len(rewards)
-        log = {"reward/total_mean": nan_mean(rewards), "reward/total_std": nan_std(rewards)}
+        log = {"reward/total": nan_mean(rewards), "reward/total_std": nan_std(rewards)}
         terms: dict[str, list[torch.Tensor]] = {}
         for out, _ in results:
             for name, info in out.info.items():
@@ -298,6 +301,8 @@ class CharacterGRPOModule(L.LightningModule):
             log[f"reward/{name}"] = nan_mean(scores)
             log[f"reward/{name}_std"] = nan_std(scores)
         log["grpo/zero_std_ratio"] = adv_stats["zero_std_ratio"]
+        if self.nonfinite_guard is not None:
+            log["grpo/nonfinite_steps"] = float(self.nonfinite_guard.total)  # skipped updates so far
         log.update({f"grpo/{k}": v for k, v in train_stats.items()})
         log.update({f"grpo/time_{k}_s": v for k, v in timings.items()})
         self.log_dict(log, on_step=True, on_epoch=False, batch_size=n, sync_dist=True)

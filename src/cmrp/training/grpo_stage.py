@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +93,9 @@ def run_grpo_stage(cfg: Any, adapter: Any, character: Character, preset: dict, l
     from cmrp.errors import DataError
     from cmrp.rewards import build_reward
     from cmrp.sampling.guidance import recipe_sampling_kwargs
-    from cmrp.training.fit import trainer_strategy
+    from cmrp.training.fit import is_main_process, trainer_strategy
     from cmrp.training.grpo import CharacterGRPOModule
+    from cmrp.training.progress import progress_callbacks
 
     g = cfg.grpo
     prompts = image_prompts(character, split="train", decoding=cfg.decoding)
@@ -130,17 +130,17 @@ def run_grpo_stage(cfg: Any, adapter: Any, character: Character, preset: dict, l
     for key in ("max_steps", "gradient_clip_val", "accumulate_grad_batches", "log_every_n_steps"):
         trainer_kwargs.pop(key, None)
     trainer_kwargs["strategy"] = trainer_strategy(trainer_kwargs["strategy"], adapter)
+    shown, progress_bar = progress_callbacks("grpo", main=is_main_process())
     trainer = L.Trainer(
         **trainer_kwargs, max_epochs=1, log_every_n_steps=1, logger=logger, enable_checkpointing=False,
-        callbacks=callbacks,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(out),
+        callbacks=[*callbacks, *shown],
+        enable_progress_bar=progress_bar, enable_model_summary=False, default_root_dir=str(out),
     )
     world = trainer.num_devices * trainer.num_nodes  # each rank takes its own prompts: groups stay on one rank
     t = time.perf_counter()
-    with warnings.catch_warnings():
-        # the policy is kept in eval mode on purpose (see CharacterGRPOModule); Lightning would warn
-        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
-        trainer.fit(module, train_dataloaders=_prompt_loader(prompts, g, cfg.seed, world, start))
+    trainer.fit(module, train_dataloaders=_prompt_loader(prompts, g, cfg.seed, world, start))
+    if module.nonfinite_guard is not None:
+        module.nonfinite_guard.finish()  # every update skipped (NaN/inf): nothing was trained
     seconds = time.perf_counter() - t
     after = measure()
     return {

@@ -155,7 +155,14 @@ def apply_finetune(adapter: Any, finetune: Any) -> None:
         check_finetune_runtime(finetune)
         quantize_base_4bit(adapter, regex)
     config = LoraConfig(r=finetune.r, lora_alpha=finetune.alpha, lora_dropout=finetune.dropout, target_modules=regex)
-    adapter.model = get_peft_model(adapter.model, config)
+    try:
+        adapter.model = get_peft_model(adapter.model, config)
+    except ValueError as err:  # peft: "Target modules ... not found in the base model"
+        if "not found" not in str(err):
+            raise
+        raise ConfigError(f"finetune.targets {finetune.targets!r} matches no module of this backbone (patterns "
+                          f"{regex}); use a target set of the card (default, generation, understanding) or fix "
+                          "the patterns") from None
 
 
 def _freeze_fixed_tables(model: torch.nn.Module) -> None:
