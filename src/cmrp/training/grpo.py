@@ -29,7 +29,7 @@ from cmrp.data.tasks import ImagePrompt
 from cmrp.sampling.flow import sde_window
 from cmrp.sampling.guidance import Guidance
 from cmrp.training.advantages import group_advantages, nan_mean, nan_std, ppo_clipped_loss
-from cmrp.training.peft import freeze_to_groups, is_peft
+from cmrp.training.peft import freeze_to_groups
 from cmrp.training.sft import build_optimizer
 
 __all__ = ["CharacterGRPOModule"]
@@ -59,8 +59,10 @@ class CharacterGRPOModule(L.LightningModule):
         self.seed = seed
         self.trained_names = freeze_to_groups(adapter, list(cfg.train_groups))
         self._reference: dict[str, torch.Tensor] | None = None
-        if cfg.kl_beta > 0 and not is_peft(self.model):
-            # full fine-tuning: keep only the trained weights' starting values, not a second model
+        if cfg.kl_beta > 0:
+            # the reference is the policy GRPO starts from: only the trained weights move, so their starting
+            # values are all it takes (no second model). With LoRA this is not the adapter disabled: after
+            # Unified-SFT the adapter already holds the character, and the base would pull GRPO back off it.
             self._reference = {n: p.detach().clone() for n, p in self._trained_params()}
         self._ema: dict[str, torch.Tensor] | None = None
         if cfg.ema_decay > 0:
@@ -78,17 +80,7 @@ class CharacterGRPOModule(L.LightningModule):
 
     @contextlib.contextmanager
     def _reference_policy(self):
-        """Weights of the reference policy: the adapter disabled (LoRA), or the start weights swapped in."""
-        if is_peft(self.model):
-            # re-enabling the adapter marks every LoRA weight trainable again: restore the frozen groups
-            flags = {n: p.requires_grad for n, p in self.model.named_parameters()}
-            try:
-                with self.model.disable_adapter():
-                    yield
-            finally:
-                for n, p in self.model.named_parameters():
-                    p.requires_grad_(flags[n])
-            return
+        """The start values of the trained weights swapped in (full fine-tuning and LoRA alike)."""
         assert self._reference is not None
         params = dict(self.model.named_parameters())
         current = {n: params[n].data for n in self._reference}
