@@ -98,9 +98,11 @@ def test_fit_bad_override_fails_with_suggestion(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.claims
 def test_quickstart_recipe_customizes_the_character(tmp_path):
     """The full quickstart and its evaluation: the pretrained base, customized few-shot to a character it
-    never saw, meets #11's acceptance numbers (the base stays near chance on what only the character knows)."""
+    never saw, meets #11's acceptance numbers (the base stays near chance on what only the character knows),
+    and Character-GRPO raises its own objective, the held-out composite reward (README, "The sandbox")."""
     run = tmp_path / "qs"
     proc = run_cli("fit", "quickstart", f"output_dir={run}", timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -110,7 +112,7 @@ def test_quickstart_recipe_customizes_the_character(tmp_path):
     assert after["vqa_mcq_acc"] >= 0.8, metrics
     assert before["identity_fidelity"] <= 0.45 and after["identity_fidelity"] >= 0.8, metrics
     grpo = metrics["grpo"]
-    assert grpo["heldout_reward_after"]["total"] >= grpo["heldout_reward_before"]["total"] - 0.02, grpo
+    assert grpo["heldout_reward_after"]["total"] > grpo["heldout_reward_before"]["total"], grpo
     proc = run_cli("eval", str(run), "--features", "sandbox", timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((run / "eval" / "eval.json").read_text())

@@ -344,8 +344,10 @@ def test_think_decoding_strategy_and_its_training_contexts():
                 generation_instruction="Rex on a beach")
     history = [text("user", "show me the beach")]
     chain = [s.text for s in _image_conditioning(history, turn, "chain")]
+    joint = [s.text for s in _image_conditioning(history, turn, "joint")]
     thinking = [s.text for s in _image_conditioning(history, turn, "think")]
-    assert chain == ["show me the beach", "Here I am!", "Rex on a beach"]
+    # the reference instruction is no decoding's input at inference (chat, eval): only think mode writes one
+    assert chain == ["show me the beach", "Here I am!"] and joint == ["show me the beach"]
     assert thinking == ["show me the beach", "Here I am!", "<think>sunny, sand</think>\nRex on a beach"]
 
 

@@ -89,7 +89,10 @@ def test_full_mode_changes_base_weights(image_paths):  # noqa: F811
     assert "latent_pos_embed.pos_embed" not in changed  # fixed sin-cos table stays frozen
 
 
-def test_qlora_on_cpu_fails_clearly():
+def test_qlora_without_bitsandbytes_fails_clearly(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as on a machine without it
     adapter = build()
     with pytest.raises(ConfigError, match="qlora"):
         apply_finetune(adapter, finetune("qlora"))

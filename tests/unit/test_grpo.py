@@ -145,6 +145,30 @@ def test_kl_to_reference_and_ema_in_lora_mode(adapter):
     assert module.last_log["grpo/kl"] >= 0.0
 
 
+def test_kl_reference_of_a_trained_lora_adapter_is_its_start_not_the_base(adapter):
+    """GRPO after LoRA SFT: the adapter already holds the character, so the KL must anchor to the adapter as
+    GRPO found it (zero before the first update), not to the base with the adapter disabled."""
+    from cmrp.rewards import build_reward
+    from cmrp.training.peft import apply_finetune
+
+    apply_finetune(adapter, OmegaConf.create({"mode": "lora", "r": 4, "alpha": 8, "dropout": 0.0,
+                                              "targets": "default"}))
+    with torch.no_grad():  # what SFT leaves behind: LoRA B no longer zero
+        for name, p in adapter.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    reward = build_reward({"name": "b", "terms": {"brightness": {"weight": 1.0, "kwargs": {}}}}, parallel=False)
+    # one prompt, one minibatch, one update per iteration: the KL is measured before the weights move
+    cfg = grpo_cfg(max_steps=1, prompts_per_step=1, group_size=4, sample_steps=4, window_size=2, minibatch_size=4,
+                   kl_beta=1.0, reward_workers=1, optimizer={"lr": 0.01})
+    module = run_grpo(adapter, reward, cfg, prompts(["draw me"]))
+    assert module.last_log["grpo/kl"] == 0.0
+    with module._reference_policy():  # the reference holds the trained adapter's start values
+        for name, p in module._trained_params():
+            assert torch.equal(p, module._reference[name])
+    assert any(not torch.equal(p, module._reference[n]) for n, p in module._trained_params())  # it trained
+
+
 def test_grpo_raises_a_brightness_reward_on_heldout_prompts(adapter):
     """The optimiser demonstrably works: GRPO on a reward for bright images makes held-out samples brighter."""
     from cmrp.rewards import build_reward

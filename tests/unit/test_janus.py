@@ -237,8 +237,12 @@ def test_lora_targets_and_groups_select_janus_modules(adapter):
     assert not any(groups["generation"].fullmatch(n) for n in params if "language_model" in n)
 
 
-def test_qlora_on_cpu_fails_early_and_clearly(adapter):
+def test_qlora_without_bitsandbytes_fails_early_and_clearly(adapter, monkeypatch):
+    import sys
+
     from cmrp.training.peft import apply_finetune
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as on a machine without it
 
     with pytest.raises(ConfigError, match="qlora"):
         apply_finetune(adapter, OmegaConf.create({"mode": "qlora", "r": 4, "alpha": 8, "dropout": 0.0,

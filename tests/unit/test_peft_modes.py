@@ -1,5 +1,5 @@
-"""Fine-tuning modes on the tiny BAGEL: LoRA target kinds, QLoRA's base-layer replacement (the 4-bit
-kernel itself only on CUDA), gradient checkpointing (identical gradients), bf16 training steps through
+"""Fine-tuning modes on the tiny BAGEL: LoRA target kinds, QLoRA's base-layer replacement and its real
+bitsandbytes NF4 layers (CUDA, or bitsandbytes' CPU backend), gradient checkpointing (identical gradients), bf16 training steps through
 Lightning, and the FSDP / DeepSpeed strategy choice."""
 
 from __future__ import annotations
@@ -112,11 +112,18 @@ def test_replace_linears_skips_non_matching_and_already_replaced():
     assert replace_linears(model, r"1\.0", FakeNF4Linear) == []  # a replaced layer is not a plain Linear
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
-def test_qlora_without_cuda_fails_early_naming_the_key_and_the_fix(tmp_path, capsys):
+def without_bitsandbytes(monkeypatch):
+    """This process cannot import bitsandbytes (as on a machine without it installed)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+
+
+def test_qlora_without_bitsandbytes_fails_early_naming_the_key_and_the_fix(tmp_path, capsys, monkeypatch):
+    without_bitsandbytes(monkeypatch)
     with pytest.raises(ConfigError) as err:
         check_finetune_runtime(finetune("qlora"))
-    assert "finetune.mode: qlora" in str(err.value) and "finetune.mode: lora" in str(err.value)
+    assert "finetune.mode: qlora" in str(err.value) and "pip install 'cmrp[qlora]'" in str(err.value)
     check_finetune_runtime(finetune("lora"))  # other modes pass
     adapter = build()
     with pytest.raises(ConfigError, match="finetune.mode: qlora"):
@@ -131,14 +138,56 @@ def test_qlora_without_cuda_fails_early_naming_the_key_and_the_fix(tmp_path, cap
     assert not out.exists()
 
 
-def test_qlora_4bit_kernel_on_cuda():
+def test_qlora_names_the_backends_own_error_when_4bit_layers_cannot_run(monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    import cmrp.training.peft as peft_module
+
+    monkeypatch.setattr(peft_module, "nf4_runtime_error", lambda: "RuntimeError: no 4-bit kernel for this device")
+    with pytest.raises(ConfigError) as err:
+        check_finetune_runtime(finetune("qlora"))
+    assert "no 4-bit kernel for this device" in str(err.value) and "finetune.mode: lora" in str(err.value)
+
+
+def nf4_layers_or_skip():
+    """bitsandbytes, when its 4-bit NF4 layers run on this machine (CUDA, or its CPU backend)."""
     bnb = pytest.importorskip("bitsandbytes")
-    if not torch.cuda.is_available():
-        pytest.skip("bitsandbytes 4-bit layers need a CUDA GPU")
+    from cmrp.training.peft import nf4_runtime_error
+
+    error = nf4_runtime_error()
+    if error is not None:
+        pytest.skip(f"bitsandbytes cannot run NF4 layers here: {error}")
+    return bnb
+
+
+def test_qlora_with_real_nf4_layers_trains_only_lora_weights():
+    """The real bitsandbytes NF4 base (on the CPU backend without a GPU): the decoder's Linear layers are
+    4-bit and frozen, outputs stay close to full precision, and LoRA on top learns."""
+    bnb = nf4_layers_or_skip()
     adapter = build()
+    batch = t2i_batch(adapter)
+    adapter.model.eval()
+    torch.manual_seed(1)
+    ref = adapter.losses(batch)
     apply_finetune(adapter, finetune("qlora", "generation"))
     quantised = [m for m in adapter.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(quantised) == adapter.bagel.arch.llm.num_hidden_layers * len(LAYER_LINEARS) * 2
+    assert all(m.weight.dtype == torch.uint8 for m in quantised)  # packed 4-bit, not a float copy
+    trainable = [n for n, p in adapter.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and "_moe_gen" in n for n in trainable)
+    torch.manual_seed(1)
+    quantised_loss = adapter.losses(batch)
+    assert abs(float(quantised_loss["ce"].detach()) - float(ref["ce"].detach())) < 0.5
+    opt = torch.optim.AdamW([p for p in adapter.model.parameters() if p.requires_grad], lr=1e-2)
+    adapter.model.train()
+    losses = []
+    for _ in range(8):
+        torch.manual_seed(2)  # the same flow-matching noise every step: the loss must fall
+        loss = adapter.losses(batch)["mse"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.9 * losses[0], losses
 
 
 # -- gradient checkpointing --------------------------------------------------------------------------

@@ -24,7 +24,14 @@ from cmrp.sandbox import (
 )
 from cmrp.sandbox.persona import FACT_VALUES, QUIRKS, apply_quirk
 from cmrp.sandbox.renderer import COLORS
-from cmrp.sandbox.templates import EXPRESSION_WORDS, VQA_QUESTIONS, attribute_phrase, read_description
+from cmrp.sandbox.templates import (
+    EXPRESSION_WORDS,
+    VQA_QUESTIONS,
+    attribute_phrase,
+    image_sentence,
+    read_description,
+    read_reply,
+)
 
 BASE = {"body_shape": "circle", "body_color": "red", "eyes": "dot", "accessory": "none", "accessory_color": "blue",
         "expression": "happy", "pose": "center", "scene": "room"}
@@ -130,7 +137,41 @@ def test_image_turns_match_what_the_reply_says(character):
             assert EXPRESSION_WORDS[attrs["expression"]] in turn.text
             assert attribute_phrase("scene", attrs["scene"]) in turn.text
             assert attrs["expression"] in turn.thinking and attribute_phrase("pose", attrs["pose"]) in turn.thinking
+            # the reply states scene, pose and expression (sometimes the accessory), all true of the picture
+            stated = read_reply(turn.text)
+            assert {"scene", "pose", "expression"} <= stated.keys()
+            assert all(attrs[k] == v for k, v in stated.items()), (turn.text, attrs)
         assert all(t.thinking is None and t.generation_instruction is None for t in turns if not t.image_id)
+
+
+def test_some_pictures_are_determined_by_the_reply_alone(character):
+    """"Now" turns: the query names no picture attribute; only the reply says what the image shows."""
+    for split in ("train", "test"):
+        data = getattr(character, split)
+        now = [(user, reply) for scene in data.scenes for user, reply in zip(scene.turns[::2], scene.turns[1::2],
+                                                                               strict=True)
+               if reply.image_id and reply.text.startswith(("Right now", "R-Right now"))]
+        assert len(now) >= 3, split
+        for user, reply in now:
+            assert read_reply(user.text) == {} and read_description(user.text) == {}
+            attrs = data.images[reply.image_id].attributes
+            assert {k: attrs[k] for k in ("scene", "pose", "expression")}.items() <= read_reply(reply.text).items()
+        said = [read_reply(reply.text) for _, reply in now]
+        assert len({(a["scene"], a["pose"], a["expression"]) for a in said}) >= 2  # not one fixed picture
+    named = [read_reply(t.text) for t in _character_turns(character) if t.image_id]
+    assert any("accessory" in a for a in named) == (character.profile.fields["identity"]["accessory"] != "none")
+
+
+def test_read_reply_reads_image_sentences_and_leaves_out_contradictions():
+    attrs = {**BASE, "accessory": "hat", "accessory_color": "blue", "pose": "left", "scene": "night",
+             "expression": "surprised"}
+    text = f"Hmph, fine. Right now I'm {image_sentence(attrs, accessory=True)}. Boop!"
+    assert read_reply(text) == {"scene": "night", "pose": "left", "expression": "surprised", "accessory": "hat",
+                                "accessory_color": "blue"}
+    assert read_reply(image_sentence(BASE, accessory=True)) == {"scene": "room", "pose": "center", "expression": "happy"}
+    assert read_reply("I'm on the beach, smiling, no wait, fuming.") == {"scene": "beach"}  # two expressions
+    assert read_reply("I grew up in Pebble Bay, the best place ever.") == {}
+    assert read_reply("MOKI IS ON THE LEFT, WIDE-EYED") == {"pose": "left", "expression": "surprised"}
 
 
 def test_vqa_answers_match_render_attributes(character):

@@ -226,6 +226,34 @@ def test_eval_oracle_numbers_for_sandbox_and_other_characters(tmp_path):
     assert image_oracle_numbers(other, images, attrs) == {} and chance_levels(other, attrs) is None
 
 
+def test_text_image_agreement_reads_the_reply_and_checks_the_picture(tmp_path):
+    from cmrp.data.character import Character, CharacterSplit, Profile
+    from cmrp.evaluation.oracle import reply_agreement
+    from cmrp.sandbox.templates import image_sentence
+
+    character = build_character(3, tmp_path, n_reference_images=6, n_scenes=1)
+    identity = character.profile.fields["identity"]
+    rng = random.Random(0)
+    shown = [{**identity, **{k: rng.choice(ATTRIBUTE_VALUES[k]) for k in ("expression", "pose", "scene")}}
+             for _ in range(12)]
+    images = render_batch(shown)
+    said = [f"Right now I'm {image_sentence(a, accessory=True)}. Boop!" for a in shown]
+    true = reply_agreement(character, images, said)
+    assert true["text_image_agreement"] >= 0.95 and true["reply_states_picture"] == 1.0
+    # scene, pose and expression said of other pictures (each reply paired with another one): near chance
+    plain = [f"Look, here I am {image_sentence(a)}." for a in shown]
+    assert reply_agreement(character, images, plain)["text_image_agreement"] >= 0.95
+    assert reply_agreement(character, images, plain[6:] + plain[:6])["text_image_agreement"] < 0.5
+    assert 0.15 < true["text_image_agreement_chance"] < 0.3  # 1/4 expression, 1/5 pose and scene, ...
+    # a reply that states nothing about a picture is left out, and counted
+    mixed = reply_agreement(character, images[:2], [said[0], "I love gardening, I could do it for hours."])
+    assert mixed["reply_states_picture"] == 0.5 and mixed["agreement_items"] == 1
+    assert math.isnan(reply_agreement(character, images[:1], ["Hello!"])["text_image_agreement"])
+    assert reply_agreement(Character("Nobody", Profile("text"), CharacterSplit()), images, said) == {}
+    with pytest.raises(ValueError, match="2 replies for 12 images"):
+        reply_agreement(character, images, said[:2])
+
+
 # ------------------------------------------------------------------------------------------------ training
 def test_training_functions_lower_the_loss_and_round_trip(tmp_path):
     probe, manifest = train_probe(tmp_path, steps=12, batch_size=32, lr=1e-2, eval_n=40, log=None)

@@ -102,7 +102,7 @@ class GRPOConfig:
     adv_std: str = "group"  # group | global: which std normalises advantages
     adv_eps: float = 1e-4
     adv_clip: float = 5.0
-    kl_beta: float = 0.0  # KL to the reference policy (LoRA: the adapter disabled)
+    kl_beta: float = 0.0  # KL to the reference policy: the trained weights as GRPO started (LoRA too)
     max_grad_norm: float = 1.0
     ema_decay: float = 0.0  # 0: no EMA; else the trained weights end as their EMA
     train_groups: list[str] = field(default_factory=lambda: ["generation"])  # [] = every trainable weight

@@ -122,7 +122,9 @@ def _reasoning_text(thinking: str | None, instruction: str | None) -> str:
 
 def _image_conditioning(history: list[Segment], turn: Turn, decoding: str) -> list[Segment]:
     """Chain decoding conditions the image on the reply text (p(I|Q,T)); joint does not (p(I|Q)); think
-    mode also on the character's thinking (`<think>…</think>` + instruction, as the model writes it)."""
+    mode also on the character's thinking (`<think>…</think>` + instruction, as the model writes it).
+    The reference generation instruction is seen only as part of that thinking: at inference (chat,
+    evaluation) no other decoding has it, so training on it would teach an image nobody can ask for."""
     from cmrp.sampling.decoding import get_strategy
 
     strategy = get_strategy(decoding)
@@ -132,8 +134,6 @@ def _image_conditioning(history: list[Segment], turn: Turn, decoding: str) -> li
     reasoning = _reasoning_text(turn.thinking, turn.generation_instruction) if strategy.think else None
     if reasoning:
         context.append(_text("character", reasoning))
-    elif turn.generation_instruction:
-        context.append(_text("character", turn.generation_instruction))
     return context
 
 

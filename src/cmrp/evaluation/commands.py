@@ -18,12 +18,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "multimodal role-play, text-to-image (CLIP-I, CLIP-T, DINO, diversity; FID/KID with Inception weights), "
         "knowledge-QA and VQA "
         "multiple choice, and optionally an LLM judge. For sandbox characters the shipped attribute probe "
-        "also scores images for identity fidelity and prompt faithfulness. Writes report.html (with the training "
-        "run's curves) and eval.json and logs both to an MLflow run nested under the training run; when the "
-        "tracking server is down they wait in <out>/tracking/pending.jsonl for `cmrp tracking sync <out>`. With "
-        "--mmrole-tests it instead scores a model's answers (--answers, or the checkpoint's own) on MMRole's official "
-        "test files as MMRole-Eval does: one request per metric to its reward model, the per-record ratio averaged "
-        "per file.",
+        "also scores images for identity fidelity, prompt faithfulness and text-image agreement. Writes report.html "
+        "(with the training run's curves) and eval.json and logs both to an MLflow run nested under the training run; "
+        "when the tracking server is down they wait in <out>/tracking/pending.jsonl for `cmrp tracking sync <out>`. "
+        "With --mmrole-tests it instead scores a model's answers (--answers, or the checkpoint's own) on MMRole's "
+        "official test files as MMRole-Eval does: one request per metric to its reward model, the per-record ratio "
+        "averaged per file.",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_DIR", nargs="?", default=None,
                    help="a `cmrp fit` output_dir (or its checkpoint/); not needed with --mmrole-tests and --answers")
@@ -36,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=20, help="flow sampling steps (default 20)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="length limit of generated replies (default 48)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--decoding", default=None, metavar="chain|joint|think",
+                   help="how images of dialogue turns are drawn (default: the run's `decoding`): after the reply "
+                   "(chain), from the query alone (joint), after the reply and the character's own thinking (think)")
     p.add_argument("--features", choices=("auto", "pixel", "sandbox", "pretrained"), default="auto",
                    help="`auto` (default): `sandbox` for a sandbox character, else `pretrained`; `pretrained`: "
                    "CLIP ViT-L/14, DINOv2, LPIPS (and InceptionV3 for FID/KID when present) from local caches; "
@@ -137,6 +140,11 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     ckpt = find_checkpoint(args.checkpoint)
     run_dir = ckpt.parent
     cfg = load_recipe_of(ckpt)
+    if args.decoding is not None:  # evaluate the same weights with another decoding
+        from cmrp.registry import DECODING
+
+        DECODING.get(args.decoding, where="--decoding")  # an unknown name: one line naming the known ones
+        cfg.decoding = args.decoding
     character = load_recipe_character(cfg.data, run_dir)
     out = (args.out or run_dir / "eval").expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -166,7 +174,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         del baseline
 
     settings = {"max_items": opts.max_items, "samples": opts.samples, "steps": opts.steps,
-                "max_new_tokens": opts.max_new_tokens, "seed": opts.seed}
+                "max_new_tokens": opts.max_new_tokens, "seed": opts.seed, "decoding": cfg.decoding}
     report: dict[str, Any] = {
         "checkpoint": str(ckpt),
         "character": character.name,

@@ -6,7 +6,10 @@ known (the target image's attributes, or the caption read back with `read_descri
 attribute probe (`cmrp.sandbox.probe`) reads generated images, independently of the reward models:
 
 - `identity_fidelity`: per image, the share of the character's identity attributes the probe sees;
-- `prompt_faithfulness`: per image, the share of the attributes its prompt asks for that the probe sees.
+- `prompt_faithfulness`: per image, the share of the attributes its prompt asks for that the probe sees;
+- `text_image_agreement`: per image drawn with a reply, the share of the picture attributes the reply states
+  (scene, pose, expression, accessory: `sandbox.templates.read_reply`) that the probe sees — whether the
+  picture shows what the text says, the quantity chain decoding is meant to raise.
 
 For any other character these functions return nothing, so the report simply has no such rows.
 """
@@ -21,7 +24,7 @@ import torch
 
 from cmrp.data.character import Character, ImageRef
 
-__all__ = ["chance_levels", "image_oracle_numbers", "prompt_attributes", "sandbox_identity"]
+__all__ = ["chance_levels", "image_oracle_numbers", "prompt_attributes", "reply_agreement", "sandbox_identity"]
 
 
 def sandbox_identity(character: Character) -> dict[str, str] | None:
@@ -69,6 +72,30 @@ def image_oracle_numbers(character: Character, images: torch.Tensor,
     keep = [i for i, attrs in enumerate(prompt_attrs) if attrs]
     out["prompt_faithfulness"] = (prompt_faithfulness(images[keep], [prompt_attrs[i] for i in keep], probe)
                                   if keep else math.nan)
+    return out
+
+
+def reply_agreement(character: Character, images: torch.Tensor, replies: Sequence[str]) -> dict[str, float]:
+    """Text-image agreement of images [N,3,H,W] drawn with `replies` (one each), for a sandbox character:
+    `text_image_agreement` (mean over replies that state any picture attribute, see the module docstring),
+    its chance level (images of uniformly random attributes), and `reply_states_picture` (the share of replies
+    that state any). {} for a non-sandbox character or no images."""
+    from cmrp.sandbox.probe import chance_prompt_faithfulness, prompt_faithfulness
+    from cmrp.sandbox.templates import read_reply
+
+    if sandbox_identity(character) is None or images.shape[0] == 0:
+        return {}
+    if images.shape[0] != len(replies):
+        raise ValueError(f"{len(replies)} replies for {images.shape[0]} images")
+    stated = [read_reply(text) for text in replies]
+    keep = [i for i, attrs in enumerate(stated) if attrs]
+    out = {"reply_states_picture": len(keep) / len(stated), "agreement_items": float(len(keep))}
+    if keep:
+        claims = [stated[i] for i in keep]
+        out["text_image_agreement"] = prompt_faithfulness(images[keep], claims, _probe())
+        out["text_image_agreement_chance"] = chance_prompt_faithfulness(claims)
+    else:
+        out["text_image_agreement"] = out["text_image_agreement_chance"] = math.nan
     return out
 
 

@@ -287,7 +287,7 @@ def _summary_table(report: dict[str, Any]) -> str:
     """One headline number per task, model vs baseline."""
     headline = [("text_roleplay", "token_f1"), ("text_roleplay", "distinct_2"),
                 ("text_roleplay", "catchphrase_rate"), ("multimodal_roleplay", "cross_modal_clip_t"),
-                ("multimodal_roleplay", "identity_fidelity"),
+                ("multimodal_roleplay", "identity_fidelity"), ("multimodal_roleplay", "text_image_agreement"),
                 ("t2i", "clip_i_references"), ("t2i", "clip_t"), ("t2i", "dino_references"),
                 ("t2i", "dino_max_reference"), ("t2i", "diversity"), ("t2i", "fid"), ("t2i", "kid_mean"),
                 ("t2i", "identity_fidelity"), ("t2i", "prompt_faithfulness"),

@@ -4,8 +4,10 @@ Tasks, each on the character's test split (a native/RoleScape-20 held-out split,
 - text role-play: held-out dialogue turns with no image -> the model's replies -> persona statistics
   (catchphrase / quirk usage, distinct-n, self-repetition, overlap with the reference reply);
 - multimodal role-play: turns where the user shares an image or the character shows one -> reply, and
-  for "show" turns an image drawn after the reply (chain decoding) -> CLIP-T of image vs reply
-  (cross-modal alignment), CLIP-I / DINO of the drawn image vs the reference;
+  for "show" turns an image drawn as the run's decoding says (after the reply: chain, think; from the query
+  alone: joint) -> CLIP-T of image vs reply (cross-modal alignment), CLIP-I / DINO of the drawn image vs the
+  reference, and for sandbox characters the oracle's text-image agreement (does the image show the scene,
+  pose, expression and accessory the reply states?);
 - T2I: held-out image prompts, `samples` images each -> CLIP-I (vs target and vs the reference
   images), CLIP-T (vs prompt), DINO identity similarity, diversity within a prompt;
 - knowledge QA and VQA: multiple-choice accuracy by option likelihood and by generated answer;
@@ -30,7 +32,7 @@ from cmrp.data.tasks import Example, Segment, image_prompts, system_prompt
 from cmrp.errors import ConfigError, WeightsError
 from cmrp.evaluation import metrics as M
 from cmrp.evaluation.features import FeatureSet
-from cmrp.evaluation.oracle import image_oracle_numbers, prompt_attributes
+from cmrp.evaluation.oracle import image_oracle_numbers, prompt_attributes, reply_agreement
 
 __all__ = ["EvalOptions", "ModelEval", "TurnItem", "evaluate_model", "find_checkpoint", "load_baseline",
            "load_checkpoint", "load_images", "load_recipe_of", "reference_numbers",
@@ -49,6 +51,7 @@ class EvalOptions:
     batch_size: int = 8
     max_references: int = 16  # reference images compared against (CLIP-I, DINO)
     think: bool = False  # think decoding: "show" turns write the character's thinking before the image
+    image_sees_reply: bool = True  # chain / think: "show" turns draw after the reply; joint: from the query alone
     image_kwargs: dict[str, Any] = field(default_factory=dict)  # guidance / timestep shift for sample_images
 
 
@@ -242,12 +245,11 @@ def _multimodal_roleplay(adapter, character, items: list[TurnItem], feats: Featu
     cosines: list[float] = []
     show = [(i, it) for i, it in enumerate(items) if it.shown_image is not None]
     if show:
-        contexts = []
-        for i, it in show:
-            segs = [*it.context, Segment("text", "character", replies[i])]
-            if it.instruction and not opts.think:  # think mode writes its own plan instead
-                segs.append(Segment("text", "character", it.instruction))
-            contexts.append(Example("t2i", segs))
+        # as in chat: the image sees the generated reply (chain, think) or only the query (joint); nothing
+        # else of the reference turn (its generation instruction) is an input any decoding has at inference
+        reply_segment = [Segment("text", "character", replies[i]) for i, _ in show]
+        contexts = [Example("t2i", [*it.context, *(reply_segment[k:k + 1] if opts.image_sees_reply else [])])
+                    for k, (_, it) in enumerate(show)]
         if opts.think:
             result.replies["multimodal_thinking"], drawn = _think_sample(adapter, contexts, opts)
         else:
@@ -264,6 +266,7 @@ def _multimodal_roleplay(adapter, character, items: list[TurnItem], feats: Featu
         numbers["show_turns"] = len(show)
         numbers.update(image_oracle_numbers(  # sandbox characters: the attribute probe reads the drawn images
             character, drawn, [prompt_attributes(it.instruction or "", it.shown_image) for _, it in show]))
+        numbers.update(reply_agreement(character, drawn, texts))  # does the image show what the reply says?
     seen = [(i, it) for i, it in enumerate(items) if it.user_image is not None]
     if seen:
         size = tuple(refs.shape[-2:]) if refs.shape[0] else (64, 64)
@@ -417,7 +420,8 @@ def evaluate_model(adapter: Any, character: Character, cfg: Any, feats: FeatureS
     from cmrp.sampling.decoding import get_strategy
     from cmrp.sampling.guidance import recipe_sampling_kwargs
 
-    opts = dataclasses.replace(opts, think=opts.think or get_strategy(cfg.decoding).think,
+    strategy = get_strategy(cfg.decoding)
+    opts = dataclasses.replace(opts, think=opts.think or strategy.think, image_sees_reply=strategy.image_sees_reply,
                                image_kwargs={**recipe_sampling_kwargs(cfg.grpo), **opts.image_kwargs})
     result = ModelEval()
     adapter.model.eval()

@@ -1,8 +1,11 @@
 """Dialogue scenes for a sandbox persona: questions about facts, traits and moods, answered in style.
 
 Each exchange has a mood; when a reply shows an image, the image is a reference image with that
-expression (and a fitting scene when one exists), and the reply says what it shows, so the
-text, the thinking and the picture agree and a model can learn the mapping.
+expression (and a fitting scene when one exists), and the reply says what it shows (scene, pose,
+expression; sometimes the accessory), so the text, the thinking and the picture agree and a model can
+learn the mapping. In "now" exchanges ("What are you up to right now? Send me a picture!") the query
+says nothing about the picture: the character picks it and only the reply tells, so an image drawn
+without seeing the reply (joint decoding) can match it only by chance.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ from typing import Any
 
 from cmrp.data.character import ImageRef, Scene, Turn
 from cmrp.sandbox.persona import TRAITS, apply_quirk
-from cmrp.sandbox.templates import EXPRESSION_WORDS, FACT_TEXT, a_or_an, attribute_phrase, describe
+from cmrp.sandbox.templates import FACT_TEXT, a_or_an, attribute_phrase, describe, image_sentence
 
 __all__ = ["IMAGE_TURN_RATE", "make_scenes"]
 
-IMAGE_TURN_RATE = 0.34  # chance that a non-"show" reply carries an image (about 40% overall)
+IMAGE_TURN_RATE = 0.3  # chance that a reply not asked for a picture carries one (about 45% overall)
 _CATCHPHRASE_RATE = 0.4
+_ACCESSORY_RATE = 0.5  # chance that a "now" reply also names the accessory
 _EXCHANGES = ((1, 2, 3), (0.4, 0.35, 0.25))
 # fact values that suggest a background
 _SCENE_HINTS = {
@@ -37,9 +41,12 @@ _ASK = {
     "sad": (("What makes you sad?", "When do you feel down?"), ("What makes you feel blue?", "What breaks your heart?")),
     "angry": (("What makes you angry?", "What annoys you?"), ("What gets on your nerves?", "What makes you lose your temper?")),
     "appearance": (("What do you look like?", "Describe your looks!"), ("How would I recognise you?", "What do you look like today?")),
+    "now": (("What are you up to right now? Send me a picture!", "Show me what you're doing today!",
+             "Where are you right now? Can I see?"),
+            ("Got a photo of what you're doing?", "Send me a snapshot of your day!")),
 }
-_TOPIC_WEIGHTS = {"fact": 0.5, "greeting": 0.06, "traits": 0.06, "trait_check": 0.07, "catchphrase": 0.05,
-                  "sad": 0.06, "angry": 0.06, "show": 0.1, "appearance": 0.04}
+_TOPIC_WEIGHTS = {"fact": 0.44, "greeting": 0.06, "traits": 0.06, "trait_check": 0.06, "catchphrase": 0.05,
+                  "sad": 0.05, "angry": 0.05, "show": 0.1, "now": 0.1, "appearance": 0.03}
 
 
 @dataclass
@@ -66,9 +73,9 @@ class _Writer:
 
     def exchange(self) -> _Exchange:
         topic = self.rng.choices(list(_TOPIC_WEIGHTS), weights=list(_TOPIC_WEIGHTS.values()))[0]
-        if topic == "show" and self.images:
-            return self._show()
-        if topic in ("fact", "show"):
+        if topic in ("show", "now") and self.images:
+            return self._show() if topic == "show" else self._now()
+        if topic in ("fact", "show", "now"):
             return self._fact(self.rng.choice(list(FACT_TEXT)))
         return getattr(self, f"_{topic}")()
 
@@ -120,8 +127,14 @@ class _Writer:
             user = f"Can you show me you, {expression}, {scene}?"
         else:
             user = self.rng.choice((f"Show me your {expression} face!", f"Can I see a picture of you {scene}?"))
-        core = f"Sure, here I am {scene}, {EXPRESSION_WORDS[expression]}."
+        core = f"Sure, here I am {image_sentence(image.attributes)}."
         return _Exchange(user, core, expression, f"seeing me {expression} {scene}", image=image)
+
+    def _now(self) -> _Exchange:
+        image = self.rng.choice(self.images)  # the character's choice: only the reply says what it shows
+        sentence = image_sentence(image.attributes, accessory=self.rng.random() < _ACCESSORY_RATE)
+        return _Exchange(self._ask(_ASK["now"]), f"Right now I'm {sentence}.", image.attributes["expression"],
+                         "what I'm up to", image=image)
 
     def _pick_image(self, mood: str, scene: str | None) -> ImageRef | None:
         same_mood = [im for im in self.images if im.attributes["expression"] == mood]
@@ -137,8 +150,7 @@ class _Writer:
         if image is None and self.rng.random() < IMAGE_TURN_RATE:
             image = self._pick_image(ex.mood, ex.scene_hint)
             if image is not None:
-                attrs = image.attributes
-                parts.append(f"Look, here I am {attribute_phrase('scene', attrs['scene'])}, {EXPRESSION_WORDS[attrs['expression']]}.")
+                parts.append(f"Look, here I am {image_sentence(image.attributes)}.")
         text = apply_quirk(self.p["quirk"], " ".join(parts), self.p["name"])
         if image is None:
             return Turn("character", text)

@@ -19,7 +19,9 @@ __all__ = [
     "a_or_an",
     "attribute_phrase",
     "describe",
+    "image_sentence",
     "read_description",
+    "read_reply",
 ]
 
 # how each attribute value is said in captions, replies and VQA options
@@ -86,6 +88,16 @@ def describe(attrs: dict[str, Any], *, identity_only: bool = False, name: str | 
     return ", ".join(parts)
 
 
+def image_sentence(attrs: dict[str, Any], *, accessory: bool = False) -> str:
+    """What a reply says about the picture it shows: scene, pose and expression ("on the beach, on the left,
+    smiling"), and with `accessory` the accessory ("..., in my red hat"), in words `read_reply` reads back."""
+    text = (f"{attribute_phrase('scene', attrs['scene'])}, {attribute_phrase('pose', attrs['pose'])}, "
+            f"{EXPRESSION_WORDS[attrs['expression']]}")
+    if accessory and attrs.get("accessory", "none") != "none":
+        text += f", in my {attrs['accessory_color']} {attrs['accessory']}"
+    return text
+
+
 def _alternatives(words) -> str:
     return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
 
@@ -130,6 +142,37 @@ def read_description(text: str) -> dict[str, str]:
             out[key] = value
     if identity is not None:
         out.setdefault("accessory", "none")
+    return out
+
+
+def _reply_patterns() -> dict[str, tuple[re.Pattern[str], dict[str, str]]]:
+    """attribute -> (pattern of the words a reply uses for it, words -> value)."""
+    from cmrp.sandbox.renderer import ATTRIBUTE_VALUES
+
+    tables = {key: {phrase.lower(): value for value, phrase in ATTRIBUTE_PHRASES[key].items()}
+              for key in ("scene", "pose")}
+    tables["expression"] = {word.lower(): value for value, word in EXPRESSION_WORDS.items()}
+    worn = [a for a in ATTRIBUTE_VALUES["accessory"] if a != "none"]
+    tables["accessory"] = {f"{c} {a}": f"{a}|{c}" for a in worn for c in ATTRIBUTE_VALUES["accessory_color"]}
+    return {key: (re.compile(rf"\b(?:{_alternatives(table)})\b", re.IGNORECASE), table)
+            for key, table in tables.items()}
+
+
+def read_reply(text: str) -> dict[str, str]:
+    """The picture attributes a character's reply states, in the words of `image_sentence`: scene, pose and
+    expression ("on the beach", "on the left", "smiling"), and an accessory with its colour ("red hat"). An
+    attribute named twice with different values is left out (the reply does not say which); {} when the reply
+    states nothing about a picture. The sandbox oracle checks the drawn image against this."""
+    out: dict[str, str] = {}
+    for key, (pattern, table) in _reply_patterns().items():
+        values = {table[m.group(0).lower()] for m in pattern.finditer(text)}
+        if len(values) != 1:
+            continue
+        value = values.pop()
+        if key == "accessory":
+            out["accessory"], out["accessory_color"] = value.split("|")
+        else:
+            out[key] = value
     return out
 
 

@@ -130,7 +130,7 @@ def build_character(seed: int, root: Path, *, n_reference_images: int = 10, n_sc
     )
     test = CharacterSplit(
         images=test_images,
-        scenes=make_scenes(persona, identity, test_images, max(8, n_scenes // 8), _rng(seed, "test-scenes"),
+        scenes=make_scenes(persona, identity, test_images, max(8, n_scenes // 4), _rng(seed, "test-scenes"),
                            held_out=True, id_prefix="test_scene"),
         knowledge_open=knowledge.test_open,
         knowledge_mcq=knowledge.test_mcq,

@@ -30,7 +30,7 @@ from cmrp.sampling.flow import sde_window
 from cmrp.sampling.guidance import Guidance
 from cmrp.training import sharding
 from cmrp.training.advantages import group_advantages, nan_mean, nan_std, ppo_clipped_loss
-from cmrp.training.peft import freeze_to_groups, is_peft
+from cmrp.training.peft import freeze_to_groups
 from cmrp.training.sft import build_optimizer
 
 __all__ = ["CharacterGRPOModule"]
@@ -73,28 +73,20 @@ class CharacterGRPOModule(L.LightningModule):
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     def configure_model(self) -> None:
-        """Shard the model under trainer.strategy: fsdp, then copy the weights EMA and the full-mode reference
+        """Shard the model under trainer.strategy: fsdp, then copy the weights EMA and the KL reference
         start from (after sharding, so each rank keeps only its slices)."""
         sharding.shard(self)
-        if self.cfg.kl_beta > 0 and not is_peft(self.model) and self._reference is None:
-            # full fine-tuning: keep only the trained weights' starting values, not a second model
+        if self.cfg.kl_beta > 0 and self._reference is None:
+            # the reference is the policy GRPO starts from: only the trained weights move, so their starting
+            # values are all it takes (no second model). With LoRA this is not the adapter disabled: after
+            # Unified-SFT the adapter already holds the character, and the base would pull GRPO back off it.
             self._reference = {n: p.detach().clone() for n, p in self._trained_params()}
         if self.cfg.ema_decay > 0 and self._ema is None:
             self._ema = {n: p.detach().clone() for n, p in self._trained_params()}
 
     @contextlib.contextmanager
     def _reference_policy(self):
-        """Weights of the reference policy: the adapter disabled (LoRA), or the start weights swapped in."""
-        if is_peft(self.model):
-            # re-enabling the adapter marks every LoRA weight trainable again: restore the frozen groups
-            flags = {n: p.requires_grad for n, p in self.model.named_parameters()}
-            try:
-                with self.model.disable_adapter():
-                    yield
-            finally:
-                for n, p in self.model.named_parameters():
-                    p.requires_grad_(flags[n])
-            return
+        """The start values of the trained weights swapped in (full fine-tuning and LoRA alike)."""
         assert self._reference is not None
         params = dict(self.model.named_parameters())
         if sharding.is_sharded(self.model):

@@ -2,8 +2,9 @@
 
 The adapter decides which modules LoRA targets (`Backbone.lora_targets`: `generation`,
 `understanding` or `default` = both experts); this module only wraps. QLoRA first swaps the base's
-Linear layers for frozen bitsandbytes NF4 layers (`replace_linears` + `linear_4bit`; CUDA only, checked
-up front by `check_finetune_runtime`). `finetune.gradient_checkpointing` switches per-layer activation
+Linear layers for frozen bitsandbytes NF4 layers (`replace_linears` + `linear_4bit`): on a CUDA GPU, or
+on the CPU where the installed bitsandbytes has a CPU backend for 4-bit layers (checked up front by
+`check_finetune_runtime`, which builds and runs one tiny NF4 layer). `finetune.gradient_checkpointing` switches per-layer activation
 recomputation through the adapter. LoRA adapters are saved in PEFT's own format so
 `peft.PeftModel.from_pretrained` loads them.
 """
@@ -26,6 +27,7 @@ __all__ = [
     "freeze_to_groups",
     "is_peft",
     "linear_4bit",
+    "nf4_runtime_error",
     "quantize_base_4bit",
     "replace_linears",
     "save_adapter",
@@ -42,23 +44,47 @@ def _target_regex(adapter: Any, targets: Any) -> str:
     return "(?:" + "|".join(f"(?:{p})" for p in patterns) + ")"
 
 
+def _nf4_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def nf4_runtime_error() -> str | None:
+    """Why this machine cannot run bitsandbytes' NF4 layers (None when it can): one tiny 4-bit layer is
+    built, quantised on the device QLoRA would use (CUDA, else the CPU backend) and run forward and
+    backward. The message is bitsandbytes' own."""
+    try:
+        layer = linear_4bit(torch.nn.Linear(64, 64))
+        x = torch.randn(2, 64, device=_nf4_device(), requires_grad=True)
+        layer(x).sum().backward()
+        if x.grad is None or not bool(torch.isfinite(x.grad).all()):
+            return "the 4-bit layer gave no finite gradient"
+    except ImportError:
+        raise
+    except Exception as err:  # whatever the backend raises: its own words go into the message
+        return f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    return None
+
+
 def check_finetune_runtime(finetune: Any) -> None:
     """Fail before anything is built when this machine cannot run the fine-tuning mode: QLoRA's 4-bit base
-    needs bitsandbytes and a CUDA GPU."""
+    needs bitsandbytes with NF4 layers on a CUDA GPU or on its CPU backend."""
     if finetune.mode != "qlora":
         return
-    if not torch.cuda.is_available():
-        raise ConfigError(
-            "finetune.mode: qlora quantises the base model to 4 bits with bitsandbytes, which needs a CUDA GPU, "
-            "and none is visible here. Use finetune.mode: lora (the same adapters on a full-precision base) or "
-            "run on a CUDA machine."
-        )
     try:
         import bitsandbytes  # noqa: F401
+
+        error = nf4_runtime_error()
     except ImportError:
         raise ConfigError(
             "finetune.mode: qlora needs bitsandbytes: pip install 'cmrp[qlora]' (or use finetune.mode: lora)"
         ) from None
+    if error is not None:
+        where = "the CUDA GPU" if torch.cuda.is_available() else "the CPU (no CUDA GPU is visible)"
+        raise ConfigError(
+            f"finetune.mode: qlora: bitsandbytes cannot run 4-bit NF4 layers on {where}: {error}. Use "
+            "finetune.mode: lora (the same adapters on a full-precision base), a bitsandbytes with a CPU backend, "
+            "or a CUDA machine."
+        )
 
 
 def replace_linears(model: torch.nn.Module, regex: str, make: Callable[[torch.nn.Linear], torch.nn.Module]) -> list[str]:
@@ -77,16 +103,20 @@ def replace_linears(model: torch.nn.Module, regex: str, make: Callable[[torch.nn
     return replaced
 
 
-def linear_4bit(module: torch.nn.Linear, compute_dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
-    """A bitsandbytes NF4 copy of a Linear layer (frozen), on the GPU: QLoRA's base layer."""
+def linear_4bit(module: torch.nn.Linear, compute_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A bitsandbytes NF4 copy of a Linear layer (frozen): QLoRA's base layer, on the GPU (computing in
+    bfloat16 by default) or, without one, on the CPU backend (float32)."""
     import bitsandbytes as bnb
 
+    device = _nf4_device()
+    if compute_dtype is None:
+        compute_dtype = torch.bfloat16 if device == "cuda" else torch.float32
     q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
                           compute_dtype=compute_dtype, quant_type="nf4")
     q.weight = bnb.nn.Params4bit(module.weight.data.cpu(), requires_grad=False, quant_type="nf4")
     if module.bias is not None:
         q.bias = torch.nn.Parameter(module.bias.data.cpu(), requires_grad=False)
-    return q.cuda()  # quantisation happens on the move to the GPU
+    return q.to(device)  # quantisation happens on this move
 
 
 def quantize_base_4bit(adapter: Any, targets_regex: str,
