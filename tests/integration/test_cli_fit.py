@@ -98,6 +98,7 @@ def test_fit_bad_override_fails_with_suggestion(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.claims  # README: the quickstart's before/after numbers
 def test_quickstart_recipe_customizes_the_character(tmp_path):
     """The full quickstart and its evaluation: the pretrained base, customized few-shot to a character it
     never saw, meets #11's acceptance numbers (the base stays near chance on what only the character knows)."""

@@ -16,7 +16,7 @@ import pytest
 
 from tests.integration.test_cli_fit import FAST_EVAL, run_cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.claims]  # README: several characters on one base
 
 CHARACTER_SEEDS = (10, 11)  # their looks share no attribute, so the other adapter cannot score by coincidence
 LORA_STEPS = 300
