@@ -68,10 +68,23 @@ def test_fit_outputs(full_run):
 
 
 def test_fit_checkpoint_reloads(full_run):
+    """The saved checkpoint is the model the run evaluated: reloaded, it scores the held-out MCQs exactly as
+    `metrics.json` says the trained model did (eval.max_items=12 above), and it is not the base it started from."""
+    from safetensors.torch import load_file
+
     from cmrp.backbones.bagel import BagelAdapter
+    from cmrp.data.validate import load_character
+    from cmrp.evaluation.mcq import knowledge_mcq_accuracy, vqa_mcq_accuracy
 
     adapter = BagelAdapter.from_pretrained(full_run / "checkpoint" / "backbone")
-    assert sum(p.numel() for p in adapter.model.parameters()) > 10_000
+    adapter.model.eval()
+    character = load_character(full_run / "character")
+    after = json.loads((full_run / "metrics.json").read_text())["after"]
+    assert knowledge_mcq_accuracy(adapter, character, "test", 12) == pytest.approx(after["knowledge_mcq_acc"])
+    assert vqa_mcq_accuracy(adapter, character, "test", 12) == pytest.approx(after["vqa_mcq_acc"])
+    trained = load_file(str(full_run / "checkpoint" / "backbone" / "model.safetensors"))
+    shipped = load_file(str(ROOT / "src" / "cmrp" / "sandbox" / "assets" / "base" / "model.safetensors"))
+    assert trained.keys() == shipped.keys() and any(not (trained[k] == shipped[k]).all() for k in trained)
 
 
 def test_fit_lora_saves_only_adapter_keys(tmp_path):
