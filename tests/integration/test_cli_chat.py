@@ -171,6 +171,13 @@ def test_character_artefact_round_trip(runs):
     assert any("lora_A" in n for n, _ in plain.named_parameters())
     proc = run_cli("chat", str(art), "--once", "hello", *CHAT)
     assert proc.returncode == 0 and proc.stdout.startswith(f"{card['name']}: "), proc.stderr[-2000:]
+    # --base: the base folder given explicitly (here a copy of the shipped one) instead of the card's reference
+    shutil.copytree(base, runs["root"] / "base-copy")
+    explicit = run_cli("chat", str(art), "--once", "hello", "--base", str(runs["root"] / "base-copy"), *CHAT)
+    assert explicit.returncode == 0 and explicit.stdout == proc.stdout, explicit.stderr[-2000:]
+    missing = run_cli("chat", str(art), "--once", "hello", "--base", str(runs["root"] / "no-base"), *CHAT)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1 and "no-base not found" in missing.stderr, missing.stderr
 
 
 @pytest.mark.slow  # one more fit and four chats: about 4 minutes on a loaded 2-core machine

@@ -9,13 +9,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.waiting import scaled
+
 ROOT = Path(__file__).resolve().parents[2]
 CMRP = str(Path(sys.executable).parent / "cmrp")
 FAST_EVAL = ["eval.max_items=12", "eval.grid_prompts=2", "eval.images_per_prompt=2", "eval.sample_steps=3"]
 
 
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([CMRP, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    """`cmrp ARGS` from the repository root; `timeout` (for a loaded 2-core machine) scales with
+    CMRP_TEST_TIME_SCALE."""
+    return subprocess.run([CMRP, *args], capture_output=True, text=True, timeout=scaled(timeout), cwd=ROOT)
 
 
 def read_run(output_dir: Path):
