@@ -13,11 +13,12 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CMRP = str(Path(sys.executable).parent / "cmrp")
@@ -86,14 +87,15 @@ def test_interactive_session_in_tmux(runs, tmp_path):
                              text=True, timeout=10)
         return out.stdout
 
-    def wait_for(predicate, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+    def wait_for(predicate, seconds: float) -> str:  # generous: a loaded 2-core machine (CMRP_TEST_TIME_SCALE)
+        def shown() -> str | None:
             text = pane()
-            if predicate(text):
-                return text
-            time.sleep(0.3)
-        raise AssertionError(f"timed out after {timeout} s; the pane shows:\n{pane()}")
+            return text if predicate(text) else None
+
+        try:
+            return wait_until(shown, seconds, "the pane", every=0.3)
+        except AssertionError as err:
+            raise AssertionError(f"{err}; the pane shows:\n{pane()}") from None
 
     def replies(text: str) -> int:
         return len(re.findall(rf"^{re.escape(name)}: ", text, flags=re.M))
@@ -103,26 +105,24 @@ def test_interactive_session_in_tmux(runs, tmp_path):
         subprocess.run([*tmux, "send-keys", "-t", "chat", "Enter"], check=True, timeout=10)
 
     try:
-        wait_for(lambda t: "you> " in t, 40)  # loading the model
+        wait_for(lambda t: "you> " in t, 300)  # loading the model
         send("hello, who are you?")
-        wait_for(lambda t: replies(t) >= 1, 20)
+        wait_for(lambda t: replies(t) >= 1, 120)
         send("what do you like to eat?")
-        wait_for(lambda t: replies(t) >= 2, 20)
+        wait_for(lambda t: replies(t) >= 2, 120)
         send("/image draw me")
-        text = wait_for(lambda t: "[image] " in t and t.rstrip().endswith("you>"), 20)
+        text = wait_for(lambda t: "[image] " in t and t.rstrip().endswith("you>"), 120)
         assert replies(text) == 3
         image = Path(re.search(r"^\[image\] (\S+)$", text, flags=re.M).group(1))
         assert image.is_file() and image.parent == tmp_path / "img"
         send(f"/save {tmp_path / 't.json'}")
-        wait_for(lambda t: "[saved] " in t, 20)
+        wait_for(lambda t: "[saved] " in t, 120)
         turns = json.loads((tmp_path / "t.json").read_text())["turns"]
         assert [t["role"] for t in turns] == ["user", "character"] * 3
         assert turns[4]["text"] == "draw me" and turns[5]["image"] == str(image)
         send("/quit")
-        deadline = time.monotonic() + 20
-        while subprocess.run([*tmux, "has-session", "-t", "chat"], capture_output=True).returncode == 0:
-            assert time.monotonic() < deadline, "cmrp chat did not exit on /quit"
-            time.sleep(0.3)
+        wait_until(lambda: subprocess.run([*tmux, "has-session", "-t", "chat"], capture_output=True).returncode != 0,
+                   120, "cmrp chat to exit on /quit", every=0.3)
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True, timeout=10)
 
@@ -171,6 +171,13 @@ def test_character_artefact_round_trip(runs):
     assert any("lora_A" in n for n, _ in plain.named_parameters())
     proc = run_cli("chat", str(art), "--once", "hello", *CHAT)
     assert proc.returncode == 0 and proc.stdout.startswith(f"{card['name']}: "), proc.stderr[-2000:]
+    # --base: the base folder given explicitly (here a copy of the shipped one) instead of the card's reference
+    shutil.copytree(base, runs["root"] / "base-copy")
+    explicit = run_cli("chat", str(art), "--once", "hello", "--base", str(runs["root"] / "base-copy"), *CHAT)
+    assert explicit.returncode == 0 and explicit.stdout == proc.stdout, explicit.stderr[-2000:]
+    missing = run_cli("chat", str(art), "--once", "hello", "--base", str(runs["root"] / "no-base"), *CHAT)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1 and "no-base not found" in missing.stderr, missing.stderr
 
 
 @pytest.mark.slow  # one more fit and four chats: about 4 minutes on a loaded 2-core machine

@@ -61,6 +61,7 @@ class FakeLLM:
 
     def __init__(self, *, misbehave: bool = True, delay: float = 0.0, always_bad: bool = False, slow: float = 2.0):
         self.counts: Counter[str] = Counter()
+        self.late: Counter[str] = Counter()  # answers of a good mode that took long enough for a client to give up
         self.modes: dict[str, str] = {}
         self.auth: set[str] = set()
         self.lock = threading.Lock()
@@ -73,9 +74,13 @@ class FakeLLM:
                 pass
 
             def do_POST(self):  # noqa: N802 - http.server's name
+                start = time.monotonic()
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.auth.add(self.headers.get("Authorization", ""))
-                fake.respond(self, body)
+                mode = fake.respond(self, body)
+                if mode in ("ok", "fenced") and time.monotonic() - start > LATE_S:
+                    with fake.lock:
+                        fake.late[key_of(body["model"], body["messages"][:2])] += 1
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -85,7 +90,7 @@ class FakeLLM:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
 
-    def respond(self, handler: BaseHTTPRequestHandler, body: dict) -> None:
+    def respond(self, handler: BaseHTTPRequestHandler, body: dict) -> str:
         messages = body["messages"]
         key = key_of(body["model"], messages[:2])
         content = messages[1]["content"]
@@ -120,7 +125,7 @@ class FakeLLM:
                 handler.send_header("Retry-After", "0")
             handler.end_headers()
             handler.wfile.write(payload)
-            return
+            return mode
         elif mode == "too_slow":
             time.sleep(self.slow)
         reply = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
@@ -134,6 +139,7 @@ class FakeLLM:
             handler.wfile.write(reply)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up on a slow answer
             pass
+        return mode
 
     def __enter__(self) -> FakeLLM:
         self.thread.start()
@@ -172,6 +178,9 @@ def env() -> dict[str, str]:
     return {**os.environ, "OPENAI_API_KEY": SECRET}
 
 
+# a good answer slower than this may have been given up on by a client with `--timeout 1` (its wait starts
+# before the server reads the request, so the margin is wide)
+LATE_S = 0.3
 ITEMS = 2 + 3 + 1 + 3 + 3  # dialogue batches, scenes, knowledge open, MCQ easy/medium/hard, VQA
 
 
@@ -184,8 +193,10 @@ def test_build_retries_bad_answers_and_validates(raw, tmp_path):
     assert len(llm.counts) == ITEMS
     assert set(llm.modes.values()) == set(MODES)  # every kind of bad answer happened
     for key, mode in llm.modes.items():
-        # a fenced answer is repaired locally; every other bad first answer costs exactly one more request
-        assert llm.counts[key] == (1 if mode in ("ok", "fenced") else 2), (mode, llm.counts[key])
+        # a fenced answer is repaired locally; every other bad first answer costs exactly one more request. On a
+        # loaded machine a good answer can be slow enough (LATE_S) for the client's 1 s timeout: one more each
+        expected = 1 if mode in ("ok", "fenced") else 2
+        assert expected <= llm.counts[key] <= expected + llm.late[key], (mode, llm.counts[key], llm.late[key])
     assert llm.auth == {f"Bearer {SECRET}"}
     assert proc.stderr.count(": done") == ITEMS and f"[{ITEMS}/{ITEMS}]" in proc.stderr
     assert proc.stdout.startswith("OK: Pip: ")

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 
 from cmrp.cli import main
+from tests.shared_data import ROLESCAPE_SAMPLE as SAMPLE
 
 ROOT = Path(__file__).resolve().parents[2]
-SAMPLE = (ROOT / ".." / "shared" / "data" / "rolescape20-sample").resolve()
 MMROLE = ROOT / "tests" / "fixtures" / "mmrole"
 
 
-@pytest.mark.skipif(not (SAMPLE / "train" / "Bo").is_dir(), reason=f"RoleScape-20 sample not at {SAMPLE}")
+@pytest.mark.rolescape
 def test_validate_rolescape_root_and_folder(capsys):
     assert main(["data", "validate", str(SAMPLE), "--character", "Bo"]) == 0
     out = capsys.readouterr().out.splitlines()

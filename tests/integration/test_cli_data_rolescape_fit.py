@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.shared_data import ROLESCAPE_SAMPLE as SAMPLE
+
 ROOT = Path(__file__).resolve().parents[2]
-SAMPLE = (Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "rolescape20-sample").resolve()
 CMRP = str(Path(sys.executable).parent / "cmrp")
 
 
-@pytest.mark.skipif(not (SAMPLE / "train" / "Bo").is_dir(),
-                    reason=f"the RoleScape-20 sample is not at {SAMPLE} (tests/../../shared/data/rolescape20-sample)")
+@pytest.mark.rolescape
 def test_fit_trains_on_bo(tmp_path):
     out = tmp_path / "bo"
     proc = subprocess.run(

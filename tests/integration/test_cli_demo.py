@@ -1,7 +1,7 @@
 """`cmrp demo` through the real console script, driven by Playwright in headless Chromium.
 
 One 3-step LoRA run is made for the module (about a minute on CPU), as in test_cli_chat.py; the demo server
-is then started on a free port of 127.0.0.1, a message is sent with 'with image' ticked, and the page must
+is then started with `--port 0` (it binds a free port itself and prints it), a message is sent with 'with image' ticked, and the page must
 show the character's reply (the same text `cmrp chat --once` prints) and a loaded image.
 """
 
@@ -10,14 +10,14 @@ from __future__ import annotations
 import importlib.util
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.waiting import scaled, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CMRP = str(Path(sys.executable).parent / "cmrp")
@@ -42,12 +42,6 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([CMRP, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def words(text: str) -> str:
     """Only the word characters: the chat page renders replies as Markdown."""
     return re.sub(r"\W+", "", text)
@@ -61,19 +55,22 @@ def run(tmp_path_factory) -> Path:
     return out
 
 
-def wait_for_http(url: str, server: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise AssertionError(f"the demo server exited with {server.returncode}")
+def served_at(log: Path, server: subprocess.Popen, seconds: float) -> str:
+    """The page's URL, once the server has printed it (it binds its port itself: `--port 0`) and answers."""
+    def printed():
+        return re.search(r"serving a chat with .* on (http://127\.0\.0\.1:\d+) ", log.read_text())
+
+    url = wait_until(printed, seconds, "the demo server's address line", server, every=0.5).group(1) + "/"
+
+    def answers() -> bool:
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
+            with urllib.request.urlopen(url, timeout=scaled(5)) as response:  # noqa: S310 - the local server
+                return response.status == 200
         except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer within {timeout} s")
+            return False
+
+    wait_until(answers, seconds, f"{url} to answer", server, every=0.5)
+    return url
 
 
 @NEEDS_BROWSER[0]
@@ -82,21 +79,19 @@ def wait_for_http(url: str, server: subprocess.Popen, timeout: float) -> None:
 def test_demo_page_shows_reply_and_image(run, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/"
     log = open(tmp_path / "server.log", "w+")
     once = None
-    server = subprocess.Popen([CMRP, "demo", str(run), "--port", str(port), "--out", str(tmp_path / "img"), *CHAT],
+    server = subprocess.Popen([CMRP, "demo", str(run), "--port", "0", "--out", str(tmp_path / "img"), *CHAT],
                               stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
         once = subprocess.Popen([CMRP, "chat", str(run), "--once", MESSAGE, "--out", str(tmp_path / "once"), *CHAT],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         try:
-            wait_for_http(url, server, 90)
-        except AssertionError:
+            url = served_at(tmp_path / "server.log", server, 300)
+        except AssertionError as err:
             log.seek(0)
-            raise AssertionError(log.read()[-3000:]) from None
-        stdout, stderr = once.communicate(timeout=120)
+            raise AssertionError(f"{err}\n{log.read()[-3000:]}") from None
+        stdout, stderr = once.communicate(timeout=scaled(300))
         assert once.returncode == 0, stderr[-3000:]
         expected = stdout.splitlines()[0].split(": ", 1)[1]
 
@@ -104,13 +99,13 @@ def test_demo_page_shows_reply_and_image(run, tmp_path):
             browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
             try:
                 page = browser.new_page()
-                page.goto(url, timeout=30_000)
+                page.goto(url, timeout=scaled(60_000))
                 page.locator("#cmrp-message textarea").fill(MESSAGE)
                 page.locator("#cmrp-with-image input[type=checkbox]").check()
                 page.locator("#cmrp-send").click()
                 page.wait_for_function(
                     "() => Array.from(document.querySelectorAll('#cmrp-chat img'))"
-                    ".some(img => img.complete && img.naturalWidth > 0)", timeout=30_000)
+                    ".some(img => img.complete && img.naturalWidth > 0)", timeout=scaled(120_000))
                 text = page.locator("#cmrp-chat").inner_text()
                 shown = page.evaluate("() => Math.max(...Array.from(document.querySelectorAll('#cmrp-chat img'))"
                                       ".map(img => img.naturalWidth))")

@@ -57,6 +57,7 @@ def test_checkpoint_is_in_the_official_showo_layout(showo_run):
 
 
 @pytest.mark.slow
+@pytest.mark.claims  # README: Show-o's joint decoding trains
 def test_joint_decoding_runs_too(tmp_path):
     out = tmp_path / "joint"
     proc = run_cli("fit", "recipes/showo-tiny/sft_grpo.yaml", "decoding=joint", "trainer.max_steps=2",

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_cli_fit import CMRP, ROOT
+from tests.waiting import scaled
 
 TINY = ["recipes/sandbox/sft.yaml", "data.batch_size=2", "data.max_text_tokens=32", "eval.max_items=2",
         "eval.grid_prompts=1", "eval.images_per_prompt=1", "eval.sample_steps=2", "checkpoint.every_n_steps=0"]
@@ -44,7 +45,7 @@ def start_server(folder: Path, deadline_s: float = 300) -> tuple[subprocess.Pope
                              "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
                              "--artifacts-destination", str(folder / "artifacts")],
                             cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + deadline_s
+    deadline = time.monotonic() + scaled(deadline_s)
     port = None
     while port is None:
         assert proc.poll() is None, f"mlflow server exited: {(folder / 'server.log').read_text()[-2000:]}"

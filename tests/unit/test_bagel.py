@@ -189,10 +189,22 @@ def test_sample_images_shape_determinism_and_prefix_sharing(adapter):
     assert torch.allclose(single, a[:2], atol=1e-5)
 
 
-def test_generate_text_returns_strings(adapter):
+def test_generate_text_greedy_is_the_argmax_per_context_and_sampling_follows_the_seed(adapter):
     adapter.model.eval()
-    out = adapter.generate_text([Example("c", [t("user", "hello")])], max_new_tokens=5)
-    assert isinstance(out[0], str)
+    ctx = [Example("c", [t("user", "hello")]), Example("c", [t("user", "draw me on the beach, please")])]
+    logits: list[torch.Tensor] = []
+    ids = adapter._generate_ids(adapter._encode_prefix(ctx), 5, 0.0, 0, logits_out=logits)
+    assert all(1 <= len(row) <= 5 for row in ids)  # at most max_new_tokens, eos not included
+    for i, row in enumerate(ids):  # greedy: each token is the argmax of its step's logits
+        assert row == [int(step[i].argmax()) for step in logits[:len(row)]]
+    greedy = adapter.generate_text(ctx, max_new_tokens=5)
+    assert greedy == [adapter.tokenizer.decode(row).strip() for row in ids]
+    # each context decodes as it would alone (padding in the batch does not leak)
+    assert [adapter.generate_text([c], max_new_tokens=5)[0] for c in ctx] == greedy
+    def hot(seed: int) -> list[str]:
+        return adapter.generate_text(ctx, max_new_tokens=5, temperature=5.0, seed=seed)
+
+    assert hot(1) == hot(1) and hot(1) != hot(2) and hot(1) != greedy  # sampling: reproducible per seed
 
 
 def test_save_and_from_pretrained_roundtrip(adapter, image_paths, tmp_path):

@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from cmrp.config.schema import GRPOConfig
 from cmrp.data.tasks import Example, ImagePrompt, Segment
@@ -140,9 +141,28 @@ def test_kl_to_reference_and_ema_in_lora_mode(adapter):
     cfg = grpo_cfg(max_steps=2, prompts_per_step=1, group_size=4, sample_steps=4, window_size=2, minibatch_size=2,
                    accumulate=2, kl_beta=0.1, ema_decay=0.5, reward_workers=1,
                    optimizer={"lr": 0.01})
-    module = run_grpo(adapter, reward, cfg, prompts(["draw me"]))
+    start = {n: p.detach().clone() for n, p in adapter.model.named_parameters() if p.requires_grad}
+    stepped = []  # the trained weights after every optimiser step
+    hook = register_optimizer_step_post_hook(lambda *_: stepped.append(
+        {n: p.detach().clone() for n, p in adapter.model.named_parameters() if n in start}))
+    try:
+        module = run_grpo(adapter, reward, cfg, prompts(["draw me"]))
+    finally:
+        hook.remove()
     assert all("lora_" in n and "_moe_gen" in n for n in module.trained_names)
-    assert module.last_log["grpo/kl"] >= 0.0
+    start = {n: start[n] for n in module.trained_names}  # the module froze everything else
+    # LoRA starts as the reference (B = 0); after the first update the policy has moved away from it
+    assert module.last_log["grpo/kl"] > 0.0
+    # the weights left at the end are the EMA of the weights after each step (decay 0.5), recomputed here
+    assert len(stepped) >= 2
+    ema = {n: v.clone() for n, v in start.items()}
+    for weights in stepped:
+        for n in ema:
+            ema[n] = 0.5 * ema[n] + 0.5 * weights[n]
+    final = dict(adapter.model.named_parameters())
+    for n in ema:
+        torch.testing.assert_close(final[n].detach(), ema[n], rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(final[n], stepped[-1][n]) for n in ema)  # not simply the last weights
 
 
 def test_kl_reference_of_a_trained_lora_adapter_is_its_start_not_the_base(adapter):

@@ -30,7 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("source", metavar="RUN_OR_CHARACTER_DIR", help="a `cmrp fit` output_dir, or a character artefact")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--port", type=int, default=7860,
+                   help="port (default 7860); 0: the first free one from 7860, printed once the page is served")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     p.add_argument("--out", type=Path, default=Path("chat"), help="folder for the images (default ./chat)")
     add_session_arguments(p)
@@ -130,7 +131,10 @@ def _demo(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     app = build_demo(backbone, info, out_dir=out, decoding=args.decoding or info.decoding, image_steps=args.steps,
                      seed=args.seed, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-    print(f"serving a chat with {info.name} on http://{args.host}:{args.port} (Ctrl-C ends)", flush=True)
-    app.queue().launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[str(out)],
-                       inbrowser=False, show_error=True)
+    # Gradio binds the port itself (port 0: it tries 7860 upwards and keeps the first it can bind), so the
+    # address is printed once the server listens: scripts and tests read the port from this line
+    app.queue().launch(server_name=args.host, server_port=args.port or None, share=args.share,
+                       allowed_paths=[str(out)], inbrowser=False, show_error=True, prevent_thread_lock=True)
+    print(f"serving a chat with {info.name} on http://{args.host}:{app.server_port} (Ctrl-C ends)", flush=True)
+    app.block_thread()
     return 0
