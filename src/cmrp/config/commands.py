@@ -14,9 +14,16 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register"]
+__all__ = ["add_recipe_arguments", "register"]
 
 _LS_WHAT = ("recipes", "backbones", "rewards", "decoding")
+
+
+def add_recipe_arguments(p: argparse.ArgumentParser, example: str = "quickstart", overrides_example: str = "") -> None:
+    """RECIPE and its KEY=VALUE overrides, as every command that loads a recipe takes them."""
+    p.add_argument("recipe", help=f"recipe YAML path or shipped recipe name, e.g. {example}")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides of recipe keys" + (f", e.g. {overrides_example}" if overrides_example else ""))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,8 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Load a recipe with its `base:` files and overrides, and check every key, type and "
         "reference. RECIPE is a path or a shipped recipe name (see `cmrp ls recipes`).",
     )
-    p.add_argument("recipe", help="recipe YAML path or shipped recipe name, e.g. quickstart")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of recipe keys")
+    add_recipe_arguments(p)
     p.set_defaults(handler=_validate)
 
     p = subparsers.add_parser(
@@ -37,8 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "inheritance merged, overrides applied, interpolations resolved, the backbone card and the reward preset "
         "written out in full (secrets hidden). The output is itself a recipe: `cmrp cat quickstart > mine.yaml`.",
     )
-    p.add_argument("recipe", help="recipe YAML path or shipped recipe name, e.g. quickstart")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of recipe keys")
+    add_recipe_arguments(p)
     p.set_defaults(handler=_cat)
 
     p = subparsers.add_parser(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from cmrp.config.commands import add_recipe_arguments
+
 __all__ = ["register"]
 
 
@@ -16,9 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "gradient checkpointing) for its precision and strategy (DDP or FSDP) over --gpus x --nodes GPUs, for the "
         "longest sequence a batch may hold; say whether it fits --gpu-memory. BAGEL backbones.",
     )
-    p.add_argument("recipe", help="recipe YAML path or shipped recipe name, e.g. bagel/sft")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotted overrides of recipe keys, e.g. data.batch_size=2 trainer.strategy=fsdp")
+    add_recipe_arguments(p, "bagel/sft", "data.batch_size=2 trainer.strategy=fsdp")
     p.add_argument("--gpus", type=int, default=None, help="GPUs per node (default: trainer.devices, 8 when auto)")
     p.add_argument("--nodes", type=int, default=None, help="nodes (default: trainer.num_nodes)")
     p.add_argument("--gpu-memory", default="80GB", help="memory of one GPU, e.g. 80GB, 141GB, 24GiB (default 80GB)")

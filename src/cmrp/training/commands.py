@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from cmrp.config.commands import add_recipe_arguments
+
 __all__ = ["register"]
 
 
@@ -14,8 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run a recipe's stages, tracked in MLflow. RECIPE is a path or a shipped recipe name "
         "(see `cmrp ls recipes`); overrides are dotted keys, e.g. trainer.max_steps=50 finetune.mode=full.",
     )
-    p.add_argument("recipe", help="recipe YAML path or shipped recipe name, e.g. quickstart")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of recipe keys")
+    add_recipe_arguments(p)
     p.add_argument("--resume", action="store_true",
                    help="continue the latest valid checkpoint in <output_dir>/resume (same as resume=auto); "
                    "give the same recipe and overrides as the interrupted run")
