@@ -121,6 +121,9 @@ def test_save_character_of_a_full_fine_tuning_run(think_run, tmp_path):
     trained = load_file(str(think_run / "checkpoint" / "backbone" / "model.safetensors"))
     assert saved.keys() == trained.keys() and all((saved[k] == trained[k]).all() for k in saved)
     assert chat(str(art), "--image") == chat(str(think_run), "--image")  # the same character, its own decoding
+    # --base belongs to LoRA characters: a full one carries its whole model, so a base is refused, not ignored
+    proc = run_cli("chat", str(art), "--base", str(think_run), "--once", "hello")
+    assert proc.returncode == 2 and "drop --base" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_recipe_resume_auto_continues_a_killed_run(resumed_run):

@@ -38,16 +38,23 @@ def test_all_ranks_end_with_identical_weights(ddp_run):
     assert all("_moe_gen" in k or k.startswith(("time_embedder", "vae2llm", "llm2vae")) for k in ranks[0]["changed_by_grpo"])
 
 
+def _history_length(ranks) -> int:
+    """Both ranks logged every GRPO iteration (a loop over an empty history would check nothing)."""
+    length = len(ranks[0]["history"])
+    assert length > 0 and all(len(r["history"]) == length for r in ranks)
+    return length
+
+
 def test_each_group_stays_on_one_rank(ddp_run):
     ranks = _ranks(ddp_run)
-    for step in range(len(ranks[0]["history"])):
+    for step in range(_history_length(ranks)):
         groups = [set(r["history"][step]["group_ids"]) for r in ranks]
         assert groups[0] and groups[1] and not groups[0] & groups[1]
 
 
 def test_advantages_equal_the_single_process_computation(ddp_run):
     ranks = _ranks(ddp_run)
-    for step in range(len(ranks[0]["history"])):
+    for step in range(_history_length(ranks)):
         rewards = torch.tensor([v for r in ranks for v in r["history"][step]["rewards"]])
         groups = torch.tensor([g for r in ranks for g in r["history"][step]["group_ids"]])
         seen = torch.tensor([a for r in ranks for a in r["history"][step]["advantages"]])

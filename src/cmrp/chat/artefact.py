@@ -283,6 +283,9 @@ def load_character(artefact_dir: str | Path, base: str | Path | None = None, *, 
                          decoding=card.get("decoding") or "chain", extra={"card": card, "artefact": str(folder),
                                                                           "image_kwargs": card.get("sampling") or {}})
     if card.get("kind") == "full":
+        if base is not None:
+            raise ConfigError(f"{folder / CARD_FILE}: a full fine-tuning character carries its whole model, so a "
+                              f"base ({base}) cannot apply; drop --base (base=) for this character")
         return _load_backbone_folder(folder / "backbone"), info
     backbone = _load_base(card, base, folder)
     if not (folder / "adapter" / "adapter_config.json").is_file():
