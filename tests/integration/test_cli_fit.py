@@ -115,12 +115,12 @@ def test_fit_bad_override_fails_with_suggestion(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.claims  # README: the quickstart's before/after numbers
+@pytest.mark.claims  # docs/sandbox.md: the quickstart's before/after numbers
 def test_quickstart_recipe_customizes_the_character(tmp_path):
     """The full quickstart and its evaluation: the pretrained base, customized few-shot to a character it
-    never saw, meets the README's targets (the base stays near chance on what only the character knows), and
+    never saw, meets the targets in docs/sandbox.md (the base stays near chance on what only the character knows), and
     Character-GRPO, anchored by its KL term, does not lower its own objective (the held-out composite reward)
-    nor identity. It does not yet raise the objective either (README, "Does GRPO raise its own objective?")."""
+    nor identity. It does not yet raise the objective either (docs/sandbox.md, "Does GRPO raise its own objective?")."""
     run = tmp_path / "qs"
     proc = run_cli("fit", "quickstart", f"output_dir={run}", timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]

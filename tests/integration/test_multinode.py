@@ -1,5 +1,5 @@
 """Two "nodes" on this machine, one CPU process each, through the real `cmrp fit`: launched by torchrun
-(`--nnodes 2 --node-rank 0|1`, a 127.0.0.1 rendezvous) and by the SLURM batch script the README documents
+(`--nnodes 2 --node-rank 0|1`, a 127.0.0.1 rendezvous) and by the SLURM batch script docs/scaling.md documents
 (scripts/slurm/fit.sbatch, run with SLURM's variables set by hand and `srun` played by a shell function).
 Each ends with one MLflow run and the same weights on both ranks (their digests, in metrics.json)."""
 

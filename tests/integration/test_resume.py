@@ -104,7 +104,7 @@ def sft_reference(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow  # three CLI runs: ~90 s on a loaded 2-core machine
-@pytest.mark.claims  # README: exact resume after SIGKILL
+@pytest.mark.claims  # docs/runs.md: exact resume after SIGKILL
 def test_sft_killed_at_a_random_step_resumes_exactly(sft_reference, tmp_path):
     out = tmp_path / "run"
     kill_at = kill_point(range(4, 17))
@@ -119,7 +119,7 @@ def test_sft_killed_at_a_random_step_resumes_exactly(sft_reference, tmp_path):
 
 
 @pytest.mark.slow  # three CLI runs: ~90 s on a loaded 2-core machine
-@pytest.mark.claims  # README: exact resume after SIGKILL
+@pytest.mark.claims  # docs/runs.md: exact resume after SIGKILL
 def test_resume_without_checkpoint_starts_afresh_and_rejects_another_recipe(sft_reference, tmp_path):
     out = tmp_path / "run"
     proc = run_cli("fit", *SFT, f"output_dir={out}", "--resume")
@@ -132,7 +132,7 @@ def test_resume_without_checkpoint_starts_afresh_and_rejects_another_recipe(sft_
 
 
 @pytest.mark.slow
-@pytest.mark.claims  # README: exact resume after SIGKILL
+@pytest.mark.claims  # docs/runs.md: exact resume after SIGKILL
 def test_sft_then_grpo_killed_in_grpo_resumes_exactly(tmp_path):
     reference = tmp_path / "ref"
     proc = run_cli("fit", *GRPO, f"output_dir={reference}")
@@ -147,7 +147,7 @@ def test_sft_then_grpo_killed_in_grpo_resumes_exactly(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.claims  # README: exact resume after SIGKILL
+@pytest.mark.claims  # docs/runs.md: exact resume after SIGKILL
 def test_killed_between_stages_resumes_with_grpo(tmp_path):
     """Killed after SFT's end-of-stage checkpoint: SFT is not run again, GRPO runs from its start."""
     reference = tmp_path / "ref"

@@ -105,7 +105,7 @@ def test_diverging_run_stops_with_a_clear_message(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.claims  # README: a run outlives its tracking server; `cmrp tracking sync` uploads the rest
+@pytest.mark.claims  # docs/runs.md: a run outlives its tracking server; `cmrp tracking sync` uploads the rest
 def test_tracking_server_killed_mid_run_then_synced_to_a_restarted_server(tmp_path):
     from mlflow.tracking import MlflowClient
 

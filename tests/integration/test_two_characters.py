@@ -16,7 +16,7 @@ import pytest
 
 from tests.integration.test_cli_fit import FAST_EVAL, run_cli
 
-# README: several characters on one base. Not in the claims tier this stop: its card key was stale (fixed) and the
+# docs/chat.md: several characters on one base. Not in the claims tier this stop: its card key was stale (fixed) and the
 # rest of it has not run since the sandbox changes of #22 (33 min on the loaded machine).
 pytestmark = [pytest.mark.slow]
 
@@ -78,7 +78,7 @@ def test_two_characters_on_one_base_answer_in_their_own_persona_and_look(tmp_pat
         assert identity is not None
         prompts = image_prompts(character, split="test")[:8]
         report[names[seed]] = _own_and_other(pool, character, names[seed], names[other], identity, prompts)
-    print(json.dumps(report, indent=1))  # shown with -s; the numbers for the README
+    print(json.dumps(report, indent=1))  # shown with -s; the numbers for docs/chat.md
 
     for name, numbers in report.items():
         own_knowledge, other_knowledge = numbers["knowledge"]

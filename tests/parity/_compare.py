@@ -1,11 +1,11 @@
-"""Compare cmrp's outputs with numbers the official code produced, and record each error for the README.
+"""Compare cmrp's outputs with numbers the official code produced, and record each error for docs/parity.md.
 
 Every golden check goes through `assert_matches`, so the tolerance is defined once: the error of a tensor is
 max|ours - official| over the tensor, reported absolute and relative to max|official| (a norm-relative error:
 robust where single elements of the reference are near zero). The default tolerance is relative 1e-4 in fp32.
 
 When `CMRP_PARITY_RECORD` names a file, each check appends one JSON line (model, check, abs, rel, shape) to it;
-`python tests/parity/table.py` runs the parity suite that way and prints the README's parity table.
+`python tests/parity/table.py` runs the parity suite that way and prints the parity table of docs/parity.md.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from tests.parity._compare import assert_matches, errors
 
 @pytest.fixture(autouse=True)
 def _not_recorded(monkeypatch):
-    """The helper's own toy checks stay out of the README's parity table."""
+    """The helper's own toy checks stay out of the parity table (docs/parity.md)."""
     monkeypatch.delenv("CMRP_PARITY_RECORD", raising=False)
 
 
@@ -33,3 +33,21 @@ def test_errors_are_norm_relative_and_shapes_checked():
     assert (abs_err, rel_err) == (1.0, 1.0)
     with pytest.raises(AssertionError, match="shape"):
         errors(torch.zeros(2), torch.zeros(3))
+
+
+def test_table_script_finds_and_replaces_the_table_in_docs():
+    """`python tests/parity/table.py --write` rewrites exactly the parity table of docs/parity.md."""
+    from pathlib import Path
+
+    from tests.parity.table import DOC, HEADER, replace_table
+
+    doc = (Path(__file__).resolve().parents[2] / DOC).read_text(encoding="utf-8")
+    lines = doc.split("\n")
+    start = lines.index(HEADER)
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
+    assert end - start > 50  # the header, the rule and one row per check
+    assert replace_table(doc, "\n".join(lines[start:end])) == doc
+    new = replace_table(doc, f"{HEADER}\n| --- | --- | --- | --- |\n| toy | check | 1.00e-07 | 2.00e-07 |")
+    assert new.count("\n") == doc.count("\n") - (end - start - 3)
+    assert "| toy | check |" in new and "BAGEL | VAE decode" not in new
+    assert new.split(HEADER)[0] == doc.split(HEADER)[0] and new.endswith(doc[doc.index("\n\nDeliberate departures"):])

@@ -205,7 +205,7 @@ def test_7b_card_builds_on_meta_with_the_official_parameter_count():
     assert counts["active_text"] - qk_norms == 7_615_616_512
     assert abs(counts["active_text"] / 7.61e9 - 1) < 0.01
     assert abs(counts["moe_gen"] / 6.53e9 - 1) < 0.01
-    # the paper / README: "7B active parameters (14B total)"
+    # the paper / docs/backbones.md: "7B active parameters (14B total)"
     assert 14.0e9 <= counts["total"] < 15.0e9 and 7.0e9 <= counts["active_text"] < 8.0e9
 
 

@@ -71,13 +71,14 @@ def test_cp_copies_with_shipped_base_names(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["cp", "bagel/lora/sft", "mine.yaml"]) == 0
     copied = (tmp_path / "mine.yaml").read_text()
-    assert "base: bagel/sft\n" in copied and copied.startswith("# Unified-SFT of BAGEL-7B-MoT with LoRA")
+    assert "base: bagel/sft\n" in copied and copied.startswith("# Run: cmrp fit mine.yaml\n# Unified-SFT of BAGEL-7B-MoT with LoRA")
     assert main(["validate", "mine.yaml"]) == 0
     assert main(["cp", "bagel/lora/sft", "mine.yaml"]) == 2  # exists: not overwritten without --force
     assert "--force" in capsys.readouterr().err
     (tmp_path / "d").mkdir()
     assert main(["cp", "ablations/sandbox/no_clip", "d"]) == 0
-    assert "base: ablations/sandbox/sft_grpo" in (tmp_path / "d" / "no_clip.yaml").read_text()
+    copied = (tmp_path / "d" / "no_clip.yaml").read_text()
+    assert "base: ablations/sandbox/sft_grpo" in copied and copied.startswith("# Run: cmrp fit d/no_clip.yaml\n")
     assert main(["cp", "quickstart", "d"]) == 0 and main(["validate", "d/quickstart.yaml"]) == 0
 
 
@@ -85,8 +86,10 @@ def test_ls_prints_whole_descriptions(capsys):
     assert main(["ls", "recipes"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     quickstart = (ROOT / "recipes" / "quickstart.yaml").read_text().splitlines()
-    description = " ".join(line.lstrip("# ").strip() for line in quickstart if line.startswith("#"))
-    assert " ".join(description.split()) in out  # every line of the leading comment, not cut
+    assert quickstart[0] == "# Run: cmrp fit recipes/quickstart.yaml"  # how to run it: not part of the description
+    description = " ".join(line.lstrip("# ").strip() for line in quickstart[1:] if line.startswith("#"))
+    assert " ".join(description.split()) in out  # every other line of the leading comment, not cut
+    assert "Run: cmrp" not in out
 
 
 def test_reward_overrides_are_validated_with_the_closest_name(capsys):

@@ -151,6 +151,16 @@ def _shipped_base_refs(text: str, source: Path) -> str:
     return re.sub(r"(?m)^(?P<key>base:\s*)(?P<refs>\[[^\]]*\]|[^#\n]*?)(?P<rest>\s*(#.*)?)$", line, text)
 
 
+def _run_line_for(text: str, source: Path, dest: Path) -> str:
+    """A copy's `# Run: cmrp fit recipes/<shipped>.yaml` line names the copy instead."""
+    import re
+
+    from cmrp.resources import asset_dir
+
+    shipped = "recipes/" + source.resolve().relative_to(asset_dir("recipes").resolve()).as_posix()
+    return re.sub(rf"\A(# Run: cmrp [a-z ]+? ){re.escape(shipped)}(?=\s|$)", lambda m: m[1] + dest.as_posix(), text)
+
+
 def _cp(args: argparse.Namespace) -> int:
     from cmrp.config.assets import find_asset, is_path_ref
     from cmrp.errors import ConfigError
@@ -166,7 +176,8 @@ def _cp(args: argparse.Namespace) -> int:
         raise ConfigError(f"{dest} exists; pass --force to overwrite it")
     if not dest.parent.is_dir():
         raise ConfigError(f"{dest.parent} is not a folder")
-    dest.write_text(_shipped_base_refs(source.read_text(encoding="utf-8"), source), encoding="utf-8")
+    text = _shipped_base_refs(source.read_text(encoding="utf-8"), source)
+    dest.write_text(_run_line_for(text, source, dest), encoding="utf-8")
     print(f"copied {args.name} to {dest}; edit it, then: cmrp validate {dest} && cmrp fit {dest}")
     return 0
 
@@ -197,7 +208,8 @@ def _first_comment(text: str) -> str:
         stripped = line.strip()
         if not stripped.startswith("#"):
             break
-        lines.append(stripped.lstrip("#").strip())
+        if not stripped.startswith("# Run:"):  # how to run it, not what it is
+            lines.append(stripped.lstrip("#").strip())
     return " ".join(line for line in lines if line)
 
 

@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "comparison table: <out>/summary.md, report.html (mean ± std, 95 % intervals, paired per-seed deltas "
         "against the baseline row, the claims seed by seed, a plot per metric) and summary.json. Cells already "
         "done are skipped and half-finished ones resume (`cmrp fit --resume`), so an interrupted sweep is "
-        "finished by running the same command again. The file format is in the README (Sweeps).",
+        "finished by running the same command again. The file format is in docs/sweeps.md.",
     )
     p.add_argument("sweep", metavar="SWEEP", help="sweep YAML path, or a shipped sweep name (recipes/sweeps/), e.g. sandbox")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
