@@ -21,7 +21,9 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -170,6 +172,10 @@ class TrackingLogger:
             return
         try:
             self._connect()
+        except KeyboardInterrupt:  # Ctrl-C / SIGTERM just after the run was made: end it, never leave it RUNNING
+            if self.run_id is not None and self._client is not None:
+                self.close("KILLED")
+            raise
         except Exception as err:  # noqa: BLE001 - any tracking failure: go on offline
             self._go_offline(err)
 
@@ -263,7 +269,7 @@ class TrackingLogger:
             raise CmrpError("its password was hidden when the URI was saved; pass the real URI "
                             "(cmrp eval --tracking-uri, cmrp tracking sync --tracking-uri)")
         _http_defaults(self.tracking_uri)
-        client = MlflowClient(tracking_uri=self.tracking_uri)
+        client = self._client = MlflowClient(tracking_uri=self.tracking_uri)
         if self.run_id is not None:  # a resumed run continues its MLflow run
             run = client.get_run(self.run_id)
             self.experiment_id = run.info.experiment_id
@@ -273,8 +279,9 @@ class TrackingLogger:
             exp = client.get_experiment_by_name(self.experiment_name)
             self.experiment_id = exp.experiment_id if exp is not None else client.create_experiment(
                 self.experiment_name, artifact_location=self._artifact_location)
-            self.run_id = client.create_run(self.experiment_id, run_name=self.run_name, tags=self.tags).info.run_id
-        self._client = client
+            with _interrupts_deferred():  # the run and our record of its id come into being together
+                self.run_id = client.create_run(self.experiment_id, run_name=self.run_name,
+                                                tags=self.tags).info.run_id
         _write_run_file(self.output_dir, {"run_id": self.run_id, "experiment_id": self.experiment_id,
                                           "experiment": self.experiment_name, "tracking_uri": self.display_uri})
 
@@ -339,6 +346,25 @@ def _last_steps(records: list[dict[str, Any]]) -> dict[str, int]:
             for key in record["metrics"]:
                 last[key] = max(last.get(key, -1), int(record["step"]))
     return last
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C / SIGTERM for the length of the block, then deliver them: a run that MLflow made is
+    always known by its id, so an interrupt can end it KILLED rather than leave it RUNNING forever."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    previous = {kind: signal.signal(kind, lambda signum, frame: caught.append(signum)) for kind in kinds}
+    try:
+        yield
+    finally:
+        for kind, handler in previous.items():
+            signal.signal(kind, handler)
+        for signum in caught[:1]:
+            signal.raise_signal(signum)  # now handled as it would have been (KeyboardInterrupt, or exit)
 
 
 @contextlib.contextmanager

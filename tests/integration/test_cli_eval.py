@@ -230,3 +230,25 @@ def test_eval_with_judge(evaluated, tmp_path):
     assert judge["memorization"] == 6.0 and judge["personality"] == 6.0 and judge["diversity"] == 6.0
     assert judge["mmrole_items"] == 2 and judge["mmrole_missing"] == 2  # the fake gives no pairs: missing, not 0
     assert judge["mmrole_overall"] is None
+
+
+def test_an_interrupted_eval_ends_its_mlflow_run_killed(evaluated, tmp_path, monkeypatch):
+    """Ctrl-C / SIGTERM (a sweep being stopped) while the report is written: the eval's run, which exists by
+    then, ends KILLED — it was once left RUNNING forever."""
+    from mlflow.tracking import MlflowClient
+
+    import cmrp.evaluation.commands as commands
+    import cmrp.evaluation.report as report
+    from cmrp import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    for module in (commands, report):
+        if hasattr(module, "write_html"):
+            monkeypatch.setattr(module, "write_html", interrupted)
+    out = tmp_path / "e"
+    assert cli.main(["eval", str(evaluated), "--features", "pixel", "--max-items", "2", "--samples", "1", "--steps",
+                     "2", "--max-new-tokens", "4", "--baseline", "none", "--out", str(out)]) == 130
+    run_id = json.loads((out / "tracking" / "run.json").read_text())["run_id"]
+    assert MlflowClient(tracking_uri=f"sqlite:///{evaluated / 'mlflow.db'}").get_run(run_id).info.status == "KILLED"

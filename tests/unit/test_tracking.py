@@ -190,3 +190,28 @@ def test_browse_hints():
     local = browse_hint("sqlite:////runs/x/mlflow.db", "1", "abc")
     assert local.startswith("mlflow ui --backend-store-uri sqlite:////runs/x/mlflow.db ")
     assert local.endswith("http://127.0.0.1:5000/#/experiments/1/runs/abc")
+
+
+def test_a_run_interrupted_as_it_is_made_ends_killed(tmp_path, monkeypatch):
+    """Ctrl-C / SIGTERM right after MLflow made the run (before any `tracked_run` holds it) ends it KILLED."""
+    import os
+    import signal
+
+    import pytest
+    from mlflow.tracking import MlflowClient
+
+    db = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    made = []
+    create_run = MlflowClient.create_run
+
+    def create_then_interrupt(self, *args, **kwargs):
+        run = create_run(self, *args, **kwargs)
+        made.append(run.info.run_id)
+        os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, as the run comes back from the store
+        return run
+
+    monkeypatch.setattr(MlflowClient, "create_run", create_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        make_logger(_cfg(db), tmp_path / "r", "r")
+    monkeypatch.undo()
+    assert MlflowClient(tracking_uri=db).get_run(made[0]).info.status == "KILLED"

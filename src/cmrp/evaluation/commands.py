@@ -208,16 +208,16 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         + _visual_replies(mm_items, model_eval, baseline_eval, "multimodal_roleplay", k=2),
     }
     logger, training = _tracking(args, cfg, run_dir, out, redactor)
-    history, source = _training_history(run_dir, args, cfg, redactor)
-    training["history_source"] = source
-    visuals["curves"] = curves_png(history, f"training run {training.get('run_id') or run_dir.name}")
-    report["training_run"] = training
-    report["mlflow"] = {"tracking_uri": logger.display_uri, "run_id": logger.run_id, "link": logger.link(),
-                        "note": f"not logged yet: cmrp tracking sync {out}" if logger.offline else None}
-    report["timings"] = {"total_s": time.perf_counter() - t0}
-    json_path = write_json(report, out / "eval.json")
-    html_path = write_html(report, visuals, out / "report.html")
-    with tracked_run(logger):
+    with tracked_run(logger):  # from the moment the run exists: an interrupt below ends it KILLED, not RUNNING
+        history, source = _training_history(run_dir, args, cfg, redactor)
+        training["history_source"] = source
+        visuals["curves"] = curves_png(history, f"training run {training.get('run_id') or run_dir.name}")
+        report["training_run"] = training
+        report["mlflow"] = {"tracking_uri": logger.display_uri, "run_id": logger.run_id, "link": logger.link(),
+                            "note": f"not logged yet: cmrp tracking sync {out}" if logger.offline else None}
+        report["timings"] = {"total_s": time.perf_counter() - t0}
+        json_path = write_json(report, out / "eval.json")
+        html_path = write_html(report, visuals, out / "report.html")
         log_report(logger, report, [json_path, html_path])
     report["mlflow"]["pending"] = str(logger.pending) if logger.offline else None
     report["mlflow"]["hint"] = logger.hint()
