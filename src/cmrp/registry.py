@@ -26,7 +26,7 @@ from typing import Generic, TypeVar
 
 from cmrp.errors import ConfigError
 
-__all__ = ["BACKBONES", "DECODING", "FEATURE_MODELS", "REWARDS", "Registry", "kwarg_hints"]
+__all__ = ["BACKBONES", "DECODING", "FEATURE_MODELS", "FORMATS", "REWARDS", "Registry", "kwarg_hints", "source_names"]
 
 T = TypeVar("T")
 
@@ -153,6 +153,25 @@ def kwarg_hints(kwargs, accepted: list[str] | None) -> list[str]:
     return hints
 
 
+@functools.cache
+def source_names(module: str, name: str) -> tuple[str, ...]:
+    """The strings of a module-level constant, read from source without importing the module: a tuple or list
+    literal (`TASKS = ("chat", ...)`) or a `Literal[...]` alias (`ImageHead = Literal["flow", "tokens"]`). How
+    validation reads lists whose home is a higher layer (one source of truth, no torch at `cmrp validate`)."""
+    path = _module_file(module)
+    if path is None:
+        raise ValueError(f"no source for module {module!r}")
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets) and node.value is not None:
+            value = node.value
+            if isinstance(value, ast.Subscript):  # Literal["a", "b"]
+                value = value.slice
+            found = ast.literal_eval(value)
+            return (found,) if isinstance(found, str) else tuple(found)
+    raise ValueError(f"{module} defines no constant {name!r}")
+
+
 def _module_file(module: str) -> Path | None:
     """The source file of a module, found without importing its packages."""
     parts = module.split(".")
@@ -233,6 +252,9 @@ BACKBONES: Registry = Registry("backbone adapter", "cmrp.backbones", symbol="BAC
                                builtin_packages=("cmrp.backbones",))
 REWARDS: Registry = Registry("reward", "cmrp.rewards", ("cmrp.rewards.terms",), symbol="REWARDS")
 DECODING: Registry = Registry("decoding strategy", "cmrp.decoding", ("cmrp.sampling.decoding",), symbol="DECODING")
+# name -> cmrp.data.problems.DataFormat: how a character directory is detected and read (`data.format`)
+FORMATS: Registry = Registry("data format", "cmrp.data_formats",
+                             ("cmrp.data.native", "cmrp.data.rolescape", "cmrp.data.mmrole"), symbol="FORMATS")
 # name -> zero-argument loader of a feature net that reward terms accept by name (`encoder: sandbox-clip`)
 FEATURE_MODELS: Registry = Registry("feature model", "cmrp.feature_models", ("cmrp.sandbox.features",),
                                     symbol="FEATURE_MODELS")

@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("dir", help="the character directory")
     p.add_argument("--format", default="auto",
-                   help="directory format: auto (detect), native, rolescape20, mmrole (default: auto)")
+                   help="directory format: auto (detect), native, rolescape20, mmrole or a plugin's registered "
+                   "format (default: auto)")
     p.add_argument("--character", default=None, help="which character, for layouts holding several")
     p.set_defaults(handler=_validate)
     _register_build(commands)

@@ -41,7 +41,8 @@ from typing import Any
 
 from cmrp.data.character import Character, CharacterSplit, ImageRef, Profile, Scene, Turn
 from cmrp.data.native import _describe, _Doc, _join, _undecodable
-from cmrp.data.validate import Problem, errors_of
+from cmrp.data.problems import DataFormat, Problem, errors_of
+from cmrp.registry import FORMATS
 
 __all__ = ["FORMAT", "HUMAN", "KINDS", "Prompt", "inspect_mmrole", "is_mmrole", "list_roles", "load_test_files",
            "parse_prompt", "test_files"]
@@ -689,3 +690,8 @@ def inspect_mmrole(path: Path | str, character: str | None = None) -> tuple[Char
                      CharacterSplit(images={k: v for k, v in images.known.items() if k in used_test},
                                     scenes=test.scenes),
                      root=root, source_format=FORMAT, warnings=[str(p) for p in problems], sources=sources), problems
+
+
+FORMATS.register("mmrole")(DataFormat(
+    FORMAT, is_mmrole, inspect_mmrole,
+    "MMRole-Data: profiles/, data/train|test/*.json and/or dialogues/, images/ (pick one with --character)", order=20))

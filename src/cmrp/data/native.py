@@ -36,9 +36,10 @@ from cmrp.data.character import (
     Turn,
     VQAItem,
 )
-from cmrp.data.validate import Problem, errors_of, problems_error
+from cmrp.data.problems import DataFormat, Problem, errors_of, problems_error
 from cmrp.errors import DataError
 from cmrp.jsonio import write_json
+from cmrp.registry import FORMATS
 
 __all__ = [
     "CHARACTER_FILE",
@@ -540,3 +541,16 @@ def write_character(character: Character, out_dir: Path | str) -> Path:
         _write_json(out / split_name / DATA_FILE, _split_json(split, files))
     _write_json(out / CHARACTER_FILE, header)  # last: its presence marks a complete character
     return out
+
+
+def _native_dir(path: Path, character: str | None) -> Path:
+    """A native directory holds one character; `character` may name a sub-directory holding it."""
+    if character and (path / character / CHARACTER_FILE).is_file():
+        return path / character
+    return path
+
+
+FORMATS.register("native")(DataFormat(
+    "native", lambda path: (path / CHARACTER_FILE).is_file(),
+    lambda path, character: inspect_native(_native_dir(path, character)),
+    "character.json with train/data.json and test/data.json (written by `cmrp sandbox make`)", order=0))

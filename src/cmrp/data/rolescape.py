@@ -40,7 +40,8 @@ from cmrp.data.character import (
     VQAItem,
 )
 from cmrp.data.native import _describe, _Doc, _join, _read_json, _undecodable
-from cmrp.data.validate import Problem, errors_of
+from cmrp.data.problems import DataFormat, Problem, errors_of
+from cmrp.registry import FORMATS
 
 __all__ = ["FORMAT", "find_character_dir", "inspect_rolescape", "is_rolescape", "list_characters"]
 
@@ -610,3 +611,8 @@ def inspect_rolescape(path: Path | str, character: str | None = None) -> tuple[C
 
 def _existing(path: Path) -> Path | None:
     return path if path.is_file() else None
+
+
+FORMATS.register("rolescape20")(DataFormat(
+    FORMAT, is_rolescape, inspect_rolescape,
+    "the RoleScape-20 release: <root>/train/<Name>/ and <root>/test/<Name>/ (pick one with --character)", order=10))
