@@ -88,8 +88,7 @@ def _run_character(cfg: Any, run_dir: Path):
 
 
 def _run_parts(run: Path) -> tuple[Path, Any, Any]:
-    from cmrp.backbones.loading import find_checkpoint
-    from cmrp.evaluation.runner import load_recipe_of
+    from cmrp.backbones.loading import find_checkpoint, load_recipe_of
 
     ckpt = find_checkpoint(run)
     cfg = load_recipe_of(ckpt)
@@ -112,7 +111,7 @@ def _portable_base(base_folder: Path, weights: str | None, staging: Path) -> dic
     artefact (`base/`, the run made this base: random init or merged)."""
     digest = weights_sha256(base_folder / WEIGHTS_FILE)
     if weights and weights.startswith(SHIPPED):
-        from cmrp.sandbox.pretrain import shipped_base
+        from cmrp.resources import shipped_base
 
         try:
             shipped = shipped_base(weights[len(SHIPPED):])
@@ -238,7 +237,7 @@ def _base_folder(card: dict[str, Any], base: str | Path | None, where: Path) -> 
     if base is not None:
         folder = Path(base).expanduser()
     elif str(info.get("ref") or "").startswith(SHIPPED):
-        from cmrp.sandbox.pretrain import shipped_base
+        from cmrp.resources import shipped_base
 
         folder = shipped_base(info["ref"][len(SHIPPED):], f"{where / CARD_FILE} base")
     elif info.get("ref") or info.get("path"):
@@ -296,7 +295,7 @@ def load_character(artefact_dir: str | Path, base: str | Path | None = None, *, 
 
 def load_chat_source(path: str | Path, base: str | Path | None = None):
     """(backbone, CharacterInfo) of what `cmrp chat` was given: a character artefact, or a `cmrp fit` run."""
-    from cmrp.evaluation.runner import load_checkpoint
+    from cmrp.backbones.loading import load_checkpoint
 
     path = Path(path).expanduser()
     if (path / CARD_FILE).is_file():

@@ -115,6 +115,7 @@ def _visual_replies(items: list, model: Any, baseline: Any, task: str, k: int = 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Everything `cmrp eval` does; returns the report dictionary (also written to eval.json)."""
+    from cmrp.backbones.loading import find_checkpoint, load_checkpoint, load_recipe_of
     from cmrp.config import Redactor
     from cmrp.data.sources import load_recipe_character
     from cmrp.evaluation.features import load_feature_set
@@ -123,11 +124,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     from cmrp.evaluation.runner import (
         EvalOptions,
         evaluate_model,
-        find_checkpoint,
         load_baseline,
-        load_checkpoint,
         load_images,
-        load_recipe_of,
         reference_numbers,
         t2i_prompts,
         turn_items,

@@ -354,7 +354,7 @@ def run_mmrole_eval(args: Any) -> dict[str, Any]:
         answers = read_answers(args.answers)
         report["answers"] = str(Path(args.answers).expanduser().resolve())
     else:
-        from cmrp.evaluation.runner import find_checkpoint, load_checkpoint, load_recipe_of
+        from cmrp.backbones.loading import find_checkpoint, load_checkpoint, load_recipe_of
 
         ckpt = find_checkpoint(args.checkpoint)
         out = (args.out or ckpt.parent / "mmrole-eval").expanduser().resolve()

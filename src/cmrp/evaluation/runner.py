@@ -1,4 +1,4 @@
-"""`cmrp eval`'s work: load a checkpoint (and a baseline), run every task on the held-out split, collect numbers.
+"""`cmrp eval`'s work: a checkpoint (loaded by `cmrp.backbones.loading`) and a baseline, every task on the held-out split, collect numbers.
 
 Tasks, each on the character's test split (a native/RoleScape-20 held-out split, or MMRole test files):
 - text role-play: held-out dialogue turns with no image -> the model's replies -> persona statistics
@@ -25,18 +25,16 @@ from typing import Any
 
 import torch
 
-from cmrp.backbones.loading import find_checkpoint, reading_weights
+from cmrp.backbones.loading import find_checkpoint, load_checkpoint
 from cmrp.data.character import Character, ImageRef
 from cmrp.data.images import load_images
 from cmrp.data.tasks import Example, Segment, image_prompts, system_prompt
-from cmrp.errors import ConfigError, WeightsError
 from cmrp.evaluation import metrics as M
 from cmrp.evaluation.features import FeatureSet
 from cmrp.evaluation.oracle import image_oracle_numbers, prompt_attributes, reply_agreement
 
-__all__ = ["EvalOptions", "ModelEval", "TurnItem", "evaluate_model", "find_checkpoint", "load_baseline",
-           "load_checkpoint", "load_images", "load_recipe_of", "reference_numbers",
-           "t2i_prompts", "turn_items"]
+__all__ = ["EvalOptions", "ModelEval", "TurnItem", "evaluate_model", "load_baseline", "load_images",
+           "reference_numbers", "t2i_prompts", "turn_items"]
 
 NAN = float("nan")
 
@@ -80,56 +78,6 @@ class ModelEval:
 
 
 # -- loading ---------------------------------------------------------------------------------------------
-def load_recipe_of(ckpt: Path) -> Any:
-    """The resolved recipe a run saved beside its checkpoint (checkpoint/recipe.yaml)."""
-    from cmrp.config import load_recipe
-
-    recipe = ckpt / "recipe.yaml"
-    if not recipe.is_file():
-        raise ConfigError(f"{recipe} not found: `cmrp fit` writes it beside the checkpoint; without it the "
-                          "character and backbone card of the run are unknown")
-    return load_recipe(str(recipe), [])
-
-
-def load_checkpoint(ckpt: Path, cfg: Any | None = None) -> Any:
-    """The backbone of checkpoint/backbone (adapter named in its config.json), with checkpoint/adapter
-    (a PEFT LoRA adapter) merged in when present. A LoRA run on a card's pretrained weights keeps no
-    checkpoint/backbone: its base is then built from the recipe's card (`cfg`), as `cmrp fit` did."""
-    import json
-
-    from cmrp.checkpoint import folder_damage
-    from cmrp.registry import BACKBONES
-
-    damage = folder_damage(ckpt)
-    if damage:
-        raise WeightsError(f"{damage}: the checkpoint changed after `cmrp fit` wrote it (damaged or edited); restore "
-                           f"it from a copy or re-run `cmrp fit`")
-    if not (ckpt / "backbone").is_dir() and (ckpt / "adapter").is_dir() and cfg is not None:
-        # a LoRA run on a card's pretrained weights: the base is the card's, as `cmrp fit` loaded it
-        from cmrp.config import resolve_recipe_parts
-
-        card, _ = resolve_recipe_parts(cfg)
-        adapter = BACKBONES.get(card.adapter, where="backbone card `adapter`").build(card)
-    else:
-        config_file = ckpt / "backbone" / "config.json"
-        try:
-            adapter_name = json.loads(config_file.read_text())["adapter"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ConfigError(f"{config_file}: cannot read the backbone's adapter name ({type(err).__name__}); "
-                              "the checkpoint is incomplete — re-run `cmrp fit` or pass another run") from None
-        adapter_cls = BACKBONES.get(adapter_name, where=f"{config_file} key 'adapter'")
-        with reading_weights(ckpt / "backbone"):  # a damaged file: one clear error, not safetensors' traceback
-            adapter = adapter_cls.from_pretrained(ckpt / "backbone")
-    if (ckpt / "adapter").is_dir():
-        from cmrp.backbones.loading import merge_saved_adapter
-
-        merge_saved_adapter(adapter, ckpt / "adapter")
-    if cfg is not None:
-        adapter.max_text_tokens = cfg.data.max_text_tokens
-    adapter.model.eval()
-    return adapter
-
-
 def load_baseline(spec: str, cfg: Any, character: Character) -> tuple[Any, str]:
     """`base`: the run's architecture re-initialised from its backbone card exactly as `cmrp fit` did
     (same seed, same tokenizer corpus) — or the card's pretrained weights when it names some.

@@ -20,28 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cmrp.errors import ConfigError, WeightsError
+from cmrp.errors import ConfigError
 from cmrp.jsonio import write_json
 
-__all__ = ["BASE_MANIFEST", "heldout_numbers", "pretrain", "shipped_base", "world_examples"]
+__all__ = ["BASE_MANIFEST", "heldout_numbers", "pretrain", "world_examples"]
 
 BASE_MANIFEST = "manifest.json"
-
-
-def _assets() -> Path:
-    return Path(__file__).resolve().parent / "assets"
-
-
-def shipped_base(name: str, where: str = "weights") -> Path:
-    """The folder of a base shipped in the package (`sandbox://<name>`)."""
-    folder = _assets() / name
-    if not name or "/" in name or not (folder / "model.safetensors").is_file():
-        shipped = sorted(p.name for p in _assets().iterdir() if (p / "model.safetensors").is_file())
-        raise WeightsError(
-            f"{where}: sandbox://{name} is not a base shipped with cmrp (shipped: {', '.join(shipped) or 'none'}). "
-            f"Train one with `cmrp sandbox pretrain --out {folder}`, or point `weights` at a folder it wrote."
-        )
-    return folder
 
 
 def _world_character(seed: int, world: Any, root: Path):

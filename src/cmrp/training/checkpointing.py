@@ -202,7 +202,7 @@ def write_checkpoint(root: Path, weights: dict[str, torch.Tensor], state: dict[s
     disk) leaves no partial checkpoint and raises a CmrpError naming the latest valid one, which is intact."""
     from safetensors.torch import save_file
 
-    from cmrp.training.preflight import write_error
+    from cmrp.training.storage import write_error
 
     position = "done" if manifest["done"] else f"{int(manifest['batches']):08d}"
     name = f"{int(manifest['stage_index']):02d}-{manifest['stage']}-{position}"

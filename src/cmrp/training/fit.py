@@ -19,6 +19,7 @@ from typing import Any
 
 from cmrp.errors import ConfigError
 from cmrp.jsonio import write_json
+from cmrp.training.trainer import is_main_process, trainer_strategy
 
 __all__ = ["FitResult", "load_run_character", "run_fit", "run_sft", "stage_offset", "stage_steps"]
 
@@ -43,29 +44,6 @@ def load_run_character(data_cfg: Any, output_dir: Path):
     from cmrp.data.sources import load_recipe_character
 
     return load_recipe_character(data_cfg, output_dir, may_write=is_main_process())
-
-
-def is_main_process() -> bool:
-    """Rank 0 of a distributed run (or the only process): the one that writes files and prints."""
-    from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
-    return getattr(rank_zero_only, "rank", 0) == 0
-
-
-def trainer_strategy(name: str, adapter: Any = None):
-    """`ddp` with unused-parameter detection: a task mix leaves an expert (ViT, generation) idle in some
-    batches, which plain DDP rejects. `fsdp`: FSDP2 (`cmrp.training.sharding`), one unit per module class
-    the adapter names (`fsdp_wrap_modules()`, e.g. BAGEL's decoder layer) plus the root. Other names go to
-    Lightning as they are (`cmrp validate` has checked them: no `deepspeed*`)."""
-    if name == "ddp":
-        from lightning.pytorch.strategies import DDPStrategy
-
-        return DDPStrategy(find_unused_parameters=True)
-    if name == "fsdp":
-        from cmrp.training.sharding import ShardedStrategy
-
-        return ShardedStrategy(wrap_modules=adapter.fsdp_wrap_modules() if hasattr(adapter, "fsdp_wrap_modules") else ())
-    return name
 
 
 class _LossHistory:
@@ -164,7 +142,7 @@ def _build_backbone(cfg: Any, card: Any, character, ckpt_dir: Path):
 
     adapter_cls = BACKBONES.get(card.adapter, where="backbone card `adapter`")
     if cfg.init_from:  # the earlier run's backbone, its LoRA adapter merged in (as `cmrp eval` loads it)
-        from cmrp.evaluation.runner import load_checkpoint, load_recipe_of
+        from cmrp.backbones.loading import load_checkpoint, load_recipe_of
 
         source = _checkpoint_dir(Path(cfg.init_from).expanduser())
         adapter = load_checkpoint(source, load_recipe_of(source) if (source / "recipe.yaml").is_file() else None)
@@ -322,14 +300,9 @@ def run_fit(cfg: Any) -> FitResult:
     from cmrp.tracking import make_logger, tracked_run
     from cmrp.training.checkpointing import load_weights, recipe_fingerprint
     from cmrp.training.peft import count_trainable
-    from cmrp.training.preflight import (
-        check_free_space,
-        check_model,
-        check_output_dir,
-        check_run,
-        checkpoint_bytes,
-    )
+    from cmrp.training.preflight import check_model, check_output_dir, check_run, checkpoint_bytes
     from cmrp.training.progress import quiet_noise
+    from cmrp.training.storage import check_free_space
 
     quiet_noise()
     timings: dict[str, float] = {}

@@ -97,10 +97,10 @@ def run_grpo_stage(cfg: Any, adapter: Any, character: Character, preset: dict, l
     from cmrp.errors import DataError
     from cmrp.rewards import build_reward
     from cmrp.sampling.guidance import recipe_sampling_kwargs
-    from cmrp.training.fit import is_main_process, trainer_strategy
     from cmrp.training.grpo import CharacterGRPOModule
     from cmrp.training.progress import progress_callbacks
     from cmrp.training.sharding import gathered
+    from cmrp.training.trainer import is_main_process, trainer_strategy
 
     g = cfg.grpo
     prompts = image_prompts(character, split="train", decoding=cfg.decoding)
