@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cmrp.chat.session import ChatSession, parse_user_line
+from cmrp.errors import ConfigError
 from cmrp.registry import DECODING
 
 __all__ = ["register"]
@@ -68,8 +70,6 @@ def _save_character(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> None:
-    from cmrp.errors import ConfigError
-
     if args.steps < 1 or args.max_new_tokens < 1:
         raise ConfigError("--steps and --max-new-tokens must be at least 1")
     if args.image and args.once is None:
@@ -81,7 +81,6 @@ def _check(args: argparse.Namespace) -> None:
 def _chat(args: argparse.Namespace) -> int:
     _check(args)
     from cmrp.chat.artefact import load_chat_source
-    from cmrp.chat.session import ChatSession
 
     backbone, info = load_chat_source(args.source, args.base)
     session = ChatSession(backbone, info, decoding=args.decoding or info.decoding, image_steps=args.steps,
@@ -101,8 +100,6 @@ def _answer(session: Any, message: str, image: bool) -> None:
 
 
 def _repl(session: Any, out: Path) -> int:
-    from cmrp.chat.session import parse_user_line
-
     print(f"chatting with {session.character.name} ({session.strategy.name} decoding). {HELP_TEXT}", flush=True)
     saves = 0
     while True:

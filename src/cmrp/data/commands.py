@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cmrp.data.build import BuildOptions, build_character
+from cmrp.data.validate import errors_of, inspect_character_dir
+
 __all__ = ["register"]
 
 
@@ -75,9 +78,6 @@ def _register_build(commands: argparse._SubParsersAction) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from cmrp.data.build import BuildOptions, build_character
-    from cmrp.data.validate import inspect_character_dir
-
     options = BuildOptions(**{k: v for k, v in vars(args).items()
                               if k in BuildOptions.__dataclass_fields__})
     path = build_character(options)
@@ -106,8 +106,6 @@ def _counts(split) -> str:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from cmrp.data.validate import errors_of, inspect_character_dir
-
     character, problems = inspect_character_dir(args.dir, args.format, args.character)
     for problem in problems:
         print(f"{problem.severity}: {problem}")

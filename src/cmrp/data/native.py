@@ -36,6 +36,7 @@ from cmrp.data.character import (
     Turn,
     VQAItem,
 )
+from cmrp.data.images import ImageTooLarge, open_image
 from cmrp.data.problems import DataFormat, Problem, errors_of, problems_error
 from cmrp.errors import DataError
 from cmrp.jsonio import write_json
@@ -203,8 +204,6 @@ def _non_finite(value: Any, path: str, limit: int = 20) -> list[tuple[str, str]]
 
 def _undecodable(path: Path) -> str | None:
     """Why PIL cannot decode the image at `path` (or why cmrp will not: too many pixels), or None when it can."""
-    from cmrp.data.images import ImageTooLarge, open_image
-
     try:
         with open_image(path) as image:
             image.verify()  # checksums and structure

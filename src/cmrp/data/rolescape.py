@@ -41,6 +41,7 @@ from cmrp.data.character import (
 )
 from cmrp.data.native import _describe, _Doc, _join, _read_json, _undecodable
 from cmrp.data.problems import DataFormat, Problem, errors_of
+from cmrp.errors import DataError
 from cmrp.registry import FORMATS
 
 __all__ = ["FORMAT", "find_character_dir", "inspect_rolescape", "is_rolescape", "list_characters"]
@@ -101,8 +102,6 @@ def _prefix(folder: Path) -> str | None:
 
 def find_character_dir(path: Path, character: str | None) -> tuple[Path, Path]:
     """(dataset root, train folder of the character). Raises DataError naming the choices when ambiguous."""
-    from cmrp.errors import DataError
-
     if _is_character_dir(path) and not list_characters(path):
         if path.parent.name == "test" and _is_character_dir(path.parent.parent / "train" / path.name):
             path = path.parent.parent / "train" / path.name  # the test folder was given: use the pair

@@ -26,12 +26,20 @@ from typing import Any
 import torch
 
 from cmrp.backbones.loading import find_checkpoint, load_checkpoint
+from cmrp.config import resolve_recipe_parts
 from cmrp.data.character import Character, ImageRef
 from cmrp.data.images import load_images
-from cmrp.data.tasks import Example, Segment, image_prompts, system_prompt
+from cmrp.data.tasks import Example, Segment, character_corpus, image_prompts, system_prompt
 from cmrp.evaluation import metrics as M
 from cmrp.evaluation.features import FeatureSet
+from cmrp.evaluation.judge import MMROLE_METRICS, JudgeRequest, ratio_scores
+from cmrp.evaluation.mcq import knowledge_mcq_items, vqa_mcq_items
 from cmrp.evaluation.oracle import image_oracle_numbers, prompt_attributes, reply_agreement
+from cmrp.progress import Progress
+from cmrp.registry import BACKBONES
+from cmrp.rewards._ops import cosine_matrix
+from cmrp.sampling.decoding import get_strategy
+from cmrp.sampling.guidance import recipe_sampling_kwargs
 
 __all__ = ["EvalOptions", "ModelEval", "TurnItem", "evaluate_model", "load_baseline", "load_images",
            "reference_numbers", "t2i_prompts", "turn_items"]
@@ -84,10 +92,6 @@ def load_baseline(spec: str, cfg: Any, character: Character) -> tuple[Any, str]:
     Anything else: another run's output dir."""
     if spec == "base":
         import numpy as np
-
-        from cmrp.config import resolve_recipe_parts
-        from cmrp.data.tasks import character_corpus
-        from cmrp.registry import BACKBONES
 
         card, _ = resolve_recipe_parts(cfg)
         random.seed(cfg.seed)
@@ -281,8 +285,6 @@ def _per_image(emb: torch.Tensor, text_emb: torch.Tensor, feats: FeatureSet, ima
                refs: torch.Tensor) -> dict[str, list[float]]:
     """Each image's value of the T2I similarity numbers (their means are the numbers), for the report's
     confidence intervals."""
-    from cmrp.rewards._ops import cosine_matrix
-
     out = {"clip_t": _per_item_cosine(emb, text_emb)}
     if refs.shape[0]:
         clip_refs = cosine_matrix(emb, feats.clip.encode_image(refs))
@@ -293,8 +295,6 @@ def _per_image(emb: torch.Tensor, text_emb: torch.Tensor, feats: FeatureSet, ima
 
 
 def _mcq(adapter, character, opts, result: ModelEval) -> None:
-    from cmrp.evaluation.mcq import knowledge_mcq_items, vqa_mcq_items
-
     for task, items in (("knowledge_qa", knowledge_mcq_items(character, "test", opts.max_items)),
                         ("vqa", vqa_mcq_items(character, "test", opts.max_items))):
         by_gen, parse_rate = M.mcq_accuracy_by_generation(adapter, items, task, batch_size=opts.batch_size)
@@ -308,8 +308,6 @@ def _mcq(adapter, character, opts, result: ModelEval) -> None:
 
 def _judge(adapter, character, text_items: list[TurnItem], mm_items: list[TurnItem], judge: Any, opts,
            result: ModelEval) -> None:
-    from cmrp.evaluation.judge import MMROLE_METRICS, JudgeRequest, ratio_scores
-
     profile = character.profile.text
     base = {"name": character.name, "profile": profile}
     questions = character.test.judge_questions
@@ -365,9 +363,6 @@ def evaluate_model(adapter: Any, character: Character, cfg: Any, feats: FeatureS
     sampled as the recipe says: its decoding (think mode) and its `grpo:` guidance and timestep shift."""
     import dataclasses
 
-    from cmrp.sampling.decoding import get_strategy
-    from cmrp.sampling.guidance import recipe_sampling_kwargs
-
     strategy = get_strategy(cfg.decoding)
     opts = dataclasses.replace(opts, think=opts.think or strategy.think, image_sees_reply=strategy.image_sees_reply,
                                image_kwargs={**recipe_sampling_kwargs(cfg.grpo), **opts.image_kwargs})
@@ -386,7 +381,6 @@ def evaluate_model(adapter: Any, character: Character, cfg: Any, feats: FeatureS
     ]
     if judge is not None:
         steps.append(("judge", lambda: _judge(adapter, character, text_items, mm_items, judge, opts, result)))
-    from cmrp.progress import Progress
 
     with torch.no_grad(), Progress(len(steps), label, unit="task") as progress:
         for name, step in steps:

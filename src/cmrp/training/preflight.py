@@ -24,8 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cmrp.config.loader import resolve_recipe_parts
+from cmrp.data.sources import SANDBOX_SCHEME
+from cmrp.data.tasks import build_examples, image_prompts
 from cmrp.errors import ConfigError, DataError
 from cmrp.training.storage import existing_ancestor
+from cmrp.training.trainer import trainer_strategy
 
 __all__ = [
     "RunCheck",
@@ -113,8 +117,6 @@ def checkpoint_bytes(model: Any, trained_names: list[str], cfg: Any) -> int:
 # -- data ----------------------------------------------------------------------------------------------------
 def training_counts(cfg: Any, character: Any) -> RunCheck:
     """Training examples per weighted task (and GRPO image prompts); a DataError when a stage has none."""
-    from cmrp.data.tasks import build_examples, image_prompts
-
     check = RunCheck()
     where = f"{cfg.data.path}" + (f" (character {cfg.data.character})" if cfg.data.character else "")
     if "sft" in cfg.stages:
@@ -180,7 +182,6 @@ def _trainer_problem(cfg: Any) -> str | None:
     from omegaconf import OmegaConf
 
     from cmrp.training.checkpointing import capture_rng, restore_rng
-    from cmrp.training.trainer import trainer_strategy
 
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs["strategy"] = trainer_strategy(kwargs["strategy"])
@@ -231,7 +232,6 @@ def missing_reward_weights(cfg: Any) -> str | None:
     only: nothing is loaded), so a missing weight stops `cmrp fit` at once rather than after the SFT stage."""
     if "grpo" not in cfg.stages:
         return None
-    from cmrp.config.loader import resolve_recipe_parts
 
     _, preset = resolve_recipe_parts(cfg)
     if preset is None:
@@ -248,8 +248,6 @@ def check_run(cfg: Any, load_character: Callable[[], Any], *, fit: bool) -> RunC
     """The checks `cmrp validate` (`fit=False`) and `cmrp fit` (`fit=True`) share, in order: output directory,
     this machine, the character's training data. Machine problems are errors for fit and notes for validate.
     `load_character()` returns the recipe's character (fit writes a sandbox one into output_dir)."""
-    from cmrp.data.sources import SANDBOX_SCHEME
-
     check_output_dir(cfg.output_dir, create=False)
     check_sampler(cfg)
     notes = machine_problems(cfg)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cmrp.backbones.tokenizer import TextTokenizer
 from cmrp.errors import WeightsError
 
 __all__ = ["JANUS_TOKENS", "JanusTokenizer"]
@@ -37,8 +38,6 @@ class JanusTokenizer:
     def train_bpe(cls, corpus: Sequence[str], vocab_size: int) -> JanusTokenizer:
         """The byte-level BPE of tiny backbones (`tokenizer: train-bpe`) with Janus's image tokens added."""
         from transformers import PreTrainedTokenizerFast
-
-        from cmrp.backbones.tokenizer import TextTokenizer
 
         base = TextTokenizer.train_bpe(corpus, vocab_size=max(64, vocab_size - len(JANUS_TOKENS)))
         base.backend.add_special_tokens(list(JANUS_TOKENS.values()))
