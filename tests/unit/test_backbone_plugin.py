@@ -4,14 +4,11 @@ and a recipe naming its card validates."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 from cmrp.registry import BACKBONES, Registry
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.plugins import make_plugin, run_with_plugins
 
 
 def test_the_builtin_backbones_are_the_subpackages_that_register_one():
@@ -75,11 +72,7 @@ architecture: {}
 def test_a_plugin_backbone_from_an_entry_point_validates(tmp_path: Path):
     """The distribution route: entry point group `cmrp.backbones`, a card file; `cmrp validate` of a shipped
     recipe pointed at that card says OK, and an adapter name nobody registered is refused with the known ones."""
-    (tmp_path / "cmrp_toy.py").write_text(TOY_ADAPTER)
-    info = tmp_path / "cmrp_toy-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: cmrp-toy\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[cmrp.backbones]\ntoy = cmrp_toy:ToyAdapter\n")
+    make_plugin(tmp_path, "cmrp_toy", TOY_ADAPTER, "cmrp.backbones", "toy = cmrp_toy:ToyAdapter")
     card = tmp_path / "toy-tiny.yaml"
     card.write_text(TOY_CARD)
     stray = tmp_path / "stray-tiny.yaml"
@@ -96,7 +89,6 @@ def test_a_plugin_backbone_from_an_entry_point_validates(tmp_path: Path):
         f"assert main(['validate', 'sandbox/sft', 'backbone={stray}']) == 2\n"
         "print('plugin ok')\n"
     )
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT / 'src'}"}
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    run = run_with_plugins(tmp_path, code)
     assert run.returncode == 0 and "plugin ok" in run.stdout, run.stdout[-2000:] + run.stderr[-3000:]
     assert "unknown backbone adapter 'toyy'" in run.stderr and "Did you mean 'toy'?" in run.stderr, run.stderr

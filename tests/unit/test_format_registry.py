@@ -3,9 +3,6 @@ by entry point), so a format installed by another distribution validates in a re
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +10,7 @@ import pytest
 from cmrp.config import load_recipe
 from cmrp.errors import ConfigError
 from cmrp.registry import FORMATS
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.plugins import make_plugin, run_with_plugins
 
 
 def test_the_builtin_formats_are_found_in_the_modules_that_read_them():
@@ -41,11 +37,7 @@ BOXED = DataFormat("boxed", lambda path: (Path(path) / "BOX").is_file(),
 
 
 def test_a_plugin_format_validates_detects_and_loads(tmp_path: Path):
-    (tmp_path / "cmrp_boxed.py").write_text(PLUGIN)
-    info = tmp_path / "cmrp_boxed-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: cmrp-boxed\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[cmrp.data_formats]\nboxed = cmrp_boxed:BOXED\n")
+    make_plugin(tmp_path, "cmrp_boxed", PLUGIN, "cmrp.data_formats", "boxed = cmrp_boxed:BOXED")
     box = tmp_path / "box"
     code = (
         "import contextlib, io, pathlib\n"
@@ -68,6 +60,5 @@ def test_a_plugin_format_validates_detects_and_loads(tmp_path: Path):
         "    assert main(['data', 'validate', str(box / 'inner'), '--format', 'boxed']) == 1\n"
         "print('plugin ok')\n"
     )
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT / 'src'}"}
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    run = run_with_plugins(tmp_path, code)
     assert run.returncode == 0 and "plugin ok" in run.stdout, run.stdout[-2000:] + run.stderr[-3000:]

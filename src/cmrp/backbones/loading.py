@@ -15,7 +15,8 @@ from cmrp.config import load_recipe, resolve_recipe_parts
 from cmrp.errors import ConfigError, WeightsError
 from cmrp.registry import BACKBONES
 
-__all__ = ["find_checkpoint", "load_checkpoint", "load_recipe_of", "merge_saved_adapter", "reading_weights"]
+__all__ = ["find_checkpoint", "load_backbone_folder", "load_checkpoint", "load_recipe_of", "merge_saved_adapter",
+           "reading_weights"]
 
 
 def _damaged(err: BaseException) -> bool:
@@ -67,6 +68,21 @@ def find_checkpoint(path: str | Path) -> Path:
                       "or an adapter/ folder); pass the output_dir of a `cmrp fit` run")
 
 
+def load_backbone_folder(folder: Path, fix: str) -> Any:
+    """A saved backbone folder (its config.json names the adapter class), without any LoRA folded in; a
+    damaged weights file is one clear error, not safetensors' traceback. `fix` ends the error when config.json
+    cannot be read."""
+    config_file = folder / "config.json"
+    try:
+        name = json.loads(config_file.read_text())["adapter"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise WeightsError(f"{config_file}: cannot read the backbone's adapter name ({type(err).__name__}); "
+                           f"{fix}") from None
+    adapter_cls = BACKBONES.get(name, where=f"{config_file} key 'adapter'")
+    with reading_weights(folder):
+        return adapter_cls.from_pretrained(folder)
+
+
 def load_recipe_of(ckpt: Path) -> Any:
     """The resolved recipe a run saved beside its checkpoint (checkpoint/recipe.yaml)."""
     recipe = ckpt / "recipe.yaml"
@@ -89,15 +105,8 @@ def load_checkpoint(ckpt: Path, cfg: Any | None = None) -> Any:
         card, _ = resolve_recipe_parts(cfg)
         adapter = BACKBONES.get(card.adapter, where="backbone card `adapter`").build(card)
     else:
-        config_file = ckpt / "backbone" / "config.json"
-        try:
-            adapter_name = json.loads(config_file.read_text())["adapter"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ConfigError(f"{config_file}: cannot read the backbone's adapter name ({type(err).__name__}); "
-                              "the checkpoint is incomplete — re-run `cmrp fit` or pass another run") from None
-        adapter_cls = BACKBONES.get(adapter_name, where=f"{config_file} key 'adapter'")
-        with reading_weights(ckpt / "backbone"):  # a damaged file: one clear error, not safetensors' traceback
-            adapter = adapter_cls.from_pretrained(ckpt / "backbone")
+        adapter = load_backbone_folder(ckpt / "backbone", "the checkpoint is incomplete — re-run `cmrp fit` or pass "
+                                       "another run")
     if (ckpt / "adapter").is_dir():
         merge_saved_adapter(adapter, ckpt / "adapter")
     if cfg is not None:

@@ -23,7 +23,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from cmrp.backbones.loading import find_checkpoint, load_checkpoint, load_recipe_of, reading_weights
+from cmrp.backbones.loading import (
+    find_checkpoint,
+    load_backbone_folder,
+    load_checkpoint,
+    load_recipe_of,
+    reading_weights,
+)
 from cmrp.chat.session import CharacterInfo, ChatSession, Reply
 from cmrp.checkpoint import file_sha256
 from cmrp.config import load_backbone_card, resolve_recipe_parts
@@ -61,16 +67,9 @@ def weights_sha256(path: Path) -> str:
 
 
 def _load_backbone_folder(folder: Path) -> Any:
-    """A saved backbone folder (config.json names its adapter class), without any LoRA folded in."""
-    config_file = folder / "config.json"
-    try:
-        name = json.loads(config_file.read_text())["adapter"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise WeightsError(f"{config_file}: cannot read the backbone's adapter name ({type(err).__name__}); "
-                           "pass a backbone folder written by `cmrp fit` (output_dir/checkpoint/backbone)") from None
-    adapter_cls = BACKBONES.get(name, where=f"{config_file} key 'adapter'")
-    with reading_weights(folder):
-        backbone = adapter_cls.from_pretrained(folder)
+    """A saved backbone folder, without any LoRA folded in, ready to chat."""
+    backbone = load_backbone_folder(folder, "pass a backbone folder written by `cmrp fit` "
+                                            "(output_dir/checkpoint/backbone)")
     backbone.model.eval()
     return backbone
 
