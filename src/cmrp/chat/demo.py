@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from cmrp.chat.commands import add_session_arguments
-from cmrp.chat.session import ChatSession
 from cmrp.errors import CmrpError, ConfigError
 
 __all__ = ["build_demo", "register"]
@@ -67,6 +66,7 @@ def build_demo(backbone: Any, info: Any, *, out_dir: str | Path = "chat", **sess
     `session_kwargs` go to every `ChatSession` (decoding, image_steps, seed, max_new_tokens, temperature).
     """
     gr = _import_gradio()
+    from cmrp.chat.session import ChatSession
 
     sessions: dict[str, ChatSession] = {}
 

@@ -14,21 +14,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from cmrp.config.assets import asset_names, find_asset, is_path_ref
-from cmrp.config.loader import (
-    find_recipe,
-    load_backbone_card,
-    load_recipe,
-    load_reward_preset,
-    resolve_recipe_parts,
-)
-from cmrp.config.params import Redactor
-from cmrp.config.yamlio import display_path
-from cmrp.data.sources import load_recipe_character
 from cmrp.errors import ConfigError
 from cmrp.registry import BACKBONES, DECODING, REWARDS
-from cmrp.resources import asset_dir
-from cmrp.training.preflight import check_run
 
 __all__ = ["add_recipe_arguments", "register"]
 
@@ -86,6 +73,11 @@ def _validate(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
+    from cmrp.config.loader import find_recipe, load_recipe, resolve_recipe_parts
+    from cmrp.config.yamlio import display_path
+    from cmrp.data.sources import load_recipe_character
+    from cmrp.training.preflight import check_run  # the pass `cmrp fit` runs before any work
+
     cfg = load_recipe(args.recipe, args.overrides)
     card, preset = resolve_recipe_parts(cfg)
     BACKBONES.require(card.adapter, where=f"backbone card {card.name!r}, key 'adapter'")
@@ -101,6 +93,7 @@ def _validate(args: argparse.Namespace) -> int:
         print(f"  GRPO image prompts: {check.prompts}")
     for note in check.notes:
         print(f"  note: `cmrp fit` would stop on this machine: {note}")
+    from cmrp.config.params import Redactor
 
     shown = Redactor.from_environ().text("".join(" " + o for o in args.overrides))
     print(f"the whole recipe as a run sees it: cmrp cat {args.recipe}{shown}")
@@ -110,6 +103,9 @@ def _validate(args: argparse.Namespace) -> int:
 def resolved_recipe(recipe: str, overrides: list[str]) -> dict[str, Any]:
     """A recipe with everything it names written out (backbone card, reward preset), secrets hidden."""
     from omegaconf import OmegaConf
+
+    from cmrp.config.loader import load_recipe, resolve_recipe_parts
+    from cmrp.config.params import Redactor
 
     cfg = load_recipe(recipe, overrides)
     card, _ = resolve_recipe_parts(cfg)
@@ -122,6 +118,10 @@ def resolved_recipe(recipe: str, overrides: list[str]) -> dict[str, Any]:
 def _cat(args: argparse.Namespace) -> int:
     import yaml
 
+    from cmrp.config.loader import find_recipe
+    from cmrp.config.params import Redactor
+    from cmrp.config.yamlio import display_path
+
     data = resolved_recipe(args.recipe, args.overrides)
     given = Redactor.from_environ().text(" ".join([display_path(find_recipe(args.recipe)), *args.overrides]))
     print(f"# cmrp cat {given}\n# base files merged, overrides applied, backbone card and reward preset resolved")
@@ -132,6 +132,9 @@ def _cat(args: argparse.Namespace) -> int:
 def _shipped_base_refs(text: str, source: Path) -> str:
     """`base: ../sft.yaml` (relative to the shipped file) -> `base: bagel/sft` (a shipped name)."""
     import re
+
+    from cmrp.config.assets import is_path_ref
+    from cmrp.resources import asset_dir
 
     root = asset_dir("recipes").resolve()
 
@@ -151,6 +154,8 @@ def _shipped_base_refs(text: str, source: Path) -> str:
 
 
 def _cp(args: argparse.Namespace) -> int:
+    from cmrp.config.assets import find_asset, is_path_ref
+
     if is_path_ref(args.name):
         raise ConfigError(f"cmrp cp {args.name}: give a shipped recipe name (see `cmrp ls recipes`), not a path; "
                           "to copy a file of your own use cp")
@@ -198,6 +203,9 @@ def _first_comment(text: str) -> str:
 
 
 def _recipes() -> None:
+    from cmrp.config.assets import asset_names
+    from cmrp.config.loader import find_recipe
+
     names = asset_names("recipes")
     rows = [(name, _first_comment(find_recipe(name).read_text(encoding="utf-8"))) for name in names]
     _table("recipes", rows, "none shipped")
@@ -217,6 +225,9 @@ def _describe_each(
 
 
 def _backbones() -> None:
+    from cmrp.config.assets import asset_names
+    from cmrp.config.loader import load_backbone_card
+
     rows = _describe_each(
         asset_names("backbones"), load_backbone_card, lambda card: f"adapter {card.adapter}"
     )
@@ -224,6 +235,9 @@ def _backbones() -> None:
 
 
 def _rewards() -> None:
+    from cmrp.config.assets import asset_names
+    from cmrp.config.loader import load_reward_preset
+
     rows = _describe_each(
         asset_names("rewards"),
         load_reward_preset,

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cmrp.config import load_recipe
 from cmrp.config.commands import add_recipe_arguments
-from cmrp.perf.plan import parse_memory, plan_as_json, plan_recipe, render_plan
 
 __all__ = ["register"]
 
@@ -36,6 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _plan(args: argparse.Namespace) -> int:
     import json
+
+    from cmrp.config import load_recipe
+    from cmrp.perf.plan import parse_memory, plan_as_json, plan_recipe, render_plan
 
     gpu_memory = parse_memory(args.gpu_memory)
     cfg = load_recipe(args.recipe, args.overrides)

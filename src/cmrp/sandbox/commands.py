@@ -8,10 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cmrp.config import load_recipe
 from cmrp.data.native import CHARACTER_FILE, read_character
 from cmrp.errors import ConfigError, DataError
-from cmrp.sandbox.pretrain import pretrain
 from cmrp.sandbox.world import MAX_REFERENCE_IMAGES
 from cmrp.sandbox.writer import write_sandbox_character
 
@@ -147,6 +145,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def _pretrain(args: argparse.Namespace) -> int:
     import torch
+
+    from cmrp.config import load_recipe
+    from cmrp.sandbox.pretrain import pretrain
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -5,12 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cmrp.config.yamlio import display_path
 from cmrp.errors import ConfigError
-from cmrp.sweeps.launchers import LocalLauncher, SubmititLauncher
-from cmrp.sweeps.plan import make_plan
-from cmrp.sweeps.run import describe_plan, run_sweep
-from cmrp.sweeps.spec import load_sweep
 
 __all__ = ["register"]
 
@@ -46,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _launcher(args: argparse.Namespace, plan):
+    from cmrp.sweeps.launchers import LocalLauncher, SubmititLauncher
+
     if args.jobs is not None and args.jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
     if args.launcher == "local":
@@ -58,6 +55,11 @@ def _launcher(args: argparse.Namespace, plan):
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    from cmrp.config.yamlio import display_path
+    from cmrp.sweeps.plan import make_plan
+    from cmrp.sweeps.run import describe_plan, run_sweep
+    from cmrp.sweeps.spec import load_sweep
+
     sweep = load_sweep(args.sweep)
     out = args.out or Path("runs") / "sweeps" / sweep.name
     plan = make_plan(sweep, out, seeds=args.seeds, rows=args.rows, overrides=args.overrides)
