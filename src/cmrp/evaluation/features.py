@@ -26,8 +26,9 @@ from typing import Any
 import torch
 
 from cmrp.errors import WeightsError
+from cmrp.rewards import diversity  # lpips_backbone_missing looked up per call: tests stand in for it
 from cmrp.rewards.clip import load_hf_clip
-from cmrp.rewards.diversity import lpips_backbone_missing, pixel_distance
+from cmrp.rewards.diversity import pixel_distance
 from cmrp.rewards.pretrained import (
     MissingModel,
     missing_hf_model,
@@ -109,7 +110,7 @@ class LpipsMetric:
 def load_lpips_metric(net: str = "alex") -> LpipsMetric:
     """torchmetrics' `LearnedPerceptualImagePatchSimilarity`; its linear heads ship with torchmetrics, the
     backbone comes from the torch hub cache (checked first, so nothing is downloaded)."""
-    missing = lpips_backbone_missing(net)
+    missing = diversity.lpips_backbone_missing(net)
     if missing is not None:
         raise WeightsError(f"LPIPS {net!r}: {missing.fix}")
     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
@@ -188,7 +189,7 @@ def load_feature_set(name: str, *, clip_model: str = "openai/clip-vit-large-patc
     who = "cmrp eval --features pretrained"
     missing = missing_hf_model("CLIP-T / CLIP-I", clip_model, "CLIPModel", processor=True)
     missing += missing_hf_model("DINO", dinov2_repo(dino_model), "Dinov2Model")
-    lpips_missing = lpips_backbone_missing(lpips_net)
+    lpips_missing = diversity.lpips_backbone_missing(lpips_net)
     if lpips_missing is not None:
         missing.append(MissingModel("diversity (LPIPS)", lpips_missing.model, lpips_missing.fix))
     if missing:
