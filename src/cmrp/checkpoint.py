@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from cmrp.jsonio import write_json
+
 __all__ = ["FOLDER_MANIFEST", "atomic_write", "file_sha256", "folder_damage", "save_safetensors_atomic",
            "write_folder_manifest"]
 
@@ -51,8 +53,6 @@ def file_sha256(path: str | Path) -> str:
 def write_folder_manifest(folder: str | Path, parts: tuple[str, ...]) -> Path:
     """Record the size and sha256 of every file under `folder`/`parts` (files or sub-folders that exist), so
     a reader can tell a file changed after it was written, even one whose size stayed the same."""
-    from cmrp.jsonio import write_json
-
     folder = Path(folder)
     files = {}
     for part in parts:

@@ -1,6 +1,8 @@
 """One generic name -> object registry for every ablation axis.
 
-In-tree objects register with a decorator (`@BACKBONES.register("bagel")`). Plugins from other
+In-tree objects register with a decorator (`@BACKBONES.register("bagel")`); a registry finds its built-in
+modules by name or, like open_clip, by walking a package (every `cmrp.backbones` subpackage whose source
+registers an adapter is a built-in: adding one is adding a folder). Plugins from other
 distributions register through entry points (groups `cmrp.backbones`, `cmrp.rewards`, ...), loaded
 lazily the first time a name is looked up. Registry names, not class paths, appear in recipes so they
 read well as MLflow params.
@@ -17,13 +19,14 @@ import ast
 import difflib
 import functools
 import importlib
+import importlib.util
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Generic, TypeVar
 
 from cmrp.errors import ConfigError
 
-__all__ = ["BACKBONES", "DECODING", "FEATURE_MODELS", "REWARDS", "Registry", "kwarg_hints"]
+__all__ = ["BACKBONES", "DECODING", "FEATURE_MODELS", "FORMATS", "REWARDS", "Registry", "kwarg_hints", "source_names"]
 
 T = TypeVar("T")
 
@@ -33,13 +36,20 @@ class Registry(Generic[T]):
     decorator happens without importing heavy modules at `import cmrp` time."""
 
     def __init__(self, kind: str, entry_point_group: str | None = None, builtin_modules: tuple[str, ...] = (),
-                 symbol: str = ""):
+                 symbol: str = "", builtin_packages: tuple[str, ...] = ()):
         self.kind = kind
         self.entry_point_group = entry_point_group
-        self._builtin_modules = builtin_modules
+        self._listed_modules = builtin_modules
+        self._builtin_packages = builtin_packages  # their subpackages that register through `symbol` are built-ins
         self._symbol = symbol  # the name modules register through, e.g. REWARDS (for reading their source)
         self._items: dict[str, T] = {}
         self._loaded = False
+
+    @property
+    def _builtin_modules(self) -> tuple[str, ...]:
+        found = [sub for package in self._builtin_packages for sub in _subpackages(package)
+                 if _source_registrations(sub, self._symbol)]
+        return (*self._listed_modules, *found)
 
     def register(self, name: str) -> Callable[[T], T]:
         def decorator(obj: T) -> T:
@@ -143,16 +153,50 @@ def kwarg_hints(kwargs, accepted: list[str] | None) -> list[str]:
     return hints
 
 
+@functools.cache
+def source_names(module: str, name: str) -> tuple[str, ...]:
+    """The strings of a module-level constant, read from source without importing the module: a tuple or list
+    literal (`TASKS = ("chat", ...)`) or a `Literal[...]` alias (`ImageHead = Literal["flow", "tokens"]`). How
+    validation reads lists whose home is a higher layer (one source of truth, no torch at `cmrp validate`)."""
+    path = _module_file(module)
+    if path is None:
+        raise ValueError(f"no source for module {module!r}")
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets) and node.value is not None:
+            value = node.value
+            if isinstance(value, ast.Subscript):  # Literal["a", "b"]
+                value = value.slice
+            found = ast.literal_eval(value)
+            return (found,) if isinstance(found, str) else tuple(found)
+    raise ValueError(f"{module} defines no constant {name!r}")
+
+
 def _module_file(module: str) -> Path | None:
-    """The source file of an in-tree module, found without importing its packages."""
+    """The source file of a module, found without importing its packages."""
     parts = module.split(".")
-    if parts[0] != "cmrp":
-        return None
-    base = Path(__file__).resolve().parent.joinpath(*parts[1:])
+    if parts[0] == "cmrp":
+        root = Path(__file__).resolve().parent
+    else:  # another top-level package (a test's); finding it imports nothing
+        spec = importlib.util.find_spec(parts[0])
+        if spec is None or not spec.submodule_search_locations or not spec.origin:
+            return None
+        root = Path(spec.origin).parent
+    base = root.joinpath(*parts[1:])
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):
         if candidate.is_file():
             return candidate
     return None
+
+
+@functools.cache
+def _subpackages(package: str) -> tuple[str, ...]:
+    """The in-tree subpackages (folders with an `__init__.py`) directly under `package`, sorted, found
+    without importing anything."""
+    init = _module_file(package)
+    if init is None or init.name != "__init__.py":
+        return ()
+    return tuple(f"{package}.{d.name}" for d in sorted(init.parent.iterdir()) if (d / "__init__.py").is_file())
 
 
 def _registered_name(node: ast.expr, symbol: str) -> str | None:
@@ -181,7 +225,8 @@ def _parameters(node: ast.AST) -> tuple[str, ...] | None:
 @functools.cache
 def _source_registrations(module: str, symbol: str, follow: bool = True) -> dict[str, tuple[str, ...] | None]:
     """`@SYMBOL.register(name)` classes/functions and `SYMBOL.register(name)(obj)` calls in a module's source,
-    and in the in-tree modules it imports (a built-in list such as `cmrp.rewards.terms`)."""
+    and in the modules of its own top-level package it imports (a built-in list such as `cmrp.rewards.terms`, a
+    package's `__init__` importing its adapter)."""
     path = _module_file(module)
     if path is None or not symbol:
         return {}
@@ -197,16 +242,19 @@ def _source_registrations(module: str, symbol: str, follow: bool = True) -> dict
             name = _registered_name(node.func, symbol)
             if name is not None:
                 found[name] = None
-        elif follow and isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cmrp."):
+        elif (follow and isinstance(node, ast.ImportFrom) and not node.level
+              and (node.module or "").split(".")[0] == module.split(".")[0]):  # an import from the same package
             found.update(_source_registrations(node.module, symbol, follow=False))
     return found
 
 
-BACKBONES: Registry = Registry("backbone adapter", "cmrp.backbones",
-                               ("cmrp.backbones.bagel", "cmrp.backbones.janus", "cmrp.backbones.showo"),
-                               symbol="BACKBONES")
+BACKBONES: Registry = Registry("backbone adapter", "cmrp.backbones", symbol="BACKBONES",
+                               builtin_packages=("cmrp.backbones",))
 REWARDS: Registry = Registry("reward", "cmrp.rewards", ("cmrp.rewards.terms",), symbol="REWARDS")
 DECODING: Registry = Registry("decoding strategy", "cmrp.decoding", ("cmrp.sampling.decoding",), symbol="DECODING")
+# name -> cmrp.data.problems.DataFormat: how a character directory is detected and read (`data.format`)
+FORMATS: Registry = Registry("data format", "cmrp.data_formats",
+                             ("cmrp.data.native", "cmrp.data.rolescape", "cmrp.data.mmrole"), symbol="FORMATS")
 # name -> zero-argument loader of a feature net that reward terms accept by name (`encoder: sandbox-clip`)
 FEATURE_MODELS: Registry = Registry("feature model", "cmrp.feature_models", ("cmrp.sandbox.features",),
                                     symbol="FEATURE_MODELS")

@@ -30,9 +30,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from cmrp import __version__
+from cmrp.config import flatten
 from cmrp.config.params import REDACTED, Redactor
 from cmrp.errors import CmrpError
 from cmrp.jsonio import dumps, write_json
+from cmrp.resources import git_commit
 
 __all__ = ["RUN_FILE", "TrackingLogger", "browse_hint", "default_tracking_uri", "is_remote", "make_logger",
            "pending_file", "pending_files", "read_run_file", "redact_text", "run_history", "run_link", "sync_pending",
@@ -116,9 +119,6 @@ def default_tags(kind: str) -> dict[str, str]:
     """The tags Lightning's MLFlowLogger sets (user, source name and type, git commit) plus cmrp's own."""
     from mlflow.tracking.context.registry import resolve_tags
 
-    from cmrp import __version__
-    from cmrp.resources import git_commit
-
     tags = dict(resolve_tags({"cmrp.kind": kind, "cmrp.version": __version__}))
     commit = git_commit()
     if commit and "mlflow.source.git.commit" not in tags:
@@ -201,8 +201,6 @@ class TrackingLogger:
         return "/"
 
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        from cmrp.config import flatten
-
         if not isinstance(params, dict):
             params = vars(params) if hasattr(params, "__dict__") else {}
         flat = {k: self.redactor.text(v)[:6000] for k, v in flatten(self.redactor.mapping(params)).items()}

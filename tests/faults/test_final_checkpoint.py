@@ -29,7 +29,7 @@ def _damage_header(file):
 def test_eval_and_init_from_loading_names_the_damaged_folder(saved, tmp_path):
     import shutil
 
-    from cmrp.evaluation.runner import load_checkpoint
+    from cmrp.backbones.loading import load_checkpoint
 
     ckpt = shutil.copytree(saved, tmp_path / "checkpoint")
     assert load_checkpoint(ckpt).model is not None  # intact: loads
@@ -57,8 +57,8 @@ def test_same_size_damage_is_caught_by_the_folder_manifest(saved, tmp_path):
     recorded when the checkpoint was finished tells."""
     import shutil
 
+    from cmrp.backbones.loading import load_checkpoint
     from cmrp.checkpoint import FOLDER_MANIFEST, folder_damage, write_folder_manifest
-    from cmrp.evaluation.runner import load_checkpoint
     from tests.faults._helpers import flip_bytes
 
     ckpt = shutil.copytree(saved, tmp_path / "checkpoint")

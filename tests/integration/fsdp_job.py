@@ -48,11 +48,11 @@ def main(out: Path, strategy: str, mode: str, stage: str, devices: int) -> None:
     from cmrp.data.datamodule import RankBatches, TaskMixDataModule
     from cmrp.data.tasks import Example, ImagePrompt, Segment
     from cmrp.rewards import build_reward
-    from cmrp.training.fit import trainer_strategy
     from cmrp.training.grpo import CharacterGRPOModule
     from cmrp.training.peft import apply_finetune
     from cmrp.training.sft import UnifiedSFTModule
     from cmrp.training.sharding import whole
+    from cmrp.training.trainer import trainer_strategy
     from tests.unit.test_bagel import CORPUS, small_card
 
     warnings.filterwarnings("ignore")

@@ -148,7 +148,7 @@ def test_character_artefact_round_trip(runs):
     assert card["name"] == character_name(run) and card["kind"] == "lora" and card["decoding"] == "chain"
     assert card["profile"].startswith(card["name"])
     # the run's base is the shipped sandbox base (same weights): named by its portable reference and content hash
-    from cmrp.sandbox.pretrain import shipped_base
+    from cmrp.resources import shipped_base
 
     base = shipped_base("base")
     assert card["base"]["ref"] == "sandbox://base" and re.fullmatch(r"[0-9a-f]{64}", card["base"]["content_sha256"])

@@ -3,7 +3,8 @@
 The toolkit's promise is that a recipe switches backbone by changing one line, so every adapter must
 behave the same through the protocol: text and image losses that train, `sample_images` shapes,
 log-probs that GRPO can recompute exactly, LoRA that only trains adapter weights, and one GRPO
-iteration through `CharacterGRPOModule`. A registered backbone without a tiny card fails here.
+iteration through `CharacterGRPOModule`. Every backbone (built-in or plugin) is found in the registry, its
+tiny card in `backbones/*-tiny.yaml` by the card's `adapter`; a registered backbone without one fails here.
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from omegaconf import OmegaConf
 
 from cmrp.data.tasks import Example, ImagePrompt, Segment
 from cmrp.registry import BACKBONES
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY_CARDS = {"bagel": "bagel-tiny", "janus": "janus-tiny", "showo": "showo-tiny"}
+# adapter name -> its tiny card, found rather than listed: a new backbone's card is picked up by its file name
+TINY_CARDS = {yaml.safe_load(card.read_text())["adapter"]: card.stem
+              for card in sorted((ROOT / "backbones").glob("*-tiny.yaml"))}
 CORPUS = ["hello there, I am a tiny test creature", "what colour is it? it is red", "draw me on the beach",
           "You are Rex. Stay in character.", "my favourite food is plum"] * 4
 NAMES = BACKBONES.names()
@@ -28,16 +32,15 @@ NAMES = BACKBONES.names()
 def test_every_registered_backbone_has_a_tiny_card():
     assert NAMES, "no backbone registered"
     missing = [name for name in NAMES if name not in TINY_CARDS]
-    assert not missing, f"registered backbones without a tiny card in TINY_CARDS: {missing}"
-    absent = [TINY_CARDS[n] for n in NAMES if not (ROOT / "backbones" / f"{TINY_CARDS[n]}.yaml").is_file()]
-    assert not absent, f"tiny cards missing from backbones/: {absent}"
+    assert not missing, f"registered backbones without a backbones/*-tiny.yaml card naming them: {missing}"
+    assert {"bagel", "janus", "showo"} <= set(TINY_CARDS), TINY_CARDS  # the glob finds the shipped cards
 
 
 def tiny_adapter(name: str, seed: int = 0):
     from cmrp.config.loader import load_backbone_card
 
     if name not in TINY_CARDS:
-        pytest.fail(f"backbone {name!r} is registered but has no tiny card in TINY_CARDS")
+        pytest.fail(f"backbone {name!r} is registered but no backbones/*-tiny.yaml card names it")
     card = load_backbone_card(TINY_CARDS[name])
     assert card.adapter == name, f"{TINY_CARDS[name]}.yaml names adapter {card.adapter!r}, not {name!r}"
     torch.manual_seed(seed)

@@ -284,8 +284,8 @@ def test_fsdp_wraps_one_unit_per_decoder_layer():
     from lightning.pytorch.strategies import DDPStrategy
 
     from cmrp.backbones.bagel.qwen2_mot import Qwen2MoTDecoderLayer
-    from cmrp.training.fit import trainer_strategy
     from cmrp.training.sharding import ShardedStrategy
+    from cmrp.training.trainer import trainer_strategy
 
     adapter = build()
     fsdp = trainer_strategy("fsdp", adapter)

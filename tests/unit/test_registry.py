@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,8 +10,7 @@ import pytest
 
 from cmrp.errors import ConfigError
 from cmrp.registry import BACKBONES, DECODING, REWARDS, Registry
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.plugins import make_plugin, run_with_plugins
 
 
 def test_register_and_get():
@@ -138,11 +135,7 @@ REPLY_FIRST = DecodingStrategy("reply_first", True, "a plugin's strategy: the im
 def test_a_plugin_decoding_strategy_validates_and_builds_training_data(tmp_path):
     """A strategy installed by another distribution (entry point group `cmrp.decoding`) is accepted wherever
     the built-ins are: recipe validation, training-data construction and `cmrp chat --decoding`."""
-    (tmp_path / "cmrp_reply_first.py").write_text(PLUGIN)
-    info = tmp_path / "cmrp_reply_first-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: cmrp-reply-first\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[cmrp.decoding]\nreply_first = cmrp_reply_first:REPLY_FIRST\n")
+    make_plugin(tmp_path, "cmrp_reply_first", PLUGIN, "cmrp.decoding", "reply_first = cmrp_reply_first:REPLY_FIRST")
     code = (
         "import contextlib, io\n"
         "from cmrp.cli import main\n"
@@ -165,6 +158,5 @@ def test_a_plugin_decoding_strategy_validates_and_builds_training_data(tmp_path)
         "assert p.parse_args(['--decoding', 'reply_first']).decoding == 'reply_first'\n"
         "print('plugin ok')\n"
     )
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT / 'src'}"}
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    run = run_with_plugins(tmp_path, code)
     assert run.returncode == 0 and "plugin ok" in run.stdout, run.stderr[-3000:]

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from cmrp.config import load_backbone_card
-from cmrp.sandbox.pretrain import BASE_MANIFEST, heldout_numbers, shipped_base
+from cmrp.resources import shipped_base
+from cmrp.sandbox.pretrain import BASE_MANIFEST, heldout_numbers
 
 BASE = Path(__file__).resolve().parents[2] / "src" / "cmrp" / "sandbox" / "assets" / "base"
 

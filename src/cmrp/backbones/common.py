@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from cmrp.data.tasks import Example, Segment
+from cmrp.data.character import MultipleChoice
+from cmrp.data.tasks import Example, Segment, mcq_option_examples
 from cmrp.errors import ConfigError
 
 __all__ = ["answer_questions", "select_lora_targets"]
@@ -35,9 +36,6 @@ def answer_questions(backbone: Any, images: torch.Tensor, questions: list[str], 
     """VQA about `images` ([N, 3, H, W] in [0, 1]): multiple choice by option likelihood (the option whose
     answer text scores highest), open questions by greedy decoding. Returns the chosen option's text or the
     free answer, one per question."""
-    from cmrp.data.character import MultipleChoice
-    from cmrp.data.tasks import mcq_option_examples
-
     answers: list[str] = [""] * len(questions)
     mcq_examples: list[Example] = []
     spans, open_idx = [], []

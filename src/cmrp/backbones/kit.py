@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from cmrp.errors import WeightsError
+from cmrp.resources import shipped_base
 
 __all__ = ["SANDBOX_WEIGHTS", "plain", "resolve_weights"]
 
@@ -30,8 +31,6 @@ def resolve_weights(ref: str | Path, where: str = "weights") -> Path:
     WeightsError (`where` names the card key) saying how to get the weights."""
     text = str(ref)
     if text.startswith(SANDBOX_WEIGHTS):
-        from cmrp.sandbox.pretrain import shipped_base
-
         return shipped_base(text[len(SANDBOX_WEIGHTS):], where)
     path = Path(text).expanduser()
     if path.is_dir():

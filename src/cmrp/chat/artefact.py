@@ -23,11 +23,23 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from cmrp.backbones.loading import reading_weights
+from cmrp.backbones.loading import (
+    find_checkpoint,
+    load_backbone_folder,
+    load_checkpoint,
+    load_recipe_of,
+    reading_weights,
+)
 from cmrp.chat.session import CharacterInfo, ChatSession, Reply
 from cmrp.checkpoint import file_sha256
-from cmrp.errors import ConfigError, WeightsError
+from cmrp.config import load_backbone_card, resolve_recipe_parts
+from cmrp.data.sources import SANDBOX_SCHEME
+from cmrp.data.validate import load_character as load_data_character
+from cmrp.errors import ConfigError, DataError, WeightsError
 from cmrp.jsonio import write_json
+from cmrp.registry import BACKBONES
+from cmrp.resources import shipped_base
+from cmrp.sampling.guidance import recipe_sampling_kwargs
 
 __all__ = ["CARD_FILE", "CharacterPool", "load_character", "load_chat_source", "save_character", "weights_sha256"]
 
@@ -55,28 +67,15 @@ def weights_sha256(path: Path) -> str:
 
 
 def _load_backbone_folder(folder: Path) -> Any:
-    """A saved backbone folder (config.json names its adapter class), without any LoRA folded in."""
-    from cmrp.registry import BACKBONES
-
-    config_file = folder / "config.json"
-    try:
-        name = json.loads(config_file.read_text())["adapter"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise WeightsError(f"{config_file}: cannot read the backbone's adapter name ({type(err).__name__}); "
-                           "pass a backbone folder written by `cmrp fit` (output_dir/checkpoint/backbone)") from None
-    adapter_cls = BACKBONES.get(name, where=f"{config_file} key 'adapter'")
-    with reading_weights(folder):
-        backbone = adapter_cls.from_pretrained(folder)
+    """A saved backbone folder, without any LoRA folded in, ready to chat."""
+    backbone = load_backbone_folder(folder, "pass a backbone folder written by `cmrp fit` "
+                                            "(output_dir/checkpoint/backbone)")
     backbone.model.eval()
     return backbone
 
 
 def _run_character(cfg: Any, run_dir: Path):
     """The run's `Character` (a sandbox run's generated one lives in run_dir/character), or None."""
-    from cmrp.data.sources import SANDBOX_SCHEME
-    from cmrp.data.validate import load_character as load_data_character
-    from cmrp.errors import DataError
-
     path = str(cfg.data.path)
     folder = run_dir / "character" if path.startswith(SANDBOX_SCHEME) else Path(path).expanduser()
     if not folder.exists():
@@ -88,9 +87,6 @@ def _run_character(cfg: Any, run_dir: Path):
 
 
 def _run_parts(run: Path) -> tuple[Path, Any, Any]:
-    from cmrp.backbones.loading import find_checkpoint
-    from cmrp.evaluation.runner import load_recipe_of
-
     ckpt = find_checkpoint(run)
     cfg = load_recipe_of(ckpt)
     return ckpt, cfg, _run_character(cfg, ckpt.parent)
@@ -99,7 +95,6 @@ def _run_parts(run: Path) -> tuple[Path, Any, Any]:
 def _info(character: Any, cfg: Any, fallback: str) -> CharacterInfo:
     name = character.name if character is not None else fallback
     profile = character.profile.text if character is not None else ""
-    from cmrp.sampling.guidance import recipe_sampling_kwargs
 
     # images are drawn with the run's guidance and timestep shift (its `grpo:` section)
     return CharacterInfo(name=name, profile=profile, decoding=str(cfg.decoding),
@@ -112,8 +107,6 @@ def _portable_base(base_folder: Path, weights: str | None, staging: Path) -> dic
     artefact (`base/`, the run made this base: random init or merged)."""
     digest = weights_sha256(base_folder / WEIGHTS_FILE)
     if weights and weights.startswith(SHIPPED):
-        from cmrp.sandbox.pretrain import shipped_base
-
         try:
             shipped = shipped_base(weights[len(SHIPPED):])
         except WeightsError:
@@ -143,8 +136,6 @@ def save_character(run_dir: str | Path, out_dir: str | Path, *, max_thumbnails: 
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     from omegaconf import OmegaConf
-
-    from cmrp.config import resolve_recipe_parts
 
     base_folder = (ckpt / "backbone").resolve()
     card_cfg, _ = resolve_recipe_parts(cfg)  # the run's backbone card: where its base's weights came from
@@ -238,8 +229,6 @@ def _base_folder(card: dict[str, Any], base: str | Path | None, where: Path) -> 
     if base is not None:
         folder = Path(base).expanduser()
     elif str(info.get("ref") or "").startswith(SHIPPED):
-        from cmrp.sandbox.pretrain import shipped_base
-
         folder = shipped_base(info["ref"][len(SHIPPED):], f"{where / CARD_FILE} base")
     elif info.get("ref") or info.get("path"):
         folder = Path(info.get("ref") or info["path"])
@@ -262,9 +251,6 @@ def _load_base(card: dict[str, Any], base: str | Path | None, folder: Path) -> A
     card carries (a LoRA run on a card's pretrained weights, e.g. a hub id)."""
     info = card.get("base") or {}
     if base is None and info.get("card") and not str(info.get("ref") or "").startswith(SHIPPED):
-        from cmrp.config import load_backbone_card
-        from cmrp.registry import BACKBONES
-
         card_cfg = load_backbone_card(info["card"])
         backbone = BACKBONES.get(card_cfg.adapter, where=f"{folder / CARD_FILE} base.card.adapter").build(card_cfg)
         backbone.model.eval()
@@ -299,8 +285,6 @@ def load_character(artefact_dir: str | Path, base: str | Path | None = None, *, 
 
 def load_chat_source(path: str | Path, base: str | Path | None = None):
     """(backbone, CharacterInfo) of what `cmrp chat` was given: a character artefact, or a `cmrp fit` run."""
-    from cmrp.evaluation.runner import load_checkpoint
-
     path = Path(path).expanduser()
     if (path / CARD_FILE).is_file():
         return load_character(path, base)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cmrp.errors import ConfigError
 from cmrp.registry import DECODING
 
 __all__ = ["register"]
@@ -68,8 +69,6 @@ def _save_character(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> None:
-    from cmrp.errors import ConfigError
-
     if args.steps < 1 or args.max_new_tokens < 1:
         raise ConfigError("--steps and --max-new-tokens must be at least 1")
     if args.image and args.once is None:

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from cmrp.data.tasks import Example, Segment
+from cmrp.errors import ConfigError
 from cmrp.jsonio import write_json
+from cmrp.sampling.decoding import get_strategy
 
 __all__ = ["CharacterInfo", "ChatSession", "Reply", "parse_user_line"]
 
@@ -53,9 +55,6 @@ class ChatSession:
                  seed: int = 0, *, out_dir: str | Path = "chat", max_new_tokens: int = 48,
                  temperature: float = 0.0, max_history_turns: int = 8,
                  image_kwargs: dict[str, Any] | None = None):
-        from cmrp.errors import ConfigError
-        from cmrp.sampling.decoding import get_strategy
-
         self.backbone = backbone
         self.character = character
         self.strategy = get_strategy(decoding)

@@ -16,16 +16,13 @@ from omegaconf import DictConfig, ListConfig
 
 from cmrp.config.layers import Provenance
 from cmrp.config.yamlio import KeyPath
-from cmrp.registry import DECODING
+from cmrp.registry import DECODING, FEATURE_MODELS, FORMATS, REWARDS, kwarg_hints, source_names
 
 __all__ = [
-    "DATA_FORMATS",
     "FINETUNE_MODES",
-    "IMAGE_HEADS",
     "OPTIMIZERS",
     "SCHEDULERS",
     "STAGES",
-    "TASKS",
     "check_card",
     "check_preset",
     "check_recipe",
@@ -33,16 +30,29 @@ __all__ = [
 
 FINETUNE_MODES = ("lora", "qlora", "full")
 STAGES = ("sft", "grpo")
-DATA_FORMATS = ("auto", "native", "rolescape20", "mmrole")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("constant", "cosine", "linear")
-TASKS = ("chat", "thinking", "t2i", "vqa", "knowledge_qa")
-IMAGE_HEADS = ("flow", "tokens")
 SDE_KINDS = ("sde", "cps")
 ADV_STD = ("group", "global")
 TRAIN_GROUPS = ("generation", "understanding")
-RENORM_TYPES = ("global", "channel", "text_channel", "none")  # cmrp.sampling.guidance.RENORM_TYPES
 RESUME_MODES = ("never", "auto")
+
+
+# Names whose home is the code that uses them: registries (built-ins and plugins), or constants read from source
+def _data_formats() -> tuple[str, ...]:
+    return ("auto", *FORMATS.names())
+
+
+def _tasks() -> tuple[str, ...]:
+    return source_names("cmrp.data.tasks", "TASKS")
+
+
+def _image_heads() -> tuple[str, ...]:
+    return source_names("cmrp.backbones.protocol", "ImageHead")
+
+
+def _renorm_types() -> tuple[str, ...]:
+    return source_names("cmrp.sampling.guidance", "RENORM_TYPES")
 
 
 # Upper bounds: what numpy, torch and Lightning accept, and sizes far beyond any real run, so a typo such as
@@ -156,12 +166,12 @@ def _check_finetune(prov: Provenance, f: DictConfig) -> None:
 def _check_data(prov: Provenance, d: DictConfig) -> None:
     if not str(d.path).strip():
         raise prov.error(("data", "path"), "must name a character directory or sandbox://SEED")
-    _one_of(prov, ("data", "format"), d.format, DATA_FORMATS)
+    _one_of(prov, ("data", "format"), d.format, _data_formats())
     for task, weight in d.tasks.items():
-        _known_name(prov, ("data", "tasks", task), task, TASKS, "task")
+        _known_name(prov, ("data", "tasks", task), task, _tasks(), "task")
         _finite(prov, ("data", "tasks", task), weight, 1e6)
     if not any(weight > 0 for weight in d.tasks.values()):
-        raise prov.error(("data", "tasks"), f"must give at least one of {', '.join(TASKS)} a weight above 0")
+        raise prov.error(("data", "tasks"), f"must give at least one of {', '.join(_tasks())} a weight above 0")
     _count(prov, ("data", "batch_size"), d.batch_size, 1, MAX_BATCH)
     _count(prov, ("data", "num_workers"), d.num_workers, 0, MAX_WORKERS)
     _count(prov, ("data", "max_text_tokens"), d.max_text_tokens, 1, 2**20)
@@ -265,7 +275,7 @@ def _check_guidance(prov: Provenance, g: DictConfig) -> None:
     if len(lo_hi) != 2 or not 0 <= lo_hi[0] <= lo_hi[1] <= 1:
         raise prov.error(("grpo", "cfg_interval"),
                          f"must be [lo, hi] with 0 <= lo <= hi <= 1 (guidance for lo < t <= hi), got {lo_hi}")
-    _one_of(prov, ("grpo", "cfg_renorm_type"), g.cfg_renorm_type, RENORM_TYPES)
+    _one_of(prov, ("grpo", "cfg_renorm_type"), g.cfg_renorm_type, _renorm_types())
     if not 0 <= g.cfg_renorm_min <= 1:
         raise prov.error(("grpo", "cfg_renorm_min"), f"must be in [0, 1], got {g.cfg_renorm_min!r}")
 
@@ -274,7 +284,7 @@ def check_card(cfg: DictConfig, prov: Provenance) -> None:
     for key in ("name", "adapter"):
         if not str(cfg[key]).strip():
             raise prov.error((key,), "must not be empty")
-    _one_of(prov, ("image_head",), cfg.image_head, IMAGE_HEADS)
+    _one_of(prov, ("image_head",), cfg.image_head, _image_heads())
 
 
 def check_preset(cfg: DictConfig, prov: Provenance, known_terms: list[str]) -> None:
@@ -292,8 +302,6 @@ def check_preset(cfg: DictConfig, prov: Provenance, known_terms: list[str]) -> N
 
 def _check_term_kwargs(prov: Provenance, term: str, kwargs: dict[str, Any]) -> None:
     """A kwarg the term's constructor does not take fails here, not when GRPO starts."""
-    from cmrp.registry import REWARDS, kwarg_hints
-
     accepted = REWARDS.parameters(term)  # read from the term's source: validating imports no torch
     hints = kwarg_hints(kwargs, accepted)
     if hints:
@@ -301,8 +309,6 @@ def _check_term_kwargs(prov: Provenance, term: str, kwargs: dict[str, Any]) -> N
                          f"has unknown kwarg {', '.join(hints)}; {term} accepts: {', '.join(accepted or [])}")
     for key in ("encoder", "features"):  # a feature net named in YAML must be registered (FEATURE_MODELS)
         if isinstance(kwargs.get(key), str):
-            from cmrp.registry import FEATURE_MODELS
-
             if kwargs[key] not in FEATURE_MODELS:
                 raise prov.error(("terms", term, "kwargs", key),
                                  f"unknown feature model {kwargs[key]!r}; registered: {', '.join(FEATURE_MODELS.names())}")

@@ -14,6 +14,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from cmrp.errors import ConfigError
+from cmrp.registry import BACKBONES, DECODING, REWARDS
+
 __all__ = ["add_recipe_arguments", "register"]
 
 _LS_WHAT = ("recipes", "backbones", "rewards", "decoding")
@@ -73,7 +76,6 @@ def _validate(args: argparse.Namespace) -> int:
     from cmrp.config.loader import find_recipe, load_recipe, resolve_recipe_parts
     from cmrp.config.yamlio import display_path
     from cmrp.data.sources import load_recipe_character
-    from cmrp.registry import BACKBONES
     from cmrp.training.preflight import check_run  # the pass `cmrp fit` runs before any work
 
     cfg = load_recipe(args.recipe, args.overrides)
@@ -163,7 +165,6 @@ def _run_line_for(text: str, source: Path, dest: Path) -> str:
 
 def _cp(args: argparse.Namespace) -> int:
     from cmrp.config.assets import find_asset, is_path_ref
-    from cmrp.errors import ConfigError
 
     if is_path_ref(args.name):
         raise ConfigError(f"cmrp cp {args.name}: give a shipped recipe name (see `cmrp ls recipes`), not a path; "
@@ -226,8 +227,6 @@ def _describe_each(
     names: list[str], load: Callable[[str], Any], detail: Callable[[Any], str]
 ) -> list[tuple[str, str]]:
     """One row per shipped file; a broken file is shown as such instead of hiding the rest."""
-    from cmrp.errors import ConfigError
-
     rows = []
     for name in names:
         try:
@@ -250,7 +249,6 @@ def _backbones() -> None:
 def _rewards() -> None:
     from cmrp.config.assets import asset_names
     from cmrp.config.loader import load_reward_preset
-    from cmrp.registry import REWARDS
 
     rows = _describe_each(
         asset_names("rewards"),
@@ -262,8 +260,6 @@ def _rewards() -> None:
 
 
 def _decoding() -> None:
-    from cmrp.registry import DECODING
-
     try:
         names = DECODING.names()
     except ModuleNotFoundError as err:

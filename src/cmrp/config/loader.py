@@ -22,6 +22,7 @@ from cmrp.config.schema import BackboneCard, Recipe, RewardPreset
 from cmrp.config.validate import check_layer, structure
 from cmrp.config.yamlio import check_plain, display_path
 from cmrp.errors import ConfigError
+from cmrp.registry import REWARDS
 
 __all__ = ["find_recipe", "load_backbone_card", "load_recipe", "load_reward_preset", "resolve_recipe_parts"]
 
@@ -109,8 +110,6 @@ def _card(ref: Ref, inline_prov: Provenance | None = None) -> DictConfig:
 
 
 def _preset(ref: Ref, inline_prov: Provenance | None = None) -> dict[str, Any]:
-    from cmrp.registry import REWARDS
-
     preset, prov = _load("rewards", RewardPreset, ref, inline_prov)
     check_preset(preset, prov, REWARDS.names())
     container = OmegaConf.to_container(preset, resolve=True)

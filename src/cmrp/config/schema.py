@@ -45,7 +45,7 @@ class DataConfig:
     """Where the character comes from and how its tasks are mixed."""
 
     path: str = "sandbox://0"  # a character directory, or sandbox://SEED to generate one
-    format: str = "auto"  # auto | native | rolescape20 | mmrole
+    format: str = "auto"  # auto | a registered data format (cmrp.registry.FORMATS): native, rolescape20, mmrole, plugins
     character: str | None = None  # which character, for multi-character layouts
     tasks: dict[str, float] = field(
         default_factory=lambda: {"chat": 1.0, "thinking": 1.0, "t2i": 1.0, "vqa": 1.0, "knowledge_qa": 1.0}

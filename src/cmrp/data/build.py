@@ -42,7 +42,10 @@ from cmrp.data.character import (
     Turn,
     VQAItem,
 )
+from cmrp.data.llm import ChatClient, LLMError, ResponseCache, image_data_url, request_key
+from cmrp.data.native import _describe, _join, _undecodable, write_character
 from cmrp.errors import DataError
+from cmrp.progress import Progress, interactive
 
 __all__ = ["BuildOptions", "build_character", "load_prompts", "load_seed_dialogues", "PROMPT_NAMES"]
 
@@ -129,8 +132,6 @@ def _turn_role(value: Any) -> str | None:
 def load_seed_dialogues(path: Path) -> list[Scene]:
     """Seed dialogues: a JSON list of dialogues, each a list of {"role", "text"} turns or {"turns": [...]};
     a RoleScape-style {"scenes": [...]} file works too ("machine" is the character)."""
-    from cmrp.data.native import _describe, _join
-
     where = str(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -173,8 +174,6 @@ def load_seed_dialogues(path: Path) -> list[Scene]:
 
 
 def _load_images(folder: Path) -> list[ImageRef]:
-    from cmrp.data.native import _undecodable
-
     if not folder.is_dir():
         raise DataError(f"--images {folder}: not a directory (give the folder of the character's images)")
     files = sorted((f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()),
@@ -321,7 +320,6 @@ class _Item:
 def _user_message(text: str, image: ImageRef | None, vision: bool) -> dict:
     if image is None or not vision:
         return {"role": "user", "content": text}
-    from cmrp.data.llm import image_data_url
 
     return {"role": "user", "content": [{"type": "text", "text": text},
                                         {"type": "image_url", "image_url": {"url": image_data_url(image.path)}}]}
@@ -386,9 +384,6 @@ def _plan(opts: BuildOptions, name: str, profile: str, images: list[ImageRef], s
 
 def _run(items: list[_Item], opts: BuildOptions, log: Callable[[str], None]) -> None:
     """Fill `item.value` for every item, from the cache or the endpoint, N at a time."""
-    from cmrp.data.llm import ChatClient, LLMError, ResponseCache, request_key
-    from cmrp.progress import Progress, interactive
-
     api_key = os.environ.get(opts.api_key_env) or None
     if api_key is None:
         log(f"note: ${opts.api_key_env} is not set; requests are sent without an API key")
@@ -505,8 +500,6 @@ def _check_out(out: Path, cache: Path) -> None:
 
 def build_character(opts: BuildOptions, log: Callable[[str], None] | None = None) -> Path:
     """Run the four stages (resuming from the cache) and write the native character; returns its directory."""
-    from cmrp.data.native import write_character
-
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     if opts.concurrency < 1:
         raise DataError(f"--concurrency {opts.concurrency}: must be at least 1")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cmrp.data.validate import errors_of, inspect_character_dir
+
 __all__ = ["register"]
 
 
@@ -25,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("dir", help="the character directory")
     p.add_argument("--format", default="auto",
-                   help="directory format: auto (detect), native, rolescape20, mmrole (default: auto)")
+                   help="directory format: auto (detect), native, rolescape20, mmrole or a plugin's registered "
+                   "format (default: auto)")
     p.add_argument("--character", default=None, help="which character, for layouts holding several")
     p.set_defaults(handler=_validate)
     _register_build(commands)
@@ -75,7 +78,6 @@ def _register_build(commands: argparse._SubParsersAction) -> None:
 
 def _build(args: argparse.Namespace) -> int:
     from cmrp.data.build import BuildOptions, build_character
-    from cmrp.data.validate import inspect_character_dir
 
     options = BuildOptions(**{k: v for k, v in vars(args).items()
                               if k in BuildOptions.__dataclass_fields__})
@@ -105,8 +107,6 @@ def _counts(split) -> str:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from cmrp.data.validate import errors_of, inspect_character_dir
-
     character, problems = inspect_character_dir(args.dir, args.format, args.character)
     for problem in problems:
         print(f"{problem.severity}: {problem}")

@@ -41,7 +41,9 @@ from typing import Any
 
 from cmrp.data.character import Character, CharacterSplit, ImageRef, Profile, Scene, Turn
 from cmrp.data.native import _describe, _Doc, _join, _undecodable
-from cmrp.data.validate import Problem, errors_of
+from cmrp.data.problems import DataFormat, Problem, errors_of
+from cmrp.errors import DataError
+from cmrp.registry import FORMATS
 
 __all__ = ["FORMAT", "HUMAN", "KINDS", "Prompt", "inspect_mmrole", "is_mmrole", "list_roles", "load_test_files",
            "parse_prompt", "test_files"]
@@ -614,8 +616,6 @@ def _test_summary(files: _Files, tests: list[Path]) -> str:
 
 def inspect_mmrole(path: Path | str, character: str | None = None) -> tuple[Character | None, list[Problem]]:
     """Parse one role of MMRole-Data: its dialogues (train, minus those MMRole tests on) and test records (test)."""
-    from cmrp.errors import DataError
-
     root = Path(path).expanduser().resolve()
     if not is_mmrole(root):
         raise DataError(f"{root}: not MMRole-Data (expected profiles/ beside dialogues/ or data/, or MMRole test "
@@ -689,3 +689,8 @@ def inspect_mmrole(path: Path | str, character: str | None = None) -> tuple[Char
                      CharacterSplit(images={k: v for k, v in images.known.items() if k in used_test},
                                     scenes=test.scenes),
                      root=root, source_format=FORMAT, warnings=[str(p) for p in problems], sources=sources), problems
+
+
+FORMATS.register("mmrole")(DataFormat(
+    FORMAT, is_mmrole, inspect_mmrole,
+    "MMRole-Data: profiles/, data/train|test/*.json and/or dialogues/, images/ (pick one with --character)", order=20))

@@ -36,9 +36,11 @@ from cmrp.data.character import (
     Turn,
     VQAItem,
 )
-from cmrp.data.validate import Problem, errors_of, problems_error
+from cmrp.data.images import ImageTooLarge, open_image
+from cmrp.data.problems import DataFormat, Problem, errors_of, problems_error
 from cmrp.errors import DataError
 from cmrp.jsonio import write_json
+from cmrp.registry import FORMATS
 
 __all__ = [
     "CHARACTER_FILE",
@@ -202,8 +204,6 @@ def _non_finite(value: Any, path: str, limit: int = 20) -> list[tuple[str, str]]
 
 def _undecodable(path: Path) -> str | None:
     """Why PIL cannot decode the image at `path` (or why cmrp will not: too many pixels), or None when it can."""
-    from cmrp.data.images import ImageTooLarge, open_image
-
     try:
         with open_image(path) as image:
             image.verify()  # checksums and structure
@@ -540,3 +540,16 @@ def write_character(character: Character, out_dir: Path | str) -> Path:
         _write_json(out / split_name / DATA_FILE, _split_json(split, files))
     _write_json(out / CHARACTER_FILE, header)  # last: its presence marks a complete character
     return out
+
+
+def _native_dir(path: Path, character: str | None) -> Path:
+    """A native directory holds one character; `character` may name a sub-directory holding it."""
+    if character and (path / character / CHARACTER_FILE).is_file():
+        return path / character
+    return path
+
+
+FORMATS.register("native")(DataFormat(
+    "native", lambda path: (path / CHARACTER_FILE).is_file(),
+    lambda path, character: inspect_native(_native_dir(path, character)),
+    "character.json with train/data.json and test/data.json (written by `cmrp sandbox make`)", order=0))

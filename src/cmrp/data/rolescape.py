@@ -40,7 +40,9 @@ from cmrp.data.character import (
     VQAItem,
 )
 from cmrp.data.native import _describe, _Doc, _join, _read_json, _undecodable
-from cmrp.data.validate import Problem, errors_of
+from cmrp.data.problems import DataFormat, Problem, errors_of
+from cmrp.errors import DataError
+from cmrp.registry import FORMATS
 
 __all__ = ["FORMAT", "find_character_dir", "inspect_rolescape", "is_rolescape", "list_characters"]
 
@@ -100,8 +102,6 @@ def _prefix(folder: Path) -> str | None:
 
 def find_character_dir(path: Path, character: str | None) -> tuple[Path, Path]:
     """(dataset root, train folder of the character). Raises DataError naming the choices when ambiguous."""
-    from cmrp.errors import DataError
-
     if _is_character_dir(path) and not list_characters(path):
         if path.parent.name == "test" and _is_character_dir(path.parent.parent / "train" / path.name):
             path = path.parent.parent / "train" / path.name  # the test folder was given: use the pair
@@ -610,3 +610,8 @@ def inspect_rolescape(path: Path | str, character: str | None = None) -> tuple[C
 
 def _existing(path: Path) -> Path | None:
     return path if path.is_file() else None
+
+
+FORMATS.register("rolescape20")(DataFormat(
+    FORMAT, is_rolescape, inspect_rolescape,
+    "the RoleScape-20 release: <root>/train/<Name>/ and <root>/test/<Name>/ (pick one with --character)", order=10))

@@ -7,7 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cmrp.data.validate import load_character
 from cmrp.errors import ConfigError
+from cmrp.sandbox import write_sandbox_character
 
 __all__ = ["SANDBOX_SCHEME", "load_recipe_character"]
 
@@ -20,12 +22,8 @@ def load_recipe_character(data_cfg: Any, output_dir: Path, *, may_write: bool = 
     Under data parallelism only one process may write (`may_write`); the others wait for its result.
     The sandbox character is written beside its place and renamed, so nobody sees half of it.
     """
-    from cmrp.data.validate import load_character
-
     path = str(data_cfg.path)
     if path.startswith(SANDBOX_SCHEME):
-        from cmrp.sandbox import write_sandbox_character
-
         try:
             seed = int(path[len(SANDBOX_SCHEME):])
         except ValueError:

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from cmrp.data.character import Character, CharacterSplit, MultipleChoice, Turn
 from cmrp.errors import DataError
+from cmrp.sampling.decoding import get_strategy
 
 __all__ = [
     "TASKS",
@@ -125,8 +126,6 @@ def _image_conditioning(history: list[Segment], turn: Turn, decoding: str) -> li
     mode also on the character's thinking (`<think>…</think>` + instruction, as the model writes it).
     The reference generation instruction is seen only as part of that thinking: at inference (chat,
     evaluation) no other decoding has it, so training on it would teach an image nobody can ask for."""
-    from cmrp.sampling.decoding import get_strategy
-
     strategy = get_strategy(decoding)
     context = list(history)
     if strategy.image_sees_reply:

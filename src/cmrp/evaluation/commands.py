@@ -7,6 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cmrp.errors import ConfigError
+from cmrp.registry import DECODING
+
 __all__ = ["register", "run_eval"]
 
 
@@ -77,8 +80,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    from cmrp.errors import ConfigError
-
     for name in ("max_items", "samples", "steps", "max_new_tokens", "judge_concurrency", "judge_attempts",
                  "mmrole_limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -115,6 +116,7 @@ def _visual_replies(items: list, model: Any, baseline: Any, task: str, k: int = 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Everything `cmrp eval` does; returns the report dictionary (also written to eval.json)."""
+    from cmrp.backbones.loading import find_checkpoint, load_checkpoint, load_recipe_of
     from cmrp.config import Redactor
     from cmrp.data.sources import load_recipe_character
     from cmrp.evaluation.features import load_feature_set
@@ -123,11 +125,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     from cmrp.evaluation.runner import (
         EvalOptions,
         evaluate_model,
-        find_checkpoint,
         load_baseline,
-        load_checkpoint,
         load_images,
-        load_recipe_of,
         reference_numbers,
         t2i_prompts,
         turn_items,
@@ -141,7 +140,6 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     run_dir = ckpt.parent
     cfg = load_recipe_of(ckpt)
     if args.decoding is not None:  # evaluate the same weights with another decoding
-        from cmrp.registry import DECODING
 
         DECODING.get(args.decoding, where="--decoding")  # an unknown name: one line naming the known ones
         cfg.decoding = args.decoding

@@ -26,6 +26,19 @@ from typing import Any
 import torch
 
 from cmrp.errors import WeightsError
+from cmrp.rewards import diversity  # lpips_backbone_missing looked up per call: tests stand in for it
+from cmrp.rewards.clip import load_hf_clip
+from cmrp.rewards.diversity import pixel_distance
+from cmrp.rewards.pretrained import (
+    MissingModel,
+    missing_hf_model,
+    missing_models_error,
+    torch_checkpoints_dir,
+    torch_fetch_hint,
+    torch_file_missing,
+)
+from cmrp.rewards.trainset import dinov2_repo, load_dinov2, pixel_features
+from cmrp.sandbox.features import sandbox_clip, sandbox_image_features
 
 __all__ = ["FEATURE_CHOICES", "FEATURE_SETS", "INCEPTION_URL", "ColourWordClip", "FeatureSet", "InceptionFeatures",
            "LpipsMetric", "inception_missing", "load_feature_set", "load_inception", "load_lpips_metric"]
@@ -97,9 +110,7 @@ class LpipsMetric:
 def load_lpips_metric(net: str = "alex") -> LpipsMetric:
     """torchmetrics' `LearnedPerceptualImagePatchSimilarity`; its linear heads ship with torchmetrics, the
     backbone comes from the torch hub cache (checked first, so nothing is downloaded)."""
-    from cmrp.rewards.diversity import lpips_backbone_missing
-
-    missing = lpips_backbone_missing(net)
+    missing = diversity.lpips_backbone_missing(net)
     if missing is not None:
         raise WeightsError(f"LPIPS {net!r}: {missing.fix}")
     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
@@ -125,8 +136,6 @@ def inception_missing() -> Any:
     """A `MissingModel` when torch-fidelity or the Inception weights are not here, else None."""
     import importlib.util
 
-    from cmrp.rewards.pretrained import MissingModel, torch_fetch_hint, torch_file_missing
-
     if importlib.util.find_spec("torch_fidelity") is None:
         return MissingModel("FID/KID", "torch-fidelity's InceptionV3", "`pip install torch-fidelity`")
     if torch_file_missing(INCEPTION_URL) is not None:
@@ -141,8 +150,6 @@ def load_inception() -> InceptionFeatures:
     if missing is not None:
         raise WeightsError(f"{missing.model}: {missing.fix}")
     from torchmetrics.image.fid import NoTrainInceptionV3
-
-    from cmrp.rewards.pretrained import torch_checkpoints_dir
 
     path = torch_checkpoints_dir() / INCEPTION_URL.rsplit("/", 1)[-1]
     try:
@@ -172,26 +179,17 @@ def load_feature_set(name: str, *, clip_model: str = "openai/clip-vit-large-patc
     """`pixel`: weight-free proxies. `sandbox`: the shipped sandbox CLIP and probe features. `pretrained`:
     CLIP, DINOv2, LPIPS (and Inception for FID/KID when present) from local caches; every missing required
     model is listed in one WeightsError with its fix, before anything loads."""
-    from cmrp.rewards.diversity import pixel_distance
-    from cmrp.rewards.trainset import pixel_features
-
     if name == "pixel":
         return FeatureSet("pixel", ColourWordClip(), pixel_features, pixel_distance)
     if name == "sandbox":
-        from cmrp.sandbox.features import sandbox_clip, sandbox_image_features
-
         return FeatureSet("sandbox", sandbox_clip(), sandbox_image_features(), pixel_distance)
     if name != "pretrained":
         raise WeightsError(f"--features {name!r}: choose one of {', '.join(FEATURE_SETS)}")
-    from cmrp.rewards.clip import load_hf_clip
-    from cmrp.rewards.diversity import lpips_backbone_missing
-    from cmrp.rewards.pretrained import MissingModel, missing_hf_model, missing_models_error
-    from cmrp.rewards.trainset import dinov2_repo, load_dinov2
 
     who = "cmrp eval --features pretrained"
     missing = missing_hf_model("CLIP-T / CLIP-I", clip_model, "CLIPModel", processor=True)
     missing += missing_hf_model("DINO", dinov2_repo(dino_model), "Dinov2Model")
-    lpips_missing = lpips_backbone_missing(lpips_net)
+    lpips_missing = diversity.lpips_backbone_missing(lpips_net)
     if lpips_missing is not None:
         missing.append(MissingModel("diversity (LPIPS)", lpips_missing.model, lpips_missing.fix))
     if missing:

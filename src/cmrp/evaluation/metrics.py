@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from cmrp.data.character import Character, MultipleChoice
 from cmrp.data.tasks import OPTION_LETTERS, Example, Segment, format_mcq
+from cmrp.evaluation.mcq import mcq_accuracy
+from cmrp.rewards._ops import cosine_matrix
 
 __all__ = [
     "catchphrase_rate",
@@ -103,7 +105,6 @@ def max_reference_similarity(features: Callable[[torch.Tensor], torch.Tensor], i
     copying the training set (what Character-GRPO's train-set penalty pushes down)."""
     if images.shape[0] == 0 or references.shape[0] == 0:
         return NAN
-    from cmrp.rewards._ops import cosine_matrix  # the train-set penalty's own measure
 
     return float(cosine_matrix(features(images), features(references)).max(dim=1).values.mean())
 
@@ -286,8 +287,6 @@ MCQItems = list[tuple[list[Segment], MultipleChoice]]
 
 def mcq_accuracy_by_likelihood(backbone: Any, items: MCQItems, task: str) -> float:
     """Accuracy when the model picks the option whose answer text it finds most likely."""
-    from cmrp.evaluation.mcq import mcq_accuracy
-
     return mcq_accuracy(backbone, items, task)
 
 

@@ -23,8 +23,13 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+from cmrp import jsonio
+from cmrp.data.mmrole import load_test_files
+from cmrp.data.tasks import Example, Segment
+from cmrp.data.validate import errors_of, problems_error
 from cmrp.errors import ConfigError, DataError
-from cmrp.evaluation.judge import MMROLE_METRICS, JudgeRequest, parse_rm_scores, ratio_scores
+from cmrp.evaluation.judge import MMROLE_METRICS, JudgeClient, JudgeRequest, parse_rm_scores, ratio_scores
+from cmrp.resources import asset_dir
 
 __all__ = ["RMPrompt", "answers_from_records", "find_images_dir", "format_table", "generate_answers",
            "load_rm_prompt", "read_answers", "review_pairs", "run_mmrole_eval", "score_answers", "table_rows"]
@@ -68,8 +73,6 @@ class RMPrompt:
 
 def load_rm_prompt(path: Path | None = None) -> RMPrompt:
     """The shipped wording (or a file of the same form, for another reward model)."""
-    from cmrp.resources import asset_dir
-
     path = path or asset_dir("rewards") / "mmrole_eval" / "rm_prompt.json"
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -108,9 +111,6 @@ def rm_requests(prompt: RMPrompt, record: dict[str, Any], answer: str, image: Pa
 # -- inputs ----------------------------------------------------------------------------------------------
 def load_tests(path: Path) -> list[tuple[str, list[dict[str, Any]]]]:
     """MMRole's test files under `path`, checked: [(file, records)]; a DataError names every problem."""
-    from cmrp.data.mmrole import load_test_files
-    from cmrp.data.validate import errors_of, problems_error
-
     path = Path(path).expanduser()
     if not path.exists():
         raise ConfigError(f"--mmrole-tests {path}: no such file or folder (give MMRole_dataset's root, its data/test, "
@@ -295,8 +295,6 @@ def generate_answers(adapter: Any, tests: list[tuple[str, list[dict]]], *, image
                      limit: int | None = None) -> dict[str, str]:
     """The model's answer to every test record, from MMRole's input: the record's system prompt, its image and
     its prompt as the user's turn (whole: the prompt is not cut to data.max_text_tokens)."""
-    from cmrp.data.tasks import Example, Segment
-
     selected = [(name, records[:limit] if limit else records) for name, records in tests]
     image_of, _ = _image_paths(selected, images, allow_missing_images)
     records = [r for _, rs in selected for r in rs]
@@ -339,9 +337,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def run_mmrole_eval(args: Any) -> dict[str, Any]:
     """`cmrp eval --mmrole-tests DIR (--answers FILE | CHECKPOINT)`: answers, reviews, table; the report dict."""
-    from cmrp import jsonio
-    from cmrp.evaluation.judge import JudgeClient
-
     tests = load_tests(args.mmrole_tests)
     images = Path(args.images).expanduser() if args.images else find_images_dir(Path(args.mmrole_tests))
     if images is not None and not images.is_dir():
@@ -354,7 +349,7 @@ def run_mmrole_eval(args: Any) -> dict[str, Any]:
         answers = read_answers(args.answers)
         report["answers"] = str(Path(args.answers).expanduser().resolve())
     else:
-        from cmrp.evaluation.runner import find_checkpoint, load_checkpoint, load_recipe_of
+        from cmrp.backbones.loading import find_checkpoint, load_checkpoint, load_recipe_of
 
         ckpt = find_checkpoint(args.checkpoint)
         out = (args.out or ckpt.parent / "mmrole-eval").expanduser().resolve()

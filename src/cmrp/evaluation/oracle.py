@@ -23,14 +23,22 @@ from typing import Any
 import torch
 
 from cmrp.data.character import Character, ImageRef
+from cmrp.sandbox.features import models_dir
+from cmrp.sandbox.probe import (
+    chance_identity_fidelity,
+    chance_prompt_faithfulness,
+    identity_fidelity,
+    load_probe,
+    prompt_faithfulness,
+)
+from cmrp.sandbox.renderer import ATTRIBUTE_VALUES, IDENTITY_ATTRIBUTES
+from cmrp.sandbox.templates import read_description, read_reply
 
 __all__ = ["chance_levels", "image_oracle_numbers", "prompt_attributes", "reply_agreement", "sandbox_identity"]
 
 
 def sandbox_identity(character: Character) -> dict[str, str] | None:
     """The identity attributes of a sandbox character (profile field `identity`), or None for any other."""
-    from cmrp.sandbox.renderer import ATTRIBUTE_VALUES, IDENTITY_ATTRIBUTES
-
     identity = character.profile.fields.get("identity")
     if not isinstance(identity, dict):
         return None
@@ -42,9 +50,6 @@ def sandbox_identity(character: Character) -> dict[str, str] | None:
 def prompt_attributes(prompt: str, image: ImageRef | None = None) -> dict[str, str]:
     """What an image prompt asks for: the target image's ground-truth attributes when it has them, else the
     attributes of the sandbox caption in the prompt text ({} when it holds none)."""
-    from cmrp.sandbox.renderer import ATTRIBUTE_VALUES
-    from cmrp.sandbox.templates import read_description
-
     if image is not None and image.attributes and all(
             image.attributes.get(k) in v for k, v in ATTRIBUTE_VALUES.items()):
         return {k: str(image.attributes[k]) for k in ATTRIBUTE_VALUES}
@@ -52,9 +57,6 @@ def prompt_attributes(prompt: str, image: ImageRef | None = None) -> dict[str, s
 
 
 def _probe():
-    from cmrp.sandbox.features import models_dir
-    from cmrp.sandbox.probe import load_probe
-
     return load_probe(models_dir())
 
 
@@ -62,8 +64,6 @@ def image_oracle_numbers(character: Character, images: torch.Tensor,
                          prompt_attrs: Sequence[dict[str, str]]) -> dict[str, float]:
     """`identity_fidelity` and `prompt_faithfulness` of `images` [N,3,H,W] (one attribute set per image;
     an empty set leaves that image out of prompt faithfulness); {} for a non-sandbox character."""
-    from cmrp.sandbox.probe import identity_fidelity, prompt_faithfulness
-
     identity = sandbox_identity(character)
     if identity is None or images.shape[0] == 0:
         return {}
@@ -80,9 +80,6 @@ def reply_agreement(character: Character, images: torch.Tensor, replies: Sequenc
     `text_image_agreement` (mean over replies that state any picture attribute, see the module docstring),
     its chance level (images of uniformly random attributes), and `reply_states_picture` (the share of replies
     that state any). {} for a non-sandbox character or no images."""
-    from cmrp.sandbox.probe import chance_prompt_faithfulness, prompt_faithfulness
-    from cmrp.sandbox.templates import read_reply
-
     if sandbox_identity(character) is None or images.shape[0] == 0:
         return {}
     if images.shape[0] != len(replies):
@@ -102,8 +99,6 @@ def reply_agreement(character: Character, images: torch.Tensor, replies: Sequenc
 def chance_levels(character: Character, prompt_attrs: Sequence[dict[str, str]]) -> dict[str, Any] | None:
     """What images of uniformly random attributes would score, and how well the probe reads clean renders
     (its held-out accuracy), for the report; None for a non-sandbox character."""
-    from cmrp.sandbox.probe import chance_identity_fidelity, chance_prompt_faithfulness
-
     identity = sandbox_identity(character)
     if identity is None:
         return None

@@ -24,6 +24,9 @@ from typing import Any
 
 import torch
 
+from cmrp import jsonio
+from cmrp.jsonio import to_strict
+
 __all__ = ["CSS", "DIRECTIONS", "clean_numbers", "curves_png", "delta_table", "direction", "intervals",
            "log_report", "png_data_uri", "t975", "upscaled", "write_html", "write_json"]
 
@@ -41,14 +44,10 @@ _COUNTS = {"items", "prompts", "samples_per_prompt", "prompts_with_target", "sho
 
 def clean_numbers(value: Any) -> Any:
     """JSON-safe copy: NaN/inf become null (strict JSON has no NaN), tensors become floats."""
-    from cmrp.jsonio import to_strict
-
     return to_strict(value)
 
 
 def write_json(report: dict[str, Any], path: Path) -> Path:
-    from cmrp import jsonio
-
     return jsonio.write_json(path, report, ensure_ascii=True)
 
 

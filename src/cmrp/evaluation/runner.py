@@ -1,4 +1,4 @@
-"""`cmrp eval`'s work: load a checkpoint (and a baseline), run every task on the held-out split, collect numbers.
+"""`cmrp eval`'s work: a checkpoint (loaded by `cmrp.backbones.loading`) and a baseline, every task on the held-out split, collect numbers.
 
 Tasks, each on the character's test split (a native/RoleScape-20 held-out split, or MMRole test files):
 - text role-play: held-out dialogue turns with no image -> the model's replies -> persona statistics
@@ -25,18 +25,24 @@ from typing import Any
 
 import torch
 
-from cmrp.backbones.loading import find_checkpoint, reading_weights
+from cmrp.backbones.loading import find_checkpoint, load_checkpoint
+from cmrp.config import resolve_recipe_parts
 from cmrp.data.character import Character, ImageRef
 from cmrp.data.images import load_images
-from cmrp.data.tasks import Example, Segment, image_prompts, system_prompt
-from cmrp.errors import ConfigError, WeightsError
+from cmrp.data.tasks import Example, Segment, character_corpus, image_prompts, system_prompt
 from cmrp.evaluation import metrics as M
 from cmrp.evaluation.features import FeatureSet
+from cmrp.evaluation.judge import MMROLE_METRICS, JudgeRequest, ratio_scores
+from cmrp.evaluation.mcq import knowledge_mcq_items, vqa_mcq_items
 from cmrp.evaluation.oracle import image_oracle_numbers, prompt_attributes, reply_agreement
+from cmrp.progress import Progress
+from cmrp.registry import BACKBONES
+from cmrp.rewards._ops import cosine_matrix
+from cmrp.sampling.decoding import get_strategy
+from cmrp.sampling.guidance import recipe_sampling_kwargs
 
-__all__ = ["EvalOptions", "ModelEval", "TurnItem", "evaluate_model", "find_checkpoint", "load_baseline",
-           "load_checkpoint", "load_images", "load_recipe_of", "reference_numbers",
-           "t2i_prompts", "turn_items"]
+__all__ = ["EvalOptions", "ModelEval", "TurnItem", "evaluate_model", "load_baseline", "load_images",
+           "reference_numbers", "t2i_prompts", "turn_items"]
 
 NAN = float("nan")
 
@@ -80,66 +86,12 @@ class ModelEval:
 
 
 # -- loading ---------------------------------------------------------------------------------------------
-def load_recipe_of(ckpt: Path) -> Any:
-    """The resolved recipe a run saved beside its checkpoint (checkpoint/recipe.yaml)."""
-    from cmrp.config import load_recipe
-
-    recipe = ckpt / "recipe.yaml"
-    if not recipe.is_file():
-        raise ConfigError(f"{recipe} not found: `cmrp fit` writes it beside the checkpoint; without it the "
-                          "character and backbone card of the run are unknown")
-    return load_recipe(str(recipe), [])
-
-
-def load_checkpoint(ckpt: Path, cfg: Any | None = None) -> Any:
-    """The backbone of checkpoint/backbone (adapter named in its config.json), with checkpoint/adapter
-    (a PEFT LoRA adapter) merged in when present. A LoRA run on a card's pretrained weights keeps no
-    checkpoint/backbone: its base is then built from the recipe's card (`cfg`), as `cmrp fit` did."""
-    import json
-
-    from cmrp.checkpoint import folder_damage
-    from cmrp.registry import BACKBONES
-
-    damage = folder_damage(ckpt)
-    if damage:
-        raise WeightsError(f"{damage}: the checkpoint changed after `cmrp fit` wrote it (damaged or edited); restore "
-                           f"it from a copy or re-run `cmrp fit`")
-    if not (ckpt / "backbone").is_dir() and (ckpt / "adapter").is_dir() and cfg is not None:
-        # a LoRA run on a card's pretrained weights: the base is the card's, as `cmrp fit` loaded it
-        from cmrp.config import resolve_recipe_parts
-
-        card, _ = resolve_recipe_parts(cfg)
-        adapter = BACKBONES.get(card.adapter, where="backbone card `adapter`").build(card)
-    else:
-        config_file = ckpt / "backbone" / "config.json"
-        try:
-            adapter_name = json.loads(config_file.read_text())["adapter"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ConfigError(f"{config_file}: cannot read the backbone's adapter name ({type(err).__name__}); "
-                              "the checkpoint is incomplete — re-run `cmrp fit` or pass another run") from None
-        adapter_cls = BACKBONES.get(adapter_name, where=f"{config_file} key 'adapter'")
-        with reading_weights(ckpt / "backbone"):  # a damaged file: one clear error, not safetensors' traceback
-            adapter = adapter_cls.from_pretrained(ckpt / "backbone")
-    if (ckpt / "adapter").is_dir():
-        from cmrp.backbones.loading import merge_saved_adapter
-
-        merge_saved_adapter(adapter, ckpt / "adapter")
-    if cfg is not None:
-        adapter.max_text_tokens = cfg.data.max_text_tokens
-    adapter.model.eval()
-    return adapter
-
-
 def load_baseline(spec: str, cfg: Any, character: Character) -> tuple[Any, str]:
     """`base`: the run's architecture re-initialised from its backbone card exactly as `cmrp fit` did
     (same seed, same tokenizer corpus) — or the card's pretrained weights when it names some.
     Anything else: another run's output dir."""
     if spec == "base":
         import numpy as np
-
-        from cmrp.config import resolve_recipe_parts
-        from cmrp.data.tasks import character_corpus
-        from cmrp.registry import BACKBONES
 
         card, _ = resolve_recipe_parts(cfg)
         random.seed(cfg.seed)
@@ -333,8 +285,6 @@ def _per_image(emb: torch.Tensor, text_emb: torch.Tensor, feats: FeatureSet, ima
                refs: torch.Tensor) -> dict[str, list[float]]:
     """Each image's value of the T2I similarity numbers (their means are the numbers), for the report's
     confidence intervals."""
-    from cmrp.rewards._ops import cosine_matrix
-
     out = {"clip_t": _per_item_cosine(emb, text_emb)}
     if refs.shape[0]:
         clip_refs = cosine_matrix(emb, feats.clip.encode_image(refs))
@@ -345,8 +295,6 @@ def _per_image(emb: torch.Tensor, text_emb: torch.Tensor, feats: FeatureSet, ima
 
 
 def _mcq(adapter, character, opts, result: ModelEval) -> None:
-    from cmrp.evaluation.mcq import knowledge_mcq_items, vqa_mcq_items
-
     for task, items in (("knowledge_qa", knowledge_mcq_items(character, "test", opts.max_items)),
                         ("vqa", vqa_mcq_items(character, "test", opts.max_items))):
         by_gen, parse_rate = M.mcq_accuracy_by_generation(adapter, items, task, batch_size=opts.batch_size)
@@ -360,8 +308,6 @@ def _mcq(adapter, character, opts, result: ModelEval) -> None:
 
 def _judge(adapter, character, text_items: list[TurnItem], mm_items: list[TurnItem], judge: Any, opts,
            result: ModelEval) -> None:
-    from cmrp.evaluation.judge import MMROLE_METRICS, JudgeRequest, ratio_scores
-
     profile = character.profile.text
     base = {"name": character.name, "profile": profile}
     questions = character.test.judge_questions
@@ -417,9 +363,6 @@ def evaluate_model(adapter: Any, character: Character, cfg: Any, feats: FeatureS
     sampled as the recipe says: its decoding (think mode) and its `grpo:` guidance and timestep shift."""
     import dataclasses
 
-    from cmrp.sampling.decoding import get_strategy
-    from cmrp.sampling.guidance import recipe_sampling_kwargs
-
     strategy = get_strategy(cfg.decoding)
     opts = dataclasses.replace(opts, think=opts.think or strategy.think, image_sees_reply=strategy.image_sees_reply,
                                image_kwargs={**recipe_sampling_kwargs(cfg.grpo), **opts.image_kwargs})
@@ -438,7 +381,6 @@ def evaluate_model(adapter: Any, character: Character, cfg: Any, feats: FeatureS
     ]
     if judge is not None:
         steps.append(("judge", lambda: _judge(adapter, character, text_items, mm_items, judge, opts, result)))
-    from cmrp.progress import Progress
 
     with torch.no_grad(), Progress(len(steps), label, unit="task") as progress:
         for name, step in steps:

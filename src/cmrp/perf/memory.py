@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cmrp.errors import ConfigError
+from cmrp.perf.flops import latent_tokens
 
 __all__ = ["MemoryEstimate", "ParamCounts", "Precision", "SequenceShape", "Strategy", "estimate_memory",
            "grpo_update_shape"]
@@ -300,8 +301,6 @@ def grpo_update_shape(arch, *, minibatch: int, branches: int, prefix_tokens: int
                       ) -> SequenceShape:
     """The sequences one GRPO update pass back-propagates through: per sample and guidance branch, the
     image block (markers + latent tokens) attending to the cached prefix."""
-    from cmrp.perf.flops import latent_tokens
-
     latent = latent_tokens(arch, image_hw)
     b = minibatch * branches
     return SequenceShape(batch=b, length=latent + 2, gen_tokens=b * latent, keys_before=prefix_tokens)

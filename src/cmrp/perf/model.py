@@ -13,9 +13,12 @@ from typing import Any
 
 import torch
 
+from cmrp.backbones.bagel import BagelAdapter
+from cmrp.backbones.bagel.model import Bagel, BagelArch
 from cmrp.errors import ConfigError
 from cmrp.perf.flops import Trainable
 from cmrp.perf.memory import ParamCounts
+from cmrp.training.peft import _target_regex, base_name
 
 __all__ = ["LoraSpec", "meta_adapter", "model_counts", "planned_counts"]
 
@@ -38,9 +41,6 @@ def meta_adapter(card: Any):
     """A BAGEL adapter whose model lives on the meta device (sizes only); the card's `architecture`."""
     from omegaconf import DictConfig, OmegaConf
 
-    from cmrp.backbones.bagel import BagelAdapter
-    from cmrp.backbones.bagel.model import Bagel, BagelArch
-
     if card.get("adapter") != "bagel":
         raise ConfigError(f"backbone card {card.get('name')!r}: `cmrp plan` estimates BAGEL backbones (adapter "
                           f"'bagel'); this card's adapter is {card.get('adapter')!r}")
@@ -57,16 +57,12 @@ def meta_adapter(card: Any):
 
 def _lora_modules(adapter: Any, targets: Any) -> list[tuple[str, int, int]]:
     """(name, in, out) of the Linear layers LoRA wraps for `targets` (PEFT matches the same regex)."""
-    from cmrp.training.peft import _target_regex  # the very pattern apply_finetune gives PEFT
-
     pattern = re.compile(_target_regex(adapter, targets))
     return [(n, m.in_features, m.out_features) for n, m in adapter.model.named_modules()
             if type(m) is torch.nn.Linear and pattern.fullmatch(n)]
 
 
 def _base(name: str) -> str:
-    from cmrp.training.peft import base_name
-
     return base_name(name)
 
 

@@ -12,8 +12,25 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
+from cmrp.config.loader import resolve_recipe_parts
 from cmrp.errors import ConfigError
-from cmrp.perf.memory import GB, MemoryEstimate, Precision, SequenceShape, Strategy
+from cmrp.perf.flops import (
+    RolloutShape,
+    SFTLayout,
+    grpo_iteration_flops,
+    guided_steps,
+    latent_tokens,
+    sft_step_flops,
+)
+from cmrp.perf.memory import (
+    GB,
+    MemoryEstimate,
+    Precision,
+    SequenceShape,
+    Strategy,
+    estimate_memory,
+    grpo_update_shape,
+)
 
 __all__ = ["StagePlan", "parse_memory", "plan_as_json", "plan_recipe", "render_plan"]
 
@@ -63,8 +80,6 @@ def _sft_shape(adapter, cfg, text_tokens: int | None, understood: int | None, ge
     sequence holds `text_tokens` of text and one image, understood (vqa) or generated (t2i) in turn —
     and is padded to its longest sequence; `understood` / `generated` put that many of each in every
     sequence instead."""
-    from cmrp.perf.flops import latent_tokens
-
     arch = adapter.arch
     tasks = {t for t, w in dict(cfg.data.tasks).items() if float(w) > 0}
     text = int(text_tokens if text_tokens is not None else 2 * cfg.data.max_text_tokens)
@@ -100,8 +115,6 @@ def _finetune(cfg) -> tuple[str, Any]:
 
 
 def _sft_stage(adapter, cfg, precision, strategy, checkpointing, seq_args) -> StagePlan:
-    from cmrp.perf.flops import SFTLayout, sft_step_flops
-    from cmrp.perf.memory import estimate_memory
     from cmrp.perf.model import planned_counts
 
     mode, lora = _finetune(cfg)
@@ -117,8 +130,6 @@ def _sft_stage(adapter, cfg, precision, strategy, checkpointing, seq_args) -> St
 
 
 def _grpo_stage(adapter, cfg, precision, strategy, checkpointing, text_tokens: int | None) -> StagePlan:
-    from cmrp.perf.flops import RolloutShape, grpo_iteration_flops, guided_steps, latent_tokens
-    from cmrp.perf.memory import estimate_memory, grpo_update_shape
     from cmrp.perf.model import planned_counts
 
     g = cfg.grpo
@@ -155,7 +166,6 @@ def _grpo_stage(adapter, cfg, precision, strategy, checkpointing, text_tokens: i
 def plan_recipe(cfg: Any, *, gpus: int | None = None, nodes: int | None = None, text_tokens: int | None = None,
                 understood_images: int | None = None, generated_images: int | None = None) -> dict[str, Any]:
     """Everything `cmrp plan` prints, as data."""
-    from cmrp.config.loader import resolve_recipe_parts
     from cmrp.perf.model import meta_adapter
 
     card, _ = resolve_recipe_parts(cfg)

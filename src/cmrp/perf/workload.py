@@ -12,6 +12,12 @@ from typing import Any
 
 import torch
 
+from cmrp.backbones.bagel import BagelAdapter
+from cmrp.backbones.bagel.model import BagelArch
+from cmrp.config import load_backbone_card
+from cmrp.data.tasks import Example, Segment
+from cmrp.perf.flops import vae_downsample
+
 __all__ = ["CORPUS", "ROLEPLAY_PROMPT", "build_adapter", "card_with", "context_of_tokens", "sft_examples",
            "text_of_tokens"]
 
@@ -51,17 +57,12 @@ def build_adapter(card: Any, *, device: str | torch.device = "cpu", dtype: torch
                   seed: int = 0, **changes: Any):
     """A random-init BAGEL adapter of `card` (a name, path or mapping; `changes` as in `card_with`),
     its velocity head given small random weights so sampling does real work, in eval mode."""
-    from cmrp.backbones.bagel import BagelAdapter
-    from cmrp.config import load_backbone_card
-
     torch.manual_seed(seed)
     if isinstance(card, str):
         card = load_backbone_card(card)
     spec = card_with(card, **changes)
     arch = spec["architecture"]
     side = int(arch["vit"].get("image_size", 32))  # the generated image's side too: its latent grid must fit
-    from cmrp.backbones.bagel.model import BagelArch
-    from cmrp.perf.flops import vae_downsample
 
     grid = side // (vae_downsample(BagelArch.from_dict(arch)) * int(arch.get("latent_patch_size", 2)))
     arch["max_latent_size"] = max(int(arch.get("max_latent_size", 32)), grid)
@@ -98,8 +99,6 @@ def text_of_tokens(tokenizer: Any, n: int) -> str:
 def context_of_tokens(adapter: Any, n: int):
     """A T2I context (one user turn) whose collated prefix is as close to `n` tokens as the turn's fixed
     framing allows (bos, role header, eos); returns (example, its exact prefix length)."""
-    from cmrp.data.tasks import Example, Segment
-
     framing = len(adapter.collate([Example("t2i", [Segment("text", "user", "")])]).input_ids[0])
     example = Example("t2i", [Segment("text", "user", text_of_tokens(adapter.tokenizer, max(0, n - framing)))])
     return example, int(adapter.collate([example]).input_ids.shape[1])
@@ -108,8 +107,6 @@ def context_of_tokens(adapter: Any, n: int):
 def sft_examples(adapter: Any, *, batch: int, text_tokens: int = 64, tasks: tuple[str, ...] = ("chat", "t2i", "vqa"),
                  seed: int = 0) -> list:
     """`batch` Unified-SFT examples cycling through `tasks`, each with about `text_tokens` of text."""
-    from cmrp.data.tasks import Example, Segment
-
     gen = torch.Generator().manual_seed(seed)
     side = adapter.image_size
     tok = adapter.tokenizer

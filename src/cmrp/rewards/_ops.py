@@ -10,6 +10,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from cmrp.registry import FEATURE_MODELS
+
 __all__ = [
     "IdentityCache",
     "cosine_matrix",
@@ -32,8 +34,6 @@ def named_feature_model(name: str, term: str, kwarg: str) -> Callable[[], Any]:
     """The loader of the feature net registered as `name` in `cmrp.registry.FEATURE_MODELS` (e.g.
     `sandbox-clip`): a term's `kwarg` may be such a name instead of an object. An unknown name raises
     ConfigError (with the closest known name) when the term is built, before any weights load."""
-    from cmrp.registry import FEATURE_MODELS
-
     return FEATURE_MODELS.get(name, where=f"{term} kwarg `{kwarg}`")
 
 

@@ -22,7 +22,13 @@ from cmrp.rewards._ops import (
 )
 from cmrp.rewards.base import RewardContext, RewardOutput
 from cmrp.rewards.inputs import check_images, check_inputs
-from cmrp.rewards.pretrained import MissingModel, hf_fetch_hint, load_transformers, missing_hf_model
+from cmrp.rewards.pretrained import (
+    MissingModel,
+    hf_fetch_hint,
+    hf_hub_cache,
+    load_transformers,
+    missing_hf_model,
+)
 
 __all__ = ["ClipSimilarity", "HfClipEncoder", "OpenClipEncoder", "load_hf_clip", "load_open_clip"]
 
@@ -221,8 +227,6 @@ def open_clip_missing(model: str, pretrained: str, cache_dir: str | None = None)
         filename = filename or "open_clip_pytorch_model.bin"
         names = [filename, filename.replace("pytorch_model.bin", "model.safetensors")]  # its safetensors twin
         from huggingface_hub import try_to_load_from_cache
-
-        from cmrp.rewards.pretrained import hf_hub_cache
 
         cache = str(hf_hub_cache(cache_dir))
         if any(isinstance(try_to_load_from_cache(repo, name, cache_dir=cache), str) for name in names):

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from cmrp.errors import CmrpError, ConfigError
-from cmrp.registry import REWARDS
+from cmrp.registry import REWARDS, kwarg_hints
 from cmrp.rewards._ops import nan_stats
 from cmrp.rewards.base import Reward, RewardContext, RewardOutput
 from cmrp.rewards.inputs import check_images, check_inputs
@@ -139,8 +139,6 @@ def scalar_metrics(info: Mapping[str, Any], prefix: str = "reward/") -> dict[str
 def unknown_kwargs(cls: Any, kwargs: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     """(kwargs the reward's constructor does not take, each with a close-name hint; what it accepts).
     Lets `cmrp validate` reject a preset's typo before anything is built."""
-    from cmrp.registry import kwarg_hints
-
     try:
         signature = inspect.signature(cls)
     except (TypeError, ValueError):

@@ -38,6 +38,7 @@ from cmrp.sandbox.nets import (
     to_input,
     train_on_renders,
 )
+from cmrp.sandbox.probe import load_probe
 from cmrp.sandbox.renderer import ATTRIBUTE_VALUES
 from cmrp.sandbox.templates import describe
 
@@ -191,7 +192,6 @@ def train_clip(out_dir: Path | str | None = None, *, seed: int = 0, steps: int =
     model = SandboxClip()
     init: dict[str, Any] = {"image_tower": "random"}
     if image_init is not None:  # start the image tower from the attribute probe's trunk (same architecture)
-        from cmrp.sandbox.probe import load_probe
 
         probe = load_probe(None if image_init == "shipped" else image_init)
         if tuple(probe.channels) != model.channels or probe.dim != 128:

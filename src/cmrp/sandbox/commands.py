@@ -8,6 +8,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cmrp.data.native import CHARACTER_FILE, read_character
+from cmrp.errors import ConfigError, DataError
+from cmrp.sandbox.world import MAX_REFERENCE_IMAGES
+from cmrp.sandbox.writer import write_sandbox_character
+
 __all__ = ["register"]
 
 
@@ -87,11 +92,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _make(args: argparse.Namespace) -> int:
-    from cmrp.data.native import CHARACTER_FILE, read_character
-    from cmrp.errors import DataError
-    from cmrp.sandbox.world import MAX_REFERENCE_IMAGES
-    from cmrp.sandbox.writer import write_sandbox_character
-
     out = Path(args.out).expanduser()
     if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / CHARACTER_FILE).is_file()):
         raise DataError(f"{out}: exists and is not empty (choose a new directory, or an existing character to overwrite)")
@@ -111,8 +111,6 @@ def _train(args: argparse.Namespace) -> int:
     import json
 
     import torch
-
-    from cmrp.errors import ConfigError
 
     if not args.lr > 0:
         raise ConfigError(f"--lr {args.lr}: must be positive")
@@ -149,7 +147,6 @@ def _pretrain(args: argparse.Namespace) -> int:
     import torch
 
     from cmrp.config import load_recipe
-    from cmrp.errors import ConfigError
     from cmrp.sandbox.pretrain import pretrain
 
     if args.threads:

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 from cmrp.registry import FEATURE_MODELS
+from cmrp.sandbox.clip import load_sandbox_clip
+from cmrp.sandbox.probe import image_features, load_probe
 
 __all__ = ["ProbeImageFeatures", "models_dir", "sandbox_clip", "sandbox_image_features"]
 
@@ -33,24 +35,18 @@ class ProbeImageFeatures:
     """`images [B,3,H,W] in [0,1] -> [B, D]`: the probe's image features (a DINO stand-in)."""
 
     def __init__(self, path: Path | str | None = None):
-        from cmrp.sandbox.probe import load_probe
-
         self.probe = load_probe(path)
 
     def to(self, device: torch.device | str) -> ProbeImageFeatures:
         return self  # runs on the CPU; results come back on the images' device
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        from cmrp.sandbox.probe import image_features
-
         return image_features(images, self.probe)
 
 
 @FEATURE_MODELS.register("sandbox-clip")
 def sandbox_clip():
     """The shipped (or `$CMRP_SANDBOX_MODELS`) sandbox CLIP-style encoder."""
-    from cmrp.sandbox.clip import load_sandbox_clip
-
     return load_sandbox_clip(models_dir())
 
 

@@ -20,35 +20,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cmrp.errors import ConfigError, WeightsError
+from cmrp.config import flatten, redact_secrets, resolve_recipe_parts
+from cmrp.data.native import read_character
+from cmrp.data.tasks import TASKS, Example, Segment, build_examples, character_corpus, image_prompts
+from cmrp.errors import ConfigError
+from cmrp.evaluation.mcq import knowledge_mcq_accuracy, vqa_mcq_accuracy
 from cmrp.jsonio import write_json
+from cmrp.progress import track
+from cmrp.registry import BACKBONES
+from cmrp.resources import git_commit
+from cmrp.sandbox.writer import write_sandbox_character
+from cmrp.tracking import make_logger, tracked_run
 
-__all__ = ["BASE_MANIFEST", "heldout_numbers", "pretrain", "shipped_base", "world_examples"]
+__all__ = ["BASE_MANIFEST", "heldout_numbers", "pretrain", "world_examples"]
 
 BASE_MANIFEST = "manifest.json"
 
 
-def _assets() -> Path:
-    return Path(__file__).resolve().parent / "assets"
-
-
-def shipped_base(name: str, where: str = "weights") -> Path:
-    """The folder of a base shipped in the package (`sandbox://<name>`)."""
-    folder = _assets() / name
-    if not name or "/" in name or not (folder / "model.safetensors").is_file():
-        shipped = sorted(p.name for p in _assets().iterdir() if (p / "model.safetensors").is_file())
-        raise WeightsError(
-            f"{where}: sandbox://{name} is not a base shipped with cmrp (shipped: {', '.join(shipped) or 'none'}). "
-            f"Train one with `cmrp sandbox pretrain --out {folder}`, or point `weights` at a folder it wrote."
-        )
-    return folder
-
-
 def _world_character(seed: int, world: Any, root: Path):
     """World character `seed`, generated into `root/<seed>` on first use (a rerun reuses it)."""
-    from cmrp.data.native import read_character
-    from cmrp.sandbox.writer import write_sandbox_character
-
     folder = root / str(seed)
     if not (folder / "character.json").is_file():
         write_sandbox_character(seed, folder, n_reference_images=world.reference_images, n_scenes=world.scenes)
@@ -59,9 +49,6 @@ def world_examples(world: Any, root: Path, decoding: str) -> tuple[dict[str, lis
     """The train examples of every world character (generated into `root/<seed>`), task -> examples,
     and their texts (the tokenizer's corpus). Text-to-image gets each reference image twice: under
     its name prompt and under its plain description, so the base learns to draw what words say."""
-    from cmrp.data.tasks import TASKS, Example, Segment, build_examples, character_corpus
-    from cmrp.progress import track
-
     examples: dict[str, list] = {task: [] for task in TASKS}
     corpus: list[str] = []
     for seed in track(range(world.first_seed, world.first_seed + world.characters), "world characters"):
@@ -81,8 +68,6 @@ def heldout_numbers(adapter: Any, characters: list, eval_cfg: Any, seed: int) ->
     """What a base does on characters it never saw, averaged over `characters`: knowledge and VQA
     multiple choice; identity fidelity of images drawn from the character's own (name) prompts; and
     identity fidelity and prompt faithfulness when the prompt describes the character in words."""
-    from cmrp.data.tasks import Example, Segment, image_prompts
-    from cmrp.evaluation.mcq import knowledge_mcq_accuracy, vqa_mcq_accuracy
     from cmrp.evaluation.oracle import image_oracle_numbers, prompt_attributes
 
     adapter.model.eval()
@@ -114,9 +99,6 @@ def pretrain(cfg: Any, out: Path) -> dict[str, Any]:
     import lightning as L
     from omegaconf import OmegaConf
 
-    from cmrp.config import redact_secrets, resolve_recipe_parts
-    from cmrp.registry import BACKBONES
-    from cmrp.tracking import make_logger, tracked_run
     from cmrp.training.peft import apply_finetune
 
     world = cfg.world
@@ -155,8 +137,6 @@ def pretrain(cfg: Any, out: Path) -> dict[str, Any]:
 def _pretrain_tracked(cfg, out, adapter, logger, redacted, examples, heldout, world, first_heldout, timings, t0):
     import torch
 
-    from cmrp.config import flatten
-    from cmrp.resources import git_commit
     from cmrp.training.fit import run_sft
 
     run_dir = Path(cfg.output_dir).expanduser().resolve()

@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from cmrp.sandbox.renderer import ATTRIBUTE_VALUES
+
 __all__ = [
     "ATTRIBUTE_PHRASES",
     "EXPRESSION_WORDS",
@@ -104,8 +106,6 @@ def _alternatives(words) -> str:
 
 def _caption_patterns() -> tuple[re.Pattern[str], re.Pattern[str]]:
     """(identity part, scene part) of a `describe` caption."""
-    from cmrp.sandbox.renderer import ATTRIBUTE_VALUES
-
     def group(name: str, phrases: dict[str, str]) -> str:
         return f"(?P<{name}>{_alternatives(phrases.values())})"
 
@@ -147,8 +147,6 @@ def read_description(text: str) -> dict[str, str]:
 
 def _reply_patterns() -> dict[str, tuple[re.Pattern[str], dict[str, str]]]:
     """attribute -> (pattern of the words a reply uses for it, words -> value)."""
-    from cmrp.sandbox.renderer import ATTRIBUTE_VALUES
-
     tables = {key: {phrase.lower(): value for value, phrase in ATTRIBUTE_PHRASES[key].items()}
               for key in ("scene", "pose")}
     tables["expression"] = {word.lower(): value for value, word in EXPRESSION_WORDS.items()}

@@ -21,26 +21,24 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cmrp import cli
+from cmrp.config import Redactor
+from cmrp.jsonio import write_json
+from cmrp.sweeps.plan import RECORD
+
 __all__ = ["run_cell", "submitit_job", "write_record"]
 
 
 def write_record(cell_dir: Path, record: dict[str, Any]) -> None:
     """`<cell>/sweep-cell.json`, atomically."""
-    from cmrp.jsonio import write_json
-    from cmrp.sweeps.plan import RECORD
-
     write_json(cell_dir / RECORD, record)
 
 
 def _say(line: str) -> None:
-    from cmrp.config import Redactor
-
     print(Redactor.from_environ().text(line), flush=True)
 
 
 def _cli(command: str, args: list[str], env: dict[str, str]) -> int:
-    from cmrp import cli
-
     _say(f"$ cmrp {command} {' '.join(args)}   # {time.strftime('%Y-%m-%d %H:%M:%S')}")
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cmrp.errors import ConfigError
+
 __all__ = ["register"]
 
 
@@ -39,7 +41,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _launcher(args: argparse.Namespace, plan):
-    from cmrp.errors import ConfigError
     from cmrp.sweeps.launchers import LocalLauncher, SubmititLauncher
 
     if args.jobs is not None and args.jobs < 1:

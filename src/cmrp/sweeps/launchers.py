@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cmrp.errors import CmrpError, ConfigError
+from cmrp.sweeps.cell import submitit_job
 
 __all__ = ["Job", "LocalLauncher", "SubmititLauncher", "available_cores", "threads_per_process"]
 
@@ -150,8 +151,6 @@ class SubmititLauncher:
 
     def run(self, jobs: list[Job], started: Started, done: Done) -> None:
         """Submit the jobs as one array; `started` is called for each once submitted, `done` as each ends."""
-        from cmrp.sweeps.cell import submitit_job
-
         start = time.monotonic()
         submitted = self.executor.map_array(submitit_job, [str(job.spec) for job in jobs])
         self._jobs = submitted

@@ -18,8 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cmrp.config import Redactor, load_recipe
+from cmrp.config.layers import override_layers
 from cmrp.errors import ConfigError
+from cmrp.evaluation.commands import register
 from cmrp.sweeps.spec import Sweep, Variant, check_managed, render_value
+from cmrp.tracking import default_tracking_uri
 
 __all__ = ["RECORD", "Cell", "Plan", "cell_status", "eval_arguments", "make_plan"]
 
@@ -85,8 +89,6 @@ def eval_arguments(options: dict[str, Any], where: Callable[..., str]) -> list[s
     --samples 8`), checked against `cmrp eval`'s own parser so a bad name or value fails here. `where(*key)`
     names the file, line and key of an option (of the mapping itself without a key)."""
     import argparse
-
-    from cmrp.evaluation.commands import register
 
     class _Strict(argparse.ArgumentParser):
         def error(self, message: str):  # type: ignore[override]
@@ -187,7 +189,6 @@ def cell_status(cell: Cell) -> str:
 def _recipe_fingerprint(recipe: Path, overrides: list[str], where: str) -> str:
     from omegaconf import OmegaConf
 
-    from cmrp.config import Redactor, load_recipe
     from cmrp.training.checkpointing import recipe_fingerprint
 
     try:
@@ -201,9 +202,6 @@ def make_plan(sweep: Sweep, out: Path, *, seeds: list[int] | None = None, rows: 
               overrides: list[str] = ()) -> Plan:
     """Every cell of the sweep (only `rows` and the rows they start from, and only `seeds`, when given),
     each recipe loaded, validated and fingerprinted, each cell's status read from its folder."""
-    from cmrp.config.layers import override_layers
-    from cmrp.tracking import default_tracking_uri
-
     override_layers(overrides)  # the command line's KEY=VALUE: well-formed before anything else
     for text in overrides:
         check_managed(text.partition("=")[0].strip(), f"command-line override '{text}'")

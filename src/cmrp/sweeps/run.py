@@ -19,8 +19,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cmrp.config import Redactor
+from cmrp.config.yamlio import display_path
 from cmrp.errors import CmrpError
+from cmrp.jsonio import write_json
+from cmrp.progress import Progress
+from cmrp.sweeps.launchers import Job
 from cmrp.sweeps.plan import Cell, Plan, cell_status
+from cmrp.sweeps.report import metric_plots, write_html
+from cmrp.sweeps.table import cell_values, markdown, summarize
+from cmrp.tracking import (
+    TrackingLogger,
+    default_tags,
+    is_remote,
+    pending_files,
+    read_run_file,
+    sync_pending,
+    tracked_run,
+)
 
 __all__ = ["SweepResult", "describe_plan", "run_sweep", "write_table"]
 
@@ -40,9 +56,6 @@ class SweepResult:
 def _shown(text: str) -> str:
     """An argument as the user would type it: absolute paths (also after `key=`) relative to the working
     directory, secrets hidden."""
-    from cmrp.config import Redactor
-    from cmrp.config.yamlio import display_path
-
     key, sep, value = text.rpartition("=") if "=" in text and not text.startswith("sqlite:") else ("", "", text)
     if value.startswith("/"):
         value = display_path(Path(value))
@@ -51,8 +64,6 @@ def _shown(text: str) -> str:
 
 def describe_plan(plan: Plan, launcher: str) -> str:
     """The cells with their recipe, overrides and eval options, for `--dry-run`."""
-    from cmrp.config.yamlio import display_path
-
     counts: dict[str, int] = {}
     for cell in plan.cells:
         counts[cell.status] = counts.get(cell.status, 0) + 1
@@ -78,8 +89,6 @@ def describe_plan(plan: Plan, launcher: str) -> str:
 
 
 def _changed_message(plan: Plan, names: list[str]) -> str:
-    from cmrp.config.yamlio import display_path
-
     return (f"{len(names)} cell(s) ran before with another recipe (or from another starting cell) in "
             f"{display_path(plan.out)}: {', '.join(names)}. Their earlier runs are kept: delete those cell folders "
             "to run them again with this sweep, or give another --out")
@@ -94,8 +103,6 @@ def _upload_pending(folder: Path, say) -> None:
     """Upload what a run in `folder` could not log (as `cmrp tracking sync` does): a cell stopped in the middle
     of a write to the store, or a server that was down. Its runs then end with their real status (KILLED)
     instead of staying RUNNING, and a resumed cell logs to the store again rather than to its pending file."""
-    from cmrp.tracking import pending_files, sync_pending
-
     if not pending_files(folder):
         return
     try:
@@ -107,9 +114,6 @@ def _upload_pending(folder: Path, say) -> None:
 
 def _parent_run(plan: Plan):
     """The sweep's MLflow run: continued when an earlier run of this sweep recorded it in the same store."""
-    from cmrp.config import Redactor
-    from cmrp.tracking import TrackingLogger, default_tags, is_remote, read_run_file
-
     redactor = Redactor.from_environ()
     known = read_run_file(plan.out)
     run_id = known.get("run_id") if known.get("tracking_uri") == redactor.text(plan.tracking_uri) else None
@@ -136,9 +140,6 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
 
 def _job(plan: Plan, cell: Cell, parent_run_id: str | None):
     """The cell's job file (in `<out>/.jobs/`, so a cell's folder exists only once its process starts)."""
-    from cmrp.jsonio import write_json
-    from cmrp.sweeps.launchers import Job
-
     record = {"row": cell.row, "seed": cell.seed, "recipe_fingerprint": cell.recipe_fingerprint,
               "source_fingerprint": cell.depends.fingerprint if cell.depends else None,
               "fingerprint": cell.fingerprint, "eval_args": list(cell.eval_args)}
@@ -170,10 +171,6 @@ def _last_error(log: Path) -> str:
 
 def run_sweep(plan: Plan, launcher: Any) -> SweepResult:
     """Every cell not done yet, wave by wave; then the table (also when some cells failed)."""
-    from cmrp.config.yamlio import display_path
-    from cmrp.progress import Progress
-    from cmrp.tracking import tracked_run
-
     changed = [c.name for c in plan.cells if c.status == "changed"]
     if changed:
         raise CmrpError(_changed_message(plan, changed))
@@ -241,10 +238,6 @@ def run_sweep(plan: Plan, launcher: Any) -> SweepResult:
 
 def write_table(plan: Plan, parent: Any = None) -> SweepResult:
     """summary.md, report.html, summary.json and plots/ from the cells that are done; logged to the parent."""
-    from cmrp.jsonio import write_json
-    from cmrp.sweeps.report import metric_plots, write_html
-    from cmrp.sweeps.table import cell_values, markdown, summarize
-
     cells = []
     for cell in plan.cells:
         if cell_status(cell) == "done":

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cmrp import resources
+from cmrp.config.assets import SWEEPS, find_asset
 from cmrp.config.yamlio import display_path, parse_value, read_yaml
 from cmrp.errors import ConfigError
 
@@ -151,9 +153,6 @@ def _where(path: Path, lines: dict[tuple, int], key: tuple) -> str:
 
 def find_sweep(ref: str) -> Path:
     """A sweep file from a path, or a shipped name (`sandbox` -> recipes/sweeps/sandbox.yaml)."""
-    from cmrp import resources
-    from cmrp.config.assets import SWEEPS
-
     path = Path(ref).expanduser()
     if path.is_file():
         return path.resolve()
@@ -214,8 +213,6 @@ def _mapping(value: Any, where: str, what: str) -> dict[str, Any]:
 
 
 def _recipe_ref(ref: Any, base_dir: Path, where: str) -> Path:
-    from cmrp.config.assets import find_asset
-
     if not isinstance(ref, str):
         raise ConfigError(f"{where} must be a recipe path or shipped recipe name, got {ref!r}")
     return find_asset("recipes", ref, relative_to=base_dir, where=where)

@@ -31,8 +31,10 @@ from typing import Any
 import torch
 
 from cmrp.checkpoint import file_sha256
+from cmrp.config import flatten
 from cmrp.errors import CmrpError, ConfigError
 from cmrp.jsonio import dumps, to_strict, write_json
+from cmrp.training.storage import write_error
 
 __all__ = [
     "FORMAT",
@@ -171,8 +173,6 @@ _NOT_FINGERPRINTED = ("resume", "output_dir", "checkpoint", "tracking", "nonfini
 def recipe_fingerprint(resolved: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """A hash of everything that decides the numbers of a run (not where it writes or how it logs), and the
     flattened values it was computed from (to name what changed)."""
-    from cmrp.config import flatten
-
     flat = flatten({k: v for k, v in resolved.items() if k not in _NOT_FINGERPRINTED})
     digest = hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
     return digest, flat
@@ -201,8 +201,6 @@ def write_checkpoint(root: Path, weights: dict[str, torch.Tensor], state: dict[s
     """Write one checkpoint atomically under `root`; keep the newest `keep` valid ones. A failed write (a full
     disk) leaves no partial checkpoint and raises a CmrpError naming the latest valid one, which is intact."""
     from safetensors.torch import save_file
-
-    from cmrp.training.preflight import write_error
 
     position = "done" if manifest["done"] else f"{int(manifest['batches']):08d}"
     name = f"{int(manifest['stage_index']):02d}-{manifest['stage']}-{position}"

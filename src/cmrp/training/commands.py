@@ -47,7 +47,7 @@ def _fit(args: argparse.Namespace) -> int:
 
     from cmrp.config import load_recipe
     from cmrp.training.fit import run_fit
-    from cmrp.training.preflight import writing
+    from cmrp.training.storage import writing
 
     overrides = [*args.overrides, "resume=auto"] if args.resume else args.overrides
     cfg = load_recipe(args.recipe, overrides)

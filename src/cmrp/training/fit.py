@@ -17,8 +17,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cmrp.backbones.kit import SANDBOX_WEIGHTS
+from cmrp.backbones.loading import find_checkpoint, load_checkpoint, load_recipe_of
+from cmrp.checkpoint import atomic_write, write_folder_manifest
+from cmrp.config import Redactor, flatten, resolve_recipe_parts
+from cmrp.data.sources import load_recipe_character
+from cmrp.data.tasks import Example, Segment, build_examples, character_corpus
 from cmrp.errors import ConfigError
+from cmrp.evaluation.grid import save_image_grid
+from cmrp.evaluation.stage import stage_numbers
 from cmrp.jsonio import write_json
+from cmrp.registry import BACKBONES
+from cmrp.tracking import make_logger, tracked_run
+from cmrp.training.checkpointing import (
+    Checkpointer,
+    check_fingerprint,
+    find_resume_point,
+    load_weights,
+    rank_rng,
+    recipe_fingerprint,
+    restore_rng,
+)
+from cmrp.training.grpo_stage import run_grpo_stage
+from cmrp.training.peft import apply_finetune, count_trainable, save_adapter
+from cmrp.training.preflight import check_model, check_output_dir, check_run, checkpoint_bytes
+from cmrp.training.progress import progress_callbacks, quiet_noise
+from cmrp.training.storage import check_free_space
+from cmrp.training.trainer import is_main_process, trainer_strategy
 
 __all__ = ["FitResult", "load_run_character", "run_fit", "run_sft", "stage_offset", "stage_steps"]
 
@@ -40,32 +65,7 @@ class FitResult:
 
 def load_run_character(data_cfg: Any, output_dir: Path):
     """The recipe's character; in a distributed run only rank 0 writes a generated one."""
-    from cmrp.data.sources import load_recipe_character
-
     return load_recipe_character(data_cfg, output_dir, may_write=is_main_process())
-
-
-def is_main_process() -> bool:
-    """Rank 0 of a distributed run (or the only process): the one that writes files and prints."""
-    from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
-    return getattr(rank_zero_only, "rank", 0) == 0
-
-
-def trainer_strategy(name: str, adapter: Any = None):
-    """`ddp` with unused-parameter detection: a task mix leaves an expert (ViT, generation) idle in some
-    batches, which plain DDP rejects. `fsdp`: FSDP2 (`cmrp.training.sharding`), one unit per module class
-    the adapter names (`fsdp_wrap_modules()`, e.g. BAGEL's decoder layer) plus the root. Other names go to
-    Lightning as they are (`cmrp validate` has checked them: no `deepspeed*`)."""
-    if name == "ddp":
-        from lightning.pytorch.strategies import DDPStrategy
-
-        return DDPStrategy(find_unused_parameters=True)
-    if name == "fsdp":
-        from cmrp.training.sharding import ShardedStrategy
-
-        return ShardedStrategy(wrap_modules=adapter.fsdp_wrap_modules() if hasattr(adapter, "fsdp_wrap_modules") else ())
-    return name
 
 
 class _LossHistory:
@@ -92,35 +92,7 @@ class _LossHistory:
         return {"loss_first": first, "loss_last": last, "loss_drop": 1.0 - last / first if first else 0.0}
 
 
-def _evaluate(adapter, character, cfg) -> dict[str, float]:
-    """Held-out knowledge and VQA multiple-choice accuracy; for a sandbox character also the oracle's
-    identity fidelity of images drawn for the first `eval.grid_prompts` held-out image prompts."""
-    from cmrp.evaluation.mcq import knowledge_mcq_accuracy, vqa_mcq_accuracy
-    from cmrp.evaluation.oracle import sandbox_identity
-
-    eval_cfg = cfg.eval
-    adapter.model.eval()
-    out = {
-        "knowledge_mcq_acc": knowledge_mcq_accuracy(adapter, character, "test", eval_cfg.max_items),
-        "vqa_mcq_acc": vqa_mcq_accuracy(adapter, character, "test", eval_cfg.max_items),
-    }
-    identity = sandbox_identity(character)
-    if identity is not None:
-        from cmrp.data.tasks import image_prompts
-        from cmrp.sandbox.probe import identity_fidelity
-
-        prompts = image_prompts(character, split="test", decoding=cfg.decoding)[: eval_cfg.grid_prompts]
-        if prompts:
-            images = adapter.sample_images([p.context for p in prompts], n=eval_cfg.images_per_prompt,
-                                           steps=eval_cfg.sample_steps, seed=cfg.seed).images
-            out["identity_fidelity"] = identity_fidelity(images, identity)
-    return out
-
-
 def _sample_grid(adapter, character, eval_cfg, seed: int, path: Path) -> Path | None:
-    from cmrp.data.tasks import Example, Segment
-    from cmrp.evaluation.grid import save_image_grid
-
     items = (character.test.t2i or character.train.t2i)[: eval_cfg.grid_prompts]
     if not items:
         return None
@@ -142,9 +114,6 @@ def _save_checkpoint(adapter, cfg, ckpt: Path, redacted: dict) -> Path:
     """Full mode: the whole backbone. LoRA modes: the PEFT adapter (the base was saved before)."""
     from omegaconf import OmegaConf
 
-    from cmrp.checkpoint import atomic_write, write_folder_manifest
-    from cmrp.training.peft import save_adapter
-
     ckpt.mkdir(parents=True, exist_ok=True)
     if cfg.finetune.mode == "full":
         adapter.save_pretrained(ckpt / "backbone")
@@ -158,20 +127,15 @@ def _save_checkpoint(adapter, cfg, ckpt: Path, redacted: dict) -> Path:
 
 def _build_backbone(cfg: Any, card: Any, character, ckpt_dir: Path):
     """The card's backbone, or the one saved by an earlier run (`init_from`), made trainable per `finetune`."""
-    from cmrp.data.tasks import character_corpus
-    from cmrp.registry import BACKBONES
-    from cmrp.training.peft import apply_finetune
-
     adapter_cls = BACKBONES.get(card.adapter, where="backbone card `adapter`")
     if cfg.init_from:  # the earlier run's backbone, its LoRA adapter merged in (as `cmrp eval` loads it)
-        from cmrp.evaluation.runner import load_checkpoint, load_recipe_of
 
         source = _checkpoint_dir(Path(cfg.init_from).expanduser())
         adapter = load_checkpoint(source, load_recipe_of(source) if (source / "recipe.yaml").is_file() else None)
     else:
         adapter = adapter_cls.build(card, corpus=character_corpus(character))
     adapter.max_text_tokens = cfg.data.max_text_tokens
-    shipped = str(card.get("weights") or "").startswith("sandbox://")
+    shipped = str(card.get("weights") or "").startswith(SANDBOX_WEIGHTS)
     if cfg.finetune.mode != "full" and (cfg.init_from or not card.get("weights") or shipped):
         # this base exists only in this run (random init or merged), or is a few-MB shipped sandbox base:
         # keep it beside the adapter, so the run (and characters saved from it) stands on its own
@@ -182,8 +146,6 @@ def _build_backbone(cfg: Any, card: Any, character, ckpt_dir: Path):
 
 
 def _checkpoint_dir(path: Path) -> Path:
-    from cmrp.backbones.loading import find_checkpoint
-
     try:
         return find_checkpoint(path)
     except ConfigError as err:
@@ -198,7 +160,6 @@ def run_sft(cfg: Any, adapter, examples: dict[str, list], logger, out: Path, che
     from omegaconf import OmegaConf
 
     from cmrp.data.datamodule import TaskMixDataModule
-    from cmrp.training.progress import progress_callbacks
     from cmrp.training.sft import UnifiedSFTModule
 
     history = _LossHistory()
@@ -245,8 +206,6 @@ def run_sft(cfg: Any, adapter, examples: dict[str, list], logger, out: Path, che
 
 
 def _resume_point(cfg: Any, out: Path, fingerprint: str, flat: dict):
-    from cmrp.training.checkpointing import check_fingerprint, find_resume_point
-
     if cfg.resume != "auto":
         return None
     point = find_resume_point(out / "resume")
@@ -318,19 +277,6 @@ def run_fit(cfg: Any) -> FitResult:
     import lightning as L
     from omegaconf import OmegaConf
 
-    from cmrp.config import Redactor, resolve_recipe_parts
-    from cmrp.tracking import make_logger, tracked_run
-    from cmrp.training.checkpointing import load_weights, recipe_fingerprint
-    from cmrp.training.peft import count_trainable
-    from cmrp.training.preflight import (
-        check_free_space,
-        check_model,
-        check_output_dir,
-        check_run,
-        checkpoint_bytes,
-    )
-    from cmrp.training.progress import quiet_noise
-
     quiet_noise()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -394,8 +340,6 @@ class _Run:
     def stages(self, trained_names: list[str], ckpt_dir: Path, trainable: int, total: int):
         from omegaconf import OmegaConf
 
-        from cmrp.config import flatten
-        from cmrp.training.checkpointing import Checkpointer, rank_rng, restore_rng
         from cmrp.training.sharding import gathered, rank_digests, whole_parameters
 
         cfg, out, adapter, character, logger, point = (self.cfg, self.out, self.adapter, self.character,
@@ -410,7 +354,7 @@ class _Run:
                 logger.log_artifact(recipe_file)
 
         t = time.perf_counter()
-        before = point.manifest["before"] if point is not None else _evaluate(adapter, character, cfg)
+        before = point.manifest["before"] if point is not None else stage_numbers(adapter, character, cfg)
         timings["eval_before_s"] = time.perf_counter() - t
         logger.step_offset = 0
         logger.log_metrics({f"eval/before/{k}": v for k, v in before.items()}, step=0)
@@ -434,15 +378,11 @@ class _Run:
             checkpoints = checkpointer.stage(stage, index, point)
             logger.step_offset = stage_offset(cfg, index)  # this stage's steps continue the run's
             if stage == "sft":
-                from cmrp.data.tasks import build_examples
-
                 examples = build_examples(character, [k for k, w in cfg.data.tasks.items() if w > 0],
                                           decoding=cfg.decoding)
                 stages["sft"] = run_sft(cfg, adapter, examples, logger, out, checkpoints)
                 timings["sft_s"] = stages["sft"].pop("sft_s")
             elif stage == "grpo":
-                from cmrp.training.grpo_stage import run_grpo_stage
-
                 stages["grpo"] = run_grpo_stage(cfg, adapter, character, self.preset, logger, out,
                                                 checkpoints=checkpoints)
                 timings["grpo_s"] = stages["grpo"].pop("grpo_s")
@@ -451,7 +391,7 @@ class _Run:
 
         t = time.perf_counter()
         with gathered(adapter.model):  # a sharded model's weights whole on every rank (fsdp)
-            after = _evaluate(adapter, character, cfg)
+            after = stage_numbers(adapter, character, cfg)
             grid = _sample_grid(adapter, character, cfg.eval, cfg.seed, out / "samples.png") if main else None
         timings["eval_after_s"] = time.perf_counter() - t
         digests = rank_digests(adapter.model, trained_names)  # what every rank ended with

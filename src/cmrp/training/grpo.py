@@ -26,6 +26,7 @@ import lightning as L
 import torch
 
 from cmrp.data.tasks import ImagePrompt
+from cmrp.rewards import RewardContext
 from cmrp.sampling.flow import sde_window
 from cmrp.sampling.guidance import Guidance
 from cmrp.training import sharding
@@ -133,8 +134,6 @@ class CharacterGRPOModule(L.LightningModule):
         return (self.seed * 1_000_003 + self.global_rank * 7_919 + batch_idx) % (2**31)
 
     def _reward_context(self, prompts: Sequence[ImagePrompt], n: int):
-        from cmrp.rewards import RewardContext
-
         questions = [self.questions_for(p) for p in prompts for _ in range(n)]
         metadata = [{"image_id": p.image_id, "prompt": p.prompt} for p in prompts for _ in range(n)]
         return RewardContext(reference_images=self.reference_images, questions=questions,

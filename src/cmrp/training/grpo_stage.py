@@ -10,8 +10,14 @@ from typing import Any
 import torch
 
 from cmrp.data.character import Character
+from cmrp.data.images import load_images
 from cmrp.data.tasks import ImagePrompt, image_prompts
+from cmrp.errors import DataError
+from cmrp.rewards import RewardContext, VQAQuestion, build_reward
+from cmrp.sampling.guidance import recipe_sampling_kwargs
 from cmrp.training.advantages import nan_mean
+from cmrp.training.progress import progress_callbacks
+from cmrp.training.trainer import is_main_process, trainer_strategy
 
 __all__ = ["character_questions", "heldout_reward", "reference_tensor", "run_grpo_stage"]
 
@@ -19,8 +25,6 @@ __all__ = ["character_questions", "heldout_reward", "reference_tensor", "run_grp
 def character_questions(character: Character, split: str = "train"):
     """`ImagePrompt -> [VQAQuestion]`: the VQA items of the prompt's target image (MCQ and open), which a
     faithful generated image should answer the same way."""
-    from cmrp.rewards import VQAQuestion
-
     data = character.train if split == "train" else character.test
     by_image: dict[str, list] = {}
     for item in data.vqa:
@@ -36,8 +40,6 @@ def character_questions(character: Character, split: str = "train"):
 
 def reference_tensor(character: Character, size: int = 64) -> torch.Tensor | None:
     """The character's reference images as one [R, 3, size, size] tensor in [0, 1] (None without any)."""
-    from cmrp.data.images import load_images
-
     refs = character.reference_images
     return load_images(refs, (size, size)) if refs else None
 
@@ -47,8 +49,6 @@ def heldout_reward(adapter, reward, prompts: list[ImagePrompt], questions_for, r
                    steps: int, seed: int, **sample_kwargs) -> dict[str, float]:
     """Mean reward (and per-term means) of ODE samples for held-out prompts: the GRPO objective
     measured where it was not trained."""
-    from cmrp.rewards import RewardContext
-
     if not prompts:
         return {}
     adapter.model.eval()
@@ -94,12 +94,7 @@ def run_grpo_stage(cfg: Any, adapter: Any, character: Character, preset: dict, l
     import lightning as L
     from omegaconf import OmegaConf
 
-    from cmrp.errors import DataError
-    from cmrp.rewards import build_reward
-    from cmrp.sampling.guidance import recipe_sampling_kwargs
-    from cmrp.training.fit import is_main_process, trainer_strategy
     from cmrp.training.grpo import CharacterGRPOModule
-    from cmrp.training.progress import progress_callbacks
     from cmrp.training.sharding import gathered
 
     g = cfg.grpo

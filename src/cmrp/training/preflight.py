@@ -10,43 +10,36 @@
   meant for another machine) and still says OK; `cmrp fit` stops on them before any work;
 - once fit has built the model: free disk space for the checkpoints it will write, and the model-dependent
   choices (LoRA targets x GRPO train groups).
-A write that fails later (a full disk) becomes one clear error through `write_error`.
+A write that fails later (a full disk) becomes one clear error through `cmrp.training.storage`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
-import re
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cmrp.errors import CmrpError, ConfigError, DataError
+from cmrp.config.loader import resolve_recipe_parts
+from cmrp.data.sources import SANDBOX_SCHEME
+from cmrp.data.tasks import build_examples, image_prompts
+from cmrp.errors import ConfigError, DataError
+from cmrp.training.storage import existing_ancestor
+from cmrp.training.trainer import trainer_strategy
 
 __all__ = [
     "RunCheck",
-    "check_free_space",
     "check_model",
     "check_output_dir",
     "check_run",
     "check_sampler",
     "checkpoint_bytes",
-    "human_bytes",
     "training_counts",
-    "write_error",
-    "writing",
 ]
-
-# errno values a user fixes on their side: space, quota, permissions, read-only mounts, size limits
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ENAMETOOLONG}
-_OS_ERROR = re.compile(r"os error (\d+)")
-_NEARLY_FULL = 64 << 20  # bytes: below this, a write that failed without an errno failed for lack of space
 
 
 @dataclass
@@ -59,20 +52,7 @@ class RunCheck:
     character: Any = None  # the character the counts are of (None when its data is not here)
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
 # -- output directory ------------------------------------------------------------------------------------
-def _existing_ancestor(path: Path) -> Path:
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return probe
 
 
 def check_output_dir(output_dir: str | Path, *, create: bool) -> Path:
@@ -90,7 +70,7 @@ def check_output_dir(output_dir: str | Path, *, create: bool) -> Path:
     where = f"output_dir {path}"
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{where} is a file, not a directory; choose another output_dir (or move the file)")
-    base = _existing_ancestor(path)
+    base = existing_ancestor(path)
     if not base.is_dir():
         raise ConfigError(f"{where} cannot be created: {base} is a file; choose another output_dir")
     try:
@@ -113,48 +93,6 @@ def check_output_dir(output_dir: str | Path, *, create: bool) -> Path:
 
 
 # -- disk space and failed writes --------------------------------------------------------------------------
-def _free_bytes(path: Path) -> int | None:
-    try:
-        return shutil.disk_usage(_existing_ancestor(path)).free
-    except OSError:
-        return None
-
-
-def write_error(err: BaseException, path: str | Path) -> CmrpError | None:
-    """A one-line CmrpError for a write to `path` that failed for a reason the user fixes (a full disk, a
-    quota, a read-only mount, permissions), or None when `err` is something else. safetensors and
-    torch.save report a full disk in their own exception types and words; both are recognised."""
-    path = Path(path)
-    code = getattr(err, "errno", None) if isinstance(err, OSError) else None
-    if code is None:
-        found = _OS_ERROR.search(str(err))
-        code = int(found.group(1)) if found else None
-    if code is None and not isinstance(err, OSError):
-        free = _free_bytes(path)
-        if free is not None and free < _NEARLY_FULL:  # torch.save says only "unexpected pos ..."
-            code = errno.ENOSPC
-    if code not in _WRITE_ERRNOS:
-        return None
-    target = Path(err.filename) if isinstance(err, OSError) and err.filename else path
-    detail = os.strerror(code)
-    if code in (errno.ENOSPC, errno.EDQUOT):
-        free = _free_bytes(path)
-        detail += f" ({human_bytes(free)} free)" if free is not None else ""
-    return CmrpError(f"cannot write {target}: {detail}")
-
-
-@contextlib.contextmanager
-def writing(path: str | Path) -> Iterator[None]:
-    """Turn a failed write under `path` (see `write_error`) into one clear CmrpError; others pass through."""
-    try:
-        yield
-    except CmrpError:
-        raise
-    except Exception as err:  # noqa: BLE001 - mapped when it is a write failure, re-raised otherwise
-        mapped = write_error(err, path)
-        if mapped is None:
-            raise
-        raise mapped from None
 
 
 def checkpoint_bytes(model: Any, trained_names: list[str], cfg: Any) -> int:
@@ -176,19 +114,9 @@ def checkpoint_bytes(model: Any, trained_names: list[str], cfg: Any) -> int:
     return resume + final
 
 
-def check_free_space(out: Path, need: int, what: str) -> None:
-    free = _free_bytes(out)
-    if free is not None and free < need:
-        raise CmrpError(f"output_dir {out}: {human_bytes(free)} free, but this run writes about {human_bytes(need)} "
-                        f"({what}); free space, lower checkpoint.keep or checkpoint.every_n_steps, or choose another "
-                        "output_dir")
-
-
 # -- data ----------------------------------------------------------------------------------------------------
 def training_counts(cfg: Any, character: Any) -> RunCheck:
     """Training examples per weighted task (and GRPO image prompts); a DataError when a stage has none."""
-    from cmrp.data.tasks import build_examples, image_prompts
-
     check = RunCheck()
     where = f"{cfg.data.path}" + (f" (character {cfg.data.character})" if cfg.data.character else "")
     if "sft" in cfg.stages:
@@ -254,7 +182,6 @@ def _trainer_problem(cfg: Any) -> str | None:
     from omegaconf import OmegaConf
 
     from cmrp.training.checkpointing import capture_rng, restore_rng
-    from cmrp.training.fit import trainer_strategy
 
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs["strategy"] = trainer_strategy(kwargs["strategy"])
@@ -305,7 +232,6 @@ def missing_reward_weights(cfg: Any) -> str | None:
     only: nothing is loaded), so a missing weight stops `cmrp fit` at once rather than after the SFT stage."""
     if "grpo" not in cfg.stages:
         return None
-    from cmrp.config.loader import resolve_recipe_parts
 
     _, preset = resolve_recipe_parts(cfg)
     if preset is None:
@@ -322,8 +248,6 @@ def check_run(cfg: Any, load_character: Callable[[], Any], *, fit: bool) -> RunC
     """The checks `cmrp validate` (`fit=False`) and `cmrp fit` (`fit=True`) share, in order: output directory,
     this machine, the character's training data. Machine problems are errors for fit and notes for validate.
     `load_character()` returns the recipe's character (fit writes a sandbox one into output_dir)."""
-    from cmrp.data.sources import SANDBOX_SCHEME
-
     check_output_dir(cfg.output_dir, create=False)
     check_sampler(cfg)
     notes = machine_problems(cfg)

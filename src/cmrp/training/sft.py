@@ -12,6 +12,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from cmrp.training.sharding import call, grads_finite, shard
+
 __all__ = ["UnifiedSFTModule", "build_optimizer"]
 
 
@@ -50,8 +52,6 @@ class UnifiedSFTModule(L.LightningModule):
         self.nonfinite_guard = None  # a checkpointing.NonFiniteGuard: skip steps with NaN/inf gradients
 
     def configure_model(self) -> None:
-        from cmrp.training.sharding import shard
-
         shard(self)  # under trainer.strategy: fsdp
 
     def on_train_start(self) -> None:
@@ -59,8 +59,6 @@ class UnifiedSFTModule(L.LightningModule):
         self.model.train()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        from cmrp.training.sharding import call
-
         cfg = self.sft_cfg
         losses = call(self.model, lambda: self.adapter.losses(batch, timestep_shift=cfg.timestep_shift))
         loss = cfg.ce_weight * losses["ce"] + cfg.mse_weight * losses["mse"]
@@ -76,7 +74,6 @@ class UnifiedSFTModule(L.LightningModule):
         which keeps the data position equal to the step for exact resumption."""
         if self.nonfinite_guard is None:
             return
-        from cmrp.training.sharding import grads_finite  # one verdict for all ranks under sharding
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.nonfinite_guard.step(grads_finite(params), self.global_step + 1):

@@ -12,11 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from cmrp.backbones.bagel.model import Bagel, BagelArch, BagelBatch, patchify, shift_timesteps, unpatchify
+from cmrp.backbones.bagel.official import is_official_layout, load_official, save_official
 from cmrp.backbones.bagel.packing import IGNORE, ImageLoader, collate
-from cmrp.backbones.bagel.qwen2_mot import KVCache
+from cmrp.backbones.bagel.qwen2_mot import KVCache, Qwen2MoTDecoderLayer
 from cmrp.backbones.common import answer_questions, select_lora_targets
 from cmrp.backbones.kit import plain, resolve_weights
 from cmrp.backbones.tokenizer import TextTokenizer
+from cmrp.checkpoint import save_safetensors_atomic
 from cmrp.data.tasks import Example, Segment
 from cmrp.errors import ConfigError, WeightsError
 from cmrp.jsonio import write_json
@@ -107,8 +109,6 @@ class BagelAdapter:
         settings no file carries (timestep_shift, ...); sizes come from the folder."""
         from safetensors.torch import load_file
 
-        from cmrp.backbones.bagel.official import is_official_layout, load_official
-
         path = resolve_weights(path, "the BAGEL checkpoint")  # a folder, a cached hub id or a shipped base
         if is_official_layout(path):
             settings = plain(card.get("architecture") or {}) if card is not None else {}
@@ -138,15 +138,11 @@ class BagelAdapter:
 
     def save_official(self, path: str | Path) -> Path:
         """Write the backbone in the official BAGEL layout (what `from_pretrained` reads back)."""
-        from cmrp.backbones.bagel.official import save_official
-
         if hasattr(self.model, "get_base_model"):
             raise ValueError("save the base model before wrapping it with PEFT, or merge the adapter first")
         return save_official(self.bagel, self.tokenizer, path)
 
     def save_pretrained(self, path: str | Path) -> Path:
-        from cmrp.checkpoint import save_safetensors_atomic
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_safetensors_atomic(_base_state_dict(self.model), path / WEIGHTS_FILE)
@@ -187,8 +183,6 @@ class BagelAdapter:
         both experts together (one attention mixes them; every batch runs every layer on every rank). The
         SigLIP layers stay in the root unit: they run only for batches with input images, which differ
         between ranks, and a unit's weights are gathered by a collective every rank must join."""
-        from cmrp.backbones.bagel.qwen2_mot import Qwen2MoTDecoderLayer
-
         return {Qwen2MoTDecoderLayer}
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cmrp.backbones.bagel.autoencoder import build_autoencoder
 from cmrp.backbones.bagel.qwen2_mot import KVCache, LLMConfig, Qwen2ForCausalLM
 from cmrp.backbones.bagel.siglip import SiglipVisionModel, ViTConfig
 from cmrp.errors import ConfigError
@@ -178,7 +179,6 @@ class BagelBatch:
 class Bagel(nn.Module):
     def __init__(self, arch: BagelArch):
         super().__init__()
-        from cmrp.backbones.bagel.autoencoder import build_autoencoder
 
         self.arch = arch
         hidden = arch.llm.hidden_size

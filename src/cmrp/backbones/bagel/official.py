@@ -39,6 +39,7 @@ from cmrp.backbones.bagel.autoencoder import FluxAEConfig, FluxAutoencoder
 from cmrp.backbones.bagel.model import Bagel, BagelArch, PositionEmbedding
 from cmrp.backbones.bagel.qwen2_mot import LLMConfig, RotaryEmbedding
 from cmrp.backbones.bagel.siglip import ViTConfig, conv_to_linear_weight
+from cmrp.backbones.tokenizer import QWEN2_SPLIT, TextTokenizer
 from cmrp.errors import WeightsError
 from cmrp.jsonio import write_json
 
@@ -280,8 +281,6 @@ def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 def load_official(path: str | Path, *, settings: dict | None = None, dtype: torch.dtype = torch.float32):
     """(Bagel, TextTokenizer) from an official folder; raises one WeightsError listing every mismatch."""
-    from cmrp.backbones.tokenizer import TextTokenizer
-
     path = Path(path)
     arch = read_official_arch(path, settings)
     with torch.device("meta"):
@@ -377,8 +376,6 @@ _BAGEL_MARKERS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_en
 
 def _splits_like_qwen2(data: dict) -> bool:
     """Whether a tokenizer.json splits text as the official Qwen2Tokenizer does (NFC, Qwen2's pattern, bytes)."""
-    from cmrp.backbones.tokenizer import QWEN2_SPLIT
-
     pre = data.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     split = [p for p in steps if p.get("type") == "Split"]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cmrp.backbones.bagel.model import BagelBatch
 from cmrp.backbones.images import ImageLoader  # noqa: F401 - re-exported: the loader BAGEL's collate is given
 from cmrp.backbones.tokenizer import TextTokenizer
 from cmrp.data.tasks import Example
@@ -152,8 +153,6 @@ def collate(
     of the loaded image (variable-size images: `Bagel.vit_token_count`); images of different sizes
     come as a list in `vit_pixels`. `load_vit_image`: the loader of understood images, if not `load_image`.
     `image_output`: see `build_sequence` (None: per example)."""
-    from cmrp.backbones.bagel.model import BagelBatch
-
     seqs = [
         build_sequence(ex, tok, load_image, vit_tokens=vit_tokens, gen_tokens=gen_tokens,
                        max_text_tokens=max_text_tokens, load_vit_image=load_vit_image, image_output=image_output)

@@ -45,6 +45,7 @@ from cmrp.backbones.showo.maskgit import (
 from cmrp.backbones.showo.model import PHI_1_5, SHOWO_PHI, Showo, ShowoArch, ShowoVocab, omni_attention_mask
 from cmrp.backbones.showo.prompting import render
 from cmrp.backbones.showo.text import ShowoText
+from cmrp.checkpoint import save_safetensors_atomic
 from cmrp.data.tasks import Example, Segment
 from cmrp.errors import ConfigError, WeightsError
 from cmrp.jsonio import write_json
@@ -222,8 +223,6 @@ class ShowoAdapter:
                    **_settings(cmrp.get("sampling", {}), cmrp.get("training", {}), None))
 
     def save_pretrained(self, path: str | Path) -> Path:
-        from cmrp.checkpoint import save_safetensors_atomic
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         model = self.showo_module

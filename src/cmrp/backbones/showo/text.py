@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from cmrp.backbones.tokenizer import BackendTokenizer
+from cmrp.backbones.tokenizer import BackendTokenizer, TextTokenizer
 from cmrp.errors import WeightsError
 
 __all__ = ["ShowoText"]
@@ -29,8 +29,6 @@ class ShowoText(BackendTokenizer):
 
     @classmethod
     def train_bpe(cls, corpus: Iterable[str], vocab_size: int) -> ShowoText:
-        from cmrp.backbones.tokenizer import TextTokenizer
-
         return cls(TextTokenizer.train_bpe(corpus, vocab_size=vocab_size).backend)
 
     @classmethod

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,9 @@ import torch.nn.functional as F
 
 from cmrp.backbones.common import answer_questions, select_lora_targets
 from cmrp.backbones.images import ImageLoader
+from cmrp.backbones.janus.model import _GEN_PARAMS, _UND_PARAMS, DEFAULT_LORA_TARGETS, _check_geometry
+from cmrp.backbones.janus.prompting import HEADERS, IGNORE, JanusBatch, _Prefix, _Seq
+from cmrp.backbones.janus.tokenizer import JanusTokenizer
 from cmrp.backbones.kit import plain, resolve_weights
 from cmrp.data.tasks import Example, Segment
 from cmrp.errors import ConfigError, WeightsError
@@ -41,133 +44,10 @@ from cmrp.registry import BACKBONES
 from cmrp.sampling.rollout import Rollout, TokenTrajectory
 from cmrp.sampling.tokens import guided_logits, sample_token_sequence, token_step
 
-__all__ = ["JanusAdapter", "JanusBatch", "JanusTokenizer"]
+__all__ = ["JanusAdapter"]
 
-IGNORE = -100
 EXTRAS_FILE = "cmrp.json"  # our settings beside the official files (sampling defaults, the card)
 DEFAULT_SAMPLING = {"temperature": 1.0, "cfg_scale": 5.0, "top_k": None}
-HEADERS = {"user": "<|User|>: ", "character": "<|Assistant|>:"}  # Janus-Pro's roles (its chat template)
-# Janus's special tokens (names as in the released tokenizer) when the tokenizer does not name them
-JANUS_TOKENS = {"image_token": "<image_placeholder>", "boi_token": "<begin_of_image>", "eoi_token": "<end_of_image>"}
-
-_LM_LINEAR = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-_GEN_LINEAR = r"model\.(generation_head\.(proj_out|vision_head)|generation_aligner\.(fc1|hidden_layers\.\d+))"
-_UND_LINEAR = r"model\.aligner\.(fc1|hidden_layers\.\d+)"
-DEFAULT_LORA_TARGETS = {
-    "default": [_LM_LINEAR, _GEN_LINEAR],
-    "generation": [_GEN_LINEAR],
-    "understanding": [_LM_LINEAR, _UND_LINEAR],
-}
-_GEN_PARAMS = r"model\.(generation_embeddings|generation_aligner|generation_head)\..*"
-_UND_PARAMS = r"(model\.(vision_model|aligner|language_model)\.|lm_head\.).*"
-
-
-class JanusTokenizer:
-    """A Hugging Face tokenizer plus the ids Janus needs (bos/eos/pad, image placeholder, begin/end of image)."""
-
-    def __init__(self, hf: Any):
-        self.hf = hf
-        self.image_id, self.boi_id, self.eoi_id = (self._special(attr) for attr in JANUS_TOKENS)
-        self.bos_id, self.eos_id = hf.bos_token_id, hf.eos_token_id
-        if self.bos_id is None or self.eos_id is None:
-            raise WeightsError("the Janus tokenizer defines no bos/eos token; use the checkpoint's own tokenizer files")
-        self.pad_id = hf.pad_token_id if hf.pad_token_id is not None else self.eos_id
-
-    def _special(self, attr: str) -> int:
-        token = getattr(self.hf, attr, None) or JANUS_TOKENS[attr]
-        tid = self.hf.convert_tokens_to_ids(token)
-        if tid is None or self.hf.convert_ids_to_tokens(tid) != token:
-            raise WeightsError(f"the tokenizer has no Janus token {token!r} ({attr}); use the checkpoint's own "
-                               "tokenizer files (tokenizer.json + tokenizer_config.json)")
-        return int(tid)
-
-    @classmethod
-    def train_bpe(cls, corpus: Sequence[str], vocab_size: int) -> JanusTokenizer:
-        """The byte-level BPE of tiny backbones (`tokenizer: train-bpe`) with Janus's image tokens added."""
-        from transformers import PreTrainedTokenizerFast
-
-        from cmrp.backbones.tokenizer import TextTokenizer
-
-        base = TextTokenizer.train_bpe(corpus, vocab_size=max(64, vocab_size - len(JANUS_TOKENS)))
-        base.backend.add_special_tokens(list(JANUS_TOKENS.values()))
-        hf = PreTrainedTokenizerFast(
-            tokenizer_object=base.backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
-            pad_token="<|endoftext|>", extra_special_tokens=dict(JANUS_TOKENS),
-        )
-        return cls(hf)
-
-    @classmethod
-    def load(cls, ref: str | Path) -> JanusTokenizer:
-        from transformers import AutoTokenizer
-
-        try:
-            hf = AutoTokenizer.from_pretrained(str(ref), trust_remote_code=False)
-        except (OSError, ValueError) as err:
-            raise WeightsError(
-                f"cannot load the Janus tokenizer from {str(ref)!r} ({err}). Point `tokenizer` (or `weights`) at a "
-                "folder with tokenizer.json + tokenizer_config.json, download the checkpoint into the Hugging Face "
-                "cache (`hf download deepseek-community/Janus-Pro-1B`), or use `tokenizer: train-bpe` for a tiny card."
-            ) from None
-        return cls(hf)
-
-    def save(self, directory: str | Path) -> None:
-        self.hf.save_pretrained(str(directory))
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.hf)
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.hf.encode(text, add_special_tokens=False)) if text else []
-
-    def decode(self, ids: list[int]) -> str:
-        return self.hf.decode(ids, skip_special_tokens=True)
-
-
-@dataclass
-class JanusBatch:
-    """Right-padded sequences: ids, validity, next-token labels, image slots and pixels."""
-
-    input_ids: torch.Tensor  # [B, L]
-    attention_mask: torch.Tensor  # [B, L] bool: real tokens
-    labels: torch.Tensor  # [B, L]: the text token position i predicts (IGNORE: none)
-    und_mask: torch.Tensor  # [B, L] bool: placeholder slots of understood images
-    gen_mask: torch.Tensor  # [B, L] bool: VQ-code slots of generated images
-    gen_pred_mask: torch.Tensor  # [B, L] bool: positions whose next token is a VQ code
-    und_pixels: torch.Tensor | None  # [n_und, 3, S, S] in [0, 1]
-    gen_pixels: torch.Tensor | None  # [n_gen, 3, S, S] in [0, 1]
-    task_ids: list[str] = field(default_factory=list)
-    gen_keys: list[str | None] = field(default_factory=list)  # image file of each generated image (code cache)
-
-    def to(self, device) -> JanusBatch:
-        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()}
-        return JanusBatch(**moved)
-
-
-@dataclass
-class _Seq:
-    ids: list[int] = field(default_factory=list)
-    kinds: list[str] = field(default_factory=list)  # text | und | gen
-    trained: list[bool] = field(default_factory=list)  # this token is a text target
-    und: list[torch.Tensor] = field(default_factory=list)
-    gen: list[torch.Tensor] = field(default_factory=list)
-    gen_keys: list[str | None] = field(default_factory=list)
-
-    def add(self, ids: list[int], kind: str = "text", trained: bool = False) -> None:
-        self.ids += ids
-        self.kinds += [kind] * len(ids)
-        self.trained += [trained] * len(ids)
-
-
-@dataclass
-class _Prefix:
-    """Left-padded contexts ending where generation starts; rows [conditional | unconditional]."""
-
-    ids: torch.Tensor  # [R, P]
-    mask: torch.Tensor  # [R, P] bool
-    und_mask: torch.Tensor  # [R, P] bool
-    und_pixels: torch.Tensor | None
-    contexts: int  # number of conditional rows (C)
 
 
 @dataclass
@@ -749,21 +629,3 @@ class JanusAdapter:
         """VQA: multiple choice by option likelihood, open questions by greedy decoding. `images`
         [N, 3, H, W] in [0, 1]; returns the chosen option's text or the free answer."""
         return answer_questions(self, images, questions, options, score_batch=64)
-
-
-def _check_geometry(config: Any, where: str) -> None:
-    """The VQ grid must have as many tokens as the generation head is asked to predict (image_size /
-    patch_size per side) and the embeddings must meet the language model's width."""
-    vision, vq, text = config.vision_config, config.vq_config, config.text_config
-    side = int(vision.image_size) // int(vision.patch_size)
-    down = 2 ** (len(vq.channel_multiplier) - 1)
-    if int(vision.image_size) // down != side:
-        raise ConfigError(f"{where}: the VQ-VAE downsamples {vision.image_size} px by {down} "
-                          f"(len(vq_config.channel_multiplier) - 1 halvings), but the image-token grid is "
-                          f"{side}x{side} (vision_config.image_size / patch_size); make them agree")
-    for key, value in (("vision_config.projection_dim", vision.projection_dim),
-                       ("vq_config.projection_dim", vq.projection_dim),
-                       ("vq_config.image_token_embed_dim", vq.image_token_embed_dim)):
-        if int(value) != int(text.hidden_size):
-            raise ConfigError(f"{where}: {key}={value} must equal text_config.hidden_size={text.hidden_size}")
-
