@@ -25,9 +25,12 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from cmrp.errors import CmrpError, ConfigError, DataError
+
+if TYPE_CHECKING:
+    from cmrp.backbones.protocol import Backbone
 
 __all__ = [
     "RunCheck",
@@ -256,7 +259,7 @@ def _trainer_problem(cfg: Any) -> str | None:
     from cmrp.training.checkpointing import capture_rng, restore_rng
     from cmrp.training.fit import trainer_strategy
 
-    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kwargs = cast(dict[str, Any], OmegaConf.to_container(cfg.trainer, resolve=True))  # a mapping section
     kwargs["strategy"] = trainer_strategy(kwargs["strategy"])
     rng = capture_rng()  # making a Trainer draws from Python's `random`; a run's numbers must not move
     try:
@@ -343,7 +346,7 @@ def check_run(cfg: Any, load_character: Callable[[], Any], *, fit: bool) -> RunC
     return result
 
 
-def check_model(cfg: Any, adapter: Any, trained_names: list[str]) -> None:
+def check_model(cfg: Any, adapter: Backbone, trained_names: list[str]) -> None:
     """Checks that need the built model, before fit spends any time: GRPO's train groups must leave some of the
     fine-tuned weights trainable (LoRA targets and groups can miss each other)."""
     if "grpo" not in cfg.stages:
