@@ -402,3 +402,16 @@ def test_eval_think_sampling_batches_and_uses_the_recipe_guidance(adapter):
     direct_texts, direct = adapter.think_and_sample(ctx[:2], SamplerSpec(steps=2, guidance=Guidance(text_scale=2.0)),
                                                     n=1, seed=0, max_think_tokens=3, text_seed=0)
     assert thoughts[:2] == direct_texts and torch.allclose(images[:2], direct.images)
+
+
+def test_eval_refuses_think_decoding_on_a_backbone_without_it_before_running():
+    from cmrp.config import load_recipe
+    from cmrp.errors import ConfigError
+    from cmrp.evaluation.runner import EvalOptions, evaluate_model
+
+    class TextOnly:  # the check comes first: nothing else of the backbone or the character is touched
+        pass
+
+    cfg = load_recipe("quickstart", ["decoding=think"])
+    with pytest.raises(ConfigError, match="^decoding: think needs a backbone with think_and_sample .* TextOnly has"):
+        evaluate_model(TextOnly(), None, cfg, None, EvalOptions())
