@@ -7,6 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from cmrp.config.schema import GRPOConfig
+from cmrp.errors import ConfigError
 from cmrp.sampling.guidance import Guidance
 from cmrp.sampling.spec import SamplerSpec, recipe_sampling_settings, token_guidance_scale
 
@@ -27,7 +28,7 @@ def test_settings_name_guidance_only_when_a_scale_is_set():
     assert SamplerSpec.from_settings({}, steps=3) == SamplerSpec(steps=3)  # guidance None: the backbone's default
     spec = SamplerSpec.from_settings({"cfg_scale": 2.0, "cfg_renorm_type": "channel", "timestep_shift": 2}, steps=3)
     assert spec.guidance == Guidance(2.0, renorm_type="channel") and spec.timestep_shift == 2.0
-    with pytest.raises(ValueError, match="card.yaml sampling: unknown key\\(s\\) cfg_scael; use cfg_scale"):
+    with pytest.raises(ConfigError, match="card.yaml sampling: unknown key\\(s\\) cfg_scael; use cfg_scale"):
         SamplerSpec.from_settings({"cfg_scael": 2.0}, steps=3, where="card.yaml sampling")
 
 

@@ -67,7 +67,7 @@ class ChatSession:
                         if self.strategy.think else None)
         settings = sampling if sampling is not None else (character.extra or {}).get("sampling") or {}
         self.image_spec = SamplerSpec.from_settings(settings, steps=image_steps,
-                                                    where=f"character {character.name!r} sampling settings")
+                                                    where=f"character {character.name!r}: card key 'sampling'")
         self.image_steps = image_steps
         self.seed = seed
         self.out_dir = Path(out_dir)

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from cmrp.errors import ConfigError
 from cmrp.sampling.guidance import Guidance
 
 __all__ = ["SAMPLING_SETTINGS", "SamplerSpec", "recipe_sampling_settings", "token_guidance_scale"]
@@ -63,11 +64,11 @@ class SamplerSpec:
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], *, steps: int, where: str = "sampling settings") -> SamplerSpec:
         """An ODE spec from sampling settings (`recipe_sampling_settings`, a character card's `sampling:`):
-        guidance when they name `cfg_scale`, else the backbone's default. An unknown key raises ValueError
-        naming it and `where`."""
+        guidance when they name `cfg_scale`, else the backbone's default. An unknown key (e.g. in a character
+        card's `sampling:`) raises one ConfigError naming it and `where`."""
         unknown = sorted(set(settings) - set(SAMPLING_SETTINGS))
         if unknown:
-            raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; use {', '.join(SAMPLING_SETTINGS)}")
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; use {', '.join(SAMPLING_SETTINGS)}")
         guidance = None
         if "cfg_scale" in settings:
             d = _DEFAULT_GUIDANCE
