@@ -388,7 +388,9 @@ def test_chat_think_turn_keeps_the_thinking_and_passes_the_runs_guidance(adapter
 
     with pytest.raises(ConfigError, match="think") as err:
         ChatSession(TextOnly(), CharacterInfo("Rex"), decoding="think")
-    assert "\n" not in str(err.value) and "TextOnly" in str(err.value) and "bagel" in str(err.value)
+    assert "\n" not in str(err.value) and str(err.value) == (
+        "decoding 'think' needs a backbone with think_and_sample (SupportsThink); TextOnly has none — use bagel or "
+        "janus, or --decoding chain")
 
 
 def test_eval_think_sampling_batches_and_uses_the_recipe_guidance(adapter):

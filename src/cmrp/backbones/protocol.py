@@ -167,14 +167,14 @@ def supporting(capability: type) -> list[str]:
     return names
 
 
-def require(backbone: object, capability: type[C], *, feature: str) -> C:
+def require(backbone: object, capability: type[C], *, feature: str, otherwise: str = "") -> C:
     """`backbone` as `capability`, or one ConfigError naming the recipe `feature` that asks for it, the
-    backbone that lacks it and the backbones that have it."""
+    backbone that lacks it and the backbones that have it (`otherwise`: the other fix, e.g. another option)."""
     if isinstance(backbone, capability):
         return backbone
     methods = ", ".join(m for m in vars(capability) if not m.startswith("_"))
     have = supporting(capability)
-    use = " or ".join(have) if have else "a backbone that has it"
+    use = (" or ".join(have) if have else "a backbone that has it") + (f", or {otherwise}" if otherwise else "")
     raise ConfigError(f"{feature} needs a backbone with {methods} ({capability.__name__}); "
                       f"{type(backbone).__name__} has none — use {use}")
 

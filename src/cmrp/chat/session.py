@@ -63,7 +63,7 @@ class ChatSession:
         self.backbone = backbone
         self.character = character
         self.strategy = get_strategy(decoding)
-        self.thinker = (require(backbone, SupportsThink, feature=f"decoding {decoding!r} (--decoding)")
+        self.thinker = (require(backbone, SupportsThink, feature=f"decoding {decoding!r}", otherwise="--decoding chain")
                         if self.strategy.think else None)
         settings = sampling if sampling is not None else (character.extra or {}).get("sampling") or {}
         self.image_spec = SamplerSpec.from_settings(settings, steps=image_steps,
