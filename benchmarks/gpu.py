@@ -142,7 +142,7 @@ def _sft_case(args, case) -> dict:
         with kernel():  # backward too: checkpointing recomputes the forward there, with the same kernel
             with _autocast(torch, device, dtype):
                 losses = adapter.losses(batch)
-                loss = 0.25 * losses["ce"] + losses["mse"]
+                loss = 0.25 * losses["text"] + losses["image"]
             loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -192,6 +192,8 @@ def _grpo_case(args, case) -> dict:
     from cmrp.perf.memory import Precision, Strategy, estimate_memory, grpo_update_shape
     from cmrp.perf.model import model_counts
     from cmrp.perf.workload import build_adapter, context_of_tokens
+    from cmrp.sampling.guidance import Guidance
+    from cmrp.sampling.spec import SamplerSpec
     from cmrp.training.advantages import ppo_clipped_loss
     from cmrp.training.peft import freeze_to_groups
 
@@ -206,8 +208,8 @@ def _grpo_case(args, case) -> dict:
 
     def rollout():
         with _autocast(torch, device, dtype):
-            return adapter.sample_images([context], n=group, steps=steps, seed=0, noise=0.7, window=(0, window),
-                                         cfg_scale=cfg)
+            spec = SamplerSpec(steps=steps, noise=0.7, window=(0, window), guidance=Guidance(text_scale=cfg))
+            return adapter.sample_images([context], spec, n=group, seed=0)
 
     def model_tensors():
         return [*adapter.model.parameters(), *adapter.model.buffers(), *adapter.bagel.vae.parameters()]

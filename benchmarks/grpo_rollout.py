@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 
 from cmrp.perf.workload import ROLEPLAY_PROMPT as PROMPT
+from cmrp.sampling.guidance import Guidance
+from cmrp.sampling.spec import SamplerSpec
 
 __all__ = ["PROMPT", "build_adapter", "emit", "rollout_rate", "train_cost"]
 
@@ -65,8 +67,8 @@ def rollout_seconds(adapter, contexts, *, group: int, steps: int, reuse: bool, r
                     cfg_scale: float = 1.0) -> float:
     def run():
         with torch.no_grad():
-            adapter.sample_images(contexts, n=group, steps=steps, seed=0, noise=0.7, window=(0, 2), reuse_prefix=reuse,
-                                  cfg_scale=cfg_scale)
+            spec = SamplerSpec(steps=steps, noise=0.7, window=(0, 2), guidance=Guidance(text_scale=cfg_scale))
+            adapter.sample_images(contexts, spec, n=group, seed=0, reuse_prefix=reuse)
 
     return _timed(run, repeats, str(adapter.device))
 
@@ -83,7 +85,9 @@ def train_cost(adapter, *, prompts: int, group: int, steps: int, window: int, re
     """Seconds of the GRPO update (log-prob recomputation + backward over the window) per iteration."""
     from cmrp.training.advantages import ppo_clipped_loss
 
-    rollout = adapter.sample_images(_contexts(prompts), n=group, steps=steps, seed=0, noise=0.7, window=(0, window))
+    rollout = adapter.sample_images(_contexts(prompts), SamplerSpec(steps=steps, noise=0.7, window=(0, window)),
+                                    n=group,
+                                    seed=0)
     params = [p for n, p in adapter.model.named_parameters() if "_moe_gen" in n or "llm2vae" in n]
     for p in adapter.model.parameters():
         p.requires_grad_(False)

@@ -70,7 +70,7 @@ def sft_throughput(adapter, repeats: int, batch: int = 8, peak: dict | None = No
     def step(examples):
         batch_ = adapter.collate(examples).to(adapter.device)
         losses = adapter.losses(batch_)
-        (losses["ce"] + losses["mse"]).backward()
+        (losses["text"] + losses["image"]).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return batch_

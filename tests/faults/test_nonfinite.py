@@ -53,7 +53,7 @@ def test_sft_fails_when_every_step_was_skipped(tmp_path, capsys, monkeypatch):
 
     def nan_losses(self, batch, **kwargs):
         losses = real(self, batch, **kwargs)
-        return {**losses, "ce": losses["ce"] * float("nan")}
+        return {**losses, "text": losses["text"] * float("nan")}
 
     monkeypatch.setattr(BagelAdapter, "losses", nan_losses)
     out = tmp_path / "run"

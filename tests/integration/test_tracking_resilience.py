@@ -55,7 +55,7 @@ def test_nan_losses_are_skipped_and_an_unreachable_server_defers_logging(tmp_pat
         out = real_losses(self, batch, **kwargs)
         calls["n"] += 1
         if calls["n"] in (3, 4):  # steps 3 and 4: a NaN loss
-            out = {**out, "ce": out["ce"] * float("nan")}
+            out = {**out, "text": out["text"] * float("nan")}
         return out
 
     monkeypatch.setattr(BagelAdapter, "losses", losses)

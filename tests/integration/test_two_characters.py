@@ -14,6 +14,7 @@ import json
 
 import pytest
 
+from cmrp.sampling.spec import SamplerSpec
 from tests.integration.test_cli_fit import FAST_EVAL, run_cli
 
 # docs/chat.md: several characters on one base. Not in the claims tier this stop: its card key was stale (fixed) and the
@@ -41,7 +42,7 @@ def _own_and_other(pool, character, own: str, other: str, identity, prompts) -> 
     numbers["knowledge"] = tuple(knowledge_mcq_accuracy(views[name], character) for name in (own, other))
     contexts = [p.context for p in prompts]
     numbers["identity"] = tuple(
-        identity_fidelity(views[name].sample_images(contexts, n=2, steps=20, seed=0).images, identity)
+        identity_fidelity(views[name].sample_images(contexts, SamplerSpec(steps=20), n=2, seed=0).images, identity)
         for name in (own, other))
     return numbers
 

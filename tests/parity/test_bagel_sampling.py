@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from cmrp.data.tasks import Example
+from cmrp.sampling.guidance import Guidance
+from cmrp.sampling.spec import SamplerSpec
 from tests.parity._compare import assert_matches
 from tests.parity.test_bagel_checkpoint import MODEL, official_adapter, reference, segment
 
@@ -42,9 +44,9 @@ def test_sampling_loop_matches_the_official_latent(name):
     tensors, meta = reference()
     case = meta["sampling"][name]
     context = Example("t2i", [segment(item) for item in case["inputs"]])
-    rollout = official_adapter().sample_images(
-        [context], n=1, steps=case["num_timesteps"] - 1, seed=case["seed"], timestep_shift=case["timestep_shift"],
-        cfg_scale=case["cfg_text_scale"], cfg_img_scale=case["cfg_img_scale"], cfg_interval=tuple(case["cfg_interval"]),
-        cfg_renorm_type=case["cfg_renorm_type"], cfg_renorm_min=case["cfg_renorm_min"],
-    )
+    guidance = Guidance(text_scale=case["cfg_text_scale"], img_scale=case["cfg_img_scale"],
+                        interval=tuple(case["cfg_interval"]), renorm_type=case["cfg_renorm_type"],
+                        renorm_min=case["cfg_renorm_min"])
+    spec = SamplerSpec(steps=case["num_timesteps"] - 1, timestep_shift=case["timestep_shift"], guidance=guidance)
+    rollout = official_adapter().sample_images([context], spec, n=1, seed=case["seed"])
     assert_matches(MODEL, CHECKS[name], rollout.trajectory.final[0], tensors[f"sampling/{name}/latent"])

@@ -64,5 +64,6 @@ def test_training_losses_match_the_official_forward():
     torch.manual_seed(meta["training"]["seed"])
     with torch.no_grad():
         out = adapter.losses(batch, timestep_shift=meta["training"]["timestep_shift"])
-    assert_matches(MODEL, "training loss: CE (mean over targets)", out["ce"], tensors["training/ce"].mean())
-    assert_matches(MODEL, "training loss: flow MSE (posterior-sampled latents)", out["mse"], tensors["training/mse"].mean())
+    assert_matches(MODEL, "training loss: CE (mean over targets)", out["text"], tensors["training/ce"].mean())
+    assert_matches(MODEL, "training loss: flow MSE (posterior-sampled latents)", out["image"],
+                   tensors["training/mse"].mean())

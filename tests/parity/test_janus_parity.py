@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 from cmrp.backbones.janus import JanusAdapter
 from cmrp.data.tasks import Example, Segment
+from cmrp.sampling.guidance import Guidance
+from cmrp.sampling.spec import SamplerSpec
 from tests.parity._compare import assert_matches
 
 FIXTURE = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "parity" / "janus"
@@ -107,7 +109,7 @@ def test_text_training_loss(adapter):
     # ours: the label of position i is token i+1; transformers shifts its labels inside the loss
     assert_matches(MODEL, "training labels (answer and end of sentence)", batch.labels[:, :-1], REF["train_labels"][:, 1:])
     with torch.no_grad():
-        loss = adapter.losses(batch)["ce"]
+        loss = adapter.losses(batch)["text"]
     assert_matches(MODEL, "text training loss", loss.reshape(1), REF["train_loss"])
 
 
@@ -117,8 +119,9 @@ def test_image_generation_with_cfg_equals_generate_from_one_seed(adapter):
     assert_matches(MODEL, "t2i prompts, left-padded (token ids)", prefix.ids, REF["t2i_ids"])
     assert_matches(MODEL, "t2i attention mask", prefix.mask.long(), REF["t2i_mask"])
     n = adapter.gen_tokens
-    rollout = adapter.sample_images(contexts, n=1, steps=n, seed=META["seed"], cfg_scale=META["guidance_scale"],
-                                    temperature=1.0, window=(0, n))
+    rollout = adapter.sample_images(contexts, SamplerSpec(steps=n, window=(0, n),
+                                                          guidance=Guidance(text_scale=META["guidance_scale"])),
+                                    n=1, seed=META["seed"], temperature=1.0)
     assert_matches(MODEL, "image tokens with CFG from one seed", rollout.trajectory.tokens, REF["t2i_tokens"])
     assert_matches(MODEL, "image-token log-probs under CFG (sampling, KV cache)", rollout.trajectory.logprobs,
                    REF["t2i_token_logprobs"])
@@ -127,8 +130,9 @@ def test_image_generation_with_cfg_equals_generate_from_one_seed(adapter):
     assert_matches(MODEL, "image-token log-probs under CFG (GRPO re-scoring)", rescored, REF["t2i_token_logprobs"])
     assert_matches(MODEL, "generated images (VQ decode)", rollout.images, REF["t2i_images"].permute(0, 3, 1, 2))
     # with temperature and top-k (transformers' warper order: guidance, temperature, top-k)
-    rollout = adapter.sample_images(contexts, n=1, steps=n, seed=META["seed"], cfg_scale=META["guidance_scale"],
-                                    temperature=0.9, top_k=8, window=(0, n))
+    rollout = adapter.sample_images(contexts, SamplerSpec(steps=n, window=(0, n),
+                                                          guidance=Guidance(text_scale=META["guidance_scale"])),
+                                    n=1, seed=META["seed"], temperature=0.9, top_k=8)
     assert_matches(MODEL, "image tokens with CFG, temperature and top-k", rollout.trajectory.tokens,
                    REF["t2i_topk_tokens"])
     assert_matches(MODEL, "image-token log-probs with CFG, temperature and top-k", rollout.trajectory.logprobs,

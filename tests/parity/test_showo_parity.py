@@ -21,6 +21,8 @@ from cmrp.backbones.showo.maskgit import choice_temperatures, commit_counts
 from cmrp.backbones.showo.text import ShowoText
 from cmrp.data.tasks import Example, Segment
 from cmrp.errors import WeightsError
+from cmrp.sampling.guidance import Guidance
+from cmrp.sampling.spec import SamplerSpec
 from tests.parity._compare import assert_matches
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -191,8 +193,8 @@ def test_maskgit_schedule_temperature_and_tokens_from_one_seed(adapter):
                    REF["maskgit_mask_len"][:-1])
     assert_matches(MODEL, "MaskGIT choice temperature per step (compounding)",
                    torch.tensor(choice_temperatures(1.0, steps), dtype=torch.float64), REF["maskgit_choice_temperature"])
-    rollout = adapter.sample_images(t2i_contexts(), n=1, steps=steps, seed=META["seed_sample"],
-                                    cfg_scale=1.0 + META["guidance_scale"])
+    spec = SamplerSpec(steps=steps, guidance=Guidance(text_scale=1.0 + META["guidance_scale"]))
+    rollout = adapter.sample_images(t2i_contexts(), spec, n=1, seed=META["seed_sample"])
     assert_matches(MODEL, "MaskGIT with CFG from one seed (image tokens)", rollout.trajectory.tokens,
                    REF["maskgit_tokens"])
     assert_matches(MODEL, "MaskGIT images (MAGVIT-v2 decode)", rollout.images, REF["maskgit_images"])
@@ -213,7 +215,7 @@ def test_t2i_training_loss_at_the_official_positions(adapter):
         assert_matches(MODEL, "t2i training targets (soi, masked codes, eoi)", ours, official_targets)
     torch.manual_seed(META["seed_loss"])
     with torch.no_grad():
-        loss = adapter.losses(batch)["mse"]
+        loss = adapter.losses(batch)["image"]
     assert_matches(MODEL, "t2i training loss", loss.reshape(1), REF["loss_t2i"])
 
 

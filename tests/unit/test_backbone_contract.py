@@ -5,6 +5,8 @@ behave the same through the protocol: text and image losses that train, `sample_
 log-probs that GRPO can recompute exactly, LoRA that only trains adapter weights, and one GRPO
 iteration through `CharacterGRPOModule`. Every backbone (built-in or plugin) is found in the registry, its
 tiny card in `backbones/*-tiny.yaml` by the card's `adapter`; a registered backbone without one fails here.
+Each adapter has exactly the protocol's signatures (a keyword it does not declare is a TypeError), and
+a capability it lacks is one clear error from `require`.
 """
 
 from __future__ import annotations
@@ -17,8 +19,20 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
+from cmrp.backbones.protocol import (
+    Backbone,
+    SupportsFSDP,
+    SupportsGradientCheckpointing,
+    SupportsThink,
+    image_loss,
+    require,
+    supporting,
+    text_loss,
+)
 from cmrp.data.tasks import Example, ImagePrompt, Segment
+from cmrp.errors import ConfigError
 from cmrp.registry import BACKBONES
+from cmrp.sampling.spec import SamplerSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 # adapter name -> its tiny card, found rather than listed: a new backbone's card is picked up by its file name
@@ -105,19 +119,22 @@ def train_steps(adapter, batch, key: str, steps: int = 6, lr: float = 3e-3) -> l
 
 def test_text_loss_is_finite_and_decreases(adapter):
     batch = adapter.collate(text_examples())
-    values = train_steps(adapter, batch, "ce")
+    values = train_steps(adapter, batch, "text")
     assert all(math.isfinite(v) for v in values), values
     assert values[-1] < 0.9 * values[0], values
-    assert float(adapter.text_loss(batch).detach()) == pytest.approx(float(adapter.losses(batch)["ce"].detach()), rel=1e-5)
+    torch.manual_seed(2)
+    single = float(text_loss(adapter, batch).detach())
+    torch.manual_seed(2)
+    assert single == pytest.approx(float(adapter.losses(batch)["text"].detach()), rel=1e-5)
 
 
 def test_image_loss_is_finite_and_decreases(adapter, images):
     batch = adapter.collate(image_examples(images))
-    values = train_steps(adapter, batch, "mse")
+    values = train_steps(adapter, batch, "image")
     assert all(math.isfinite(v) for v in values), values
     assert values[-1] < 0.95 * values[0], values
     text_only = adapter.collate(text_examples())
-    zero = adapter.losses(text_only)["mse"]  # nothing to train on: zero, but still in the graph
+    zero = image_loss(adapter, text_only)  # nothing to train on: zero, but still in the graph
     assert float(zero.detach()) == 0.0 and zero.requires_grad
 
 
@@ -129,20 +146,20 @@ def contexts() -> list[Example]:
 
 def test_sample_images_shape_and_groups(adapter):
     adapter.model.eval()
-    rollout = adapter.sample_images(contexts(), n=3, steps=4, seed=0)
+    rollout = adapter.sample_images(contexts(), SamplerSpec(steps=4), n=3, seed=0)
     size = adapter.image_size
     assert rollout.images.shape == (6, 3, size, size)
     assert rollout.images.dtype == torch.float32 and rollout.images.device.type == "cpu"
     assert 0.0 <= float(rollout.images.min()) and float(rollout.images.max()) <= 1.0
     assert rollout.group_ids.tolist() == [0, 0, 0, 1, 1, 1] and len(rollout) == 6
     assert rollout.num_steps == 0  # no window: nothing stored
-    again = adapter.sample_images(contexts(), n=3, steps=4, seed=0)
+    again = adapter.sample_images(contexts(), SamplerSpec(steps=4), n=3, seed=0)
     assert torch.equal(again.images, rollout.images)  # seeded
 
 
 def test_recomputed_logprobs_equal_recorded_ones(adapter):
     adapter.model.eval()
-    rollout = adapter.sample_images(contexts(), n=2, steps=4, seed=3, noise=0.7, window=(1, 3))
+    rollout = adapter.sample_images(contexts(), SamplerSpec(steps=4, noise=0.7, window=(1, 3)), n=2, seed=3)
     assert rollout.num_steps == 2 and rollout.logprobs.shape == (4, 2)
     assert torch.isfinite(rollout.logprobs).all()
     for k in range(2):
@@ -175,7 +192,7 @@ def test_lora_changes_only_adapter_weights(adapter, images):
         torch.manual_seed(1)
         losses = adapter.losses(batch)
         optimizer.zero_grad()
-        (losses["ce"] + losses["mse"]).backward()
+        (losses["text"] + losses["image"]).backward()
         optimizer.step()
     changed = {n for n, p in adapter.model.named_parameters() if not torch.equal(p, before[n])}
     assert changed, "LoRA training changed nothing"
@@ -237,10 +254,75 @@ def test_chain_and_joint_decoding_train_and_sample(adapter, character):
         t2i = build_examples(character, ["t2i"], decoding=decoding)["t2i"][:2]
         torch.manual_seed(1)
         with torch.no_grad():
-            loss = adapter.losses(adapter.collate(t2i))["mse"]
+            loss = adapter.losses(adapter.collate(t2i))["image"]
         assert torch.isfinite(loss) and float(loss) > 0, decoding
         prompt = image_prompts(character, decoding=decoding)[dialogue[0]]
         lengths[decoding] = len(prompt.context.segments)
-        rollout = adapter.sample_images([prompt.context], n=2, steps=2, seed=0)
+        rollout = adapter.sample_images([prompt.context], SamplerSpec(steps=2), n=2, seed=0)
         assert rollout.images.shape == (2, 3, adapter.image_size, adapter.image_size)
     assert lengths["chain"] == lengths["joint"] + 1  # chain also conditions on the reply text
+
+
+# -- the typed contract ------------------------------------------------------------------------------------
+CAPABILITIES = {SupportsThink: "think_and_sample", SupportsFSDP: "fsdp_wrap_modules",
+                SupportsGradientCheckpointing: "set_gradient_checkpointing"}
+
+
+def _parameters(fn) -> list[tuple[str, object]]:
+    import inspect
+
+    return [(p.name, p.kind) for p in inspect.signature(fn).parameters.values() if p.name != "self"]
+
+
+def test_adapters_have_the_protocols_signatures(adapter):
+    """Structural, not just "has the attribute": every protocol method (and every capability the adapter has)
+    takes the protocol's parameters in the protocol's kinds; an adapter's own extra parameters have defaults,
+    and no `**kwargs` swallows a misspelt keyword."""
+    import inspect
+
+    assert isinstance(adapter, Backbone) and isinstance(adapter.image_size, int)
+    protocols = [Backbone, *(c for c in CAPABILITIES if isinstance(adapter, c))]
+    for proto in protocols:
+        for name in (n for n in vars(proto) if not n.startswith("_") and callable(getattr(proto, n))):
+            ours = inspect.signature(getattr(type(adapter), name)).parameters
+            declared = _parameters(getattr(proto, name))
+            have = [(n, p.kind) for n, p in ours.items() if n in dict(declared)]
+            assert have == declared, f"{type(adapter).__name__}.{name}: {have} != protocol {declared}"
+            extra = [p for n, p in ours.items() if n not in dict(declared) and n not in ("self", "cls")]
+            assert all(p.default is not p.empty for p in extra), (name, extra)
+            assert not any(p.kind is p.VAR_KEYWORD for p in ours.values()), f"{name} has **kwargs"
+
+
+def test_a_wrong_keyword_is_a_type_error(adapter, images):
+    adapter.model.eval()
+    spec = SamplerSpec(steps=2)
+    with pytest.raises(TypeError, match="cfg_scale"):
+        adapter.sample_images(contexts(), spec, cfg_scale=2.0)  # guidance belongs in the spec
+    with pytest.raises(TypeError, match="steps"):
+        adapter.sample_images(contexts(), steps=2)
+    with pytest.raises(TypeError, match="timestep_shfit"):
+        adapter.losses(adapter.collate(text_examples()), timestep_shfit=1.0)
+    with pytest.raises(TypeError, match="max_tokens"):
+        adapter.generate_text(contexts(), max_tokens=2)
+    if isinstance(adapter, SupportsThink):
+        with pytest.raises(TypeError, match="noise"):
+            adapter.think_and_sample(contexts(), spec, noise=0.5)
+
+
+def test_require_is_one_line_naming_the_feature_and_the_backbones_that_have_it(adapter):
+    for capability, method in CAPABILITIES.items():
+        have = supporting(capability)
+        if isinstance(adapter, capability):
+            assert require(adapter, capability, feature="x") is adapter
+            continue
+        with pytest.raises(ConfigError) as err:
+            require(adapter, capability, feature="decoding: think")
+        message = str(err.value)
+        assert "\n" not in message and message.startswith("decoding: think needs a backbone with " + method)
+        assert type(adapter).__name__ in message and all(name in message for name in have), message
+
+
+def test_capabilities_of_the_built_in_backbones():
+    """What the recipes rely on: think decoding on BAGEL and Janus, FSDP and gradient checkpointing on all."""
+    assert supporting(SupportsThink) == ["bagel", "janus"]
+    assert supporting(SupportsFSDP) == supporting(SupportsGradientCheckpointing) == ["bagel", "janus", "showo"]

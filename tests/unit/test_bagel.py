@@ -13,6 +13,7 @@ from cmrp.backbones.bagel.model import flow_timesteps, patchify, unpatchify
 from cmrp.backbones.bagel.packing import attention_mask_from_splits
 from cmrp.data.tasks import Example, Segment
 from cmrp.errors import WeightsError
+from cmrp.sampling.spec import SamplerSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ["hello there, I am a tiny test creature", "what colour is it? it is red", "draw me on the beach"] * 5
@@ -125,7 +126,7 @@ def test_losses_finite_and_decrease(adapter, image_paths):
     for _ in range(25):
         torch.manual_seed(0)
         losses = adapter.losses(batch)
-        loss = losses["ce"] + losses["mse"]
+        loss = losses["text"] + losses["image"]
         assert torch.isfinite(loss)
         first = first or {k: v.item() for k, v in losses.items()}
         opt.zero_grad()
@@ -133,8 +134,8 @@ def test_losses_finite_and_decrease(adapter, image_paths):
         opt.step()
     torch.manual_seed(0)
     last = adapter.losses(batch)
-    assert last["ce"].item() < 0.3 * first["ce"]
-    assert last["mse"].item() < 0.8 * first["mse"]
+    assert last["text"].item() < 0.3 * first["text"]
+    assert last["image"].item() < 0.8 * first["image"]
 
 
 def test_flow_target_is_noise_minus_clean(adapter, image_paths):
@@ -180,12 +181,12 @@ def test_cached_prefix_matches_full_forward(adapter):
 def test_sample_images_shape_determinism_and_prefix_sharing(adapter):
     adapter.model.eval()
     ctx = [Example("c", [t("user", "draw me on the beach")]), Example("c", [t("user", "draw me")])]
-    a = adapter.sample_images(ctx, n=2, steps=4, seed=3).images
-    b = adapter.sample_images(ctx, n=2, steps=4, seed=3).images
+    a = adapter.sample_images(ctx, SamplerSpec(steps=4), n=2, seed=3).images
+    b = adapter.sample_images(ctx, SamplerSpec(steps=4), n=2, seed=3).images
     assert a.shape == (4, 3, 32, 32) and a.min() >= 0 and a.max() <= 1
     assert torch.equal(a, b)
     # one context alone gives the same images as inside the batch (padding does not leak)
-    single = adapter.sample_images(ctx[:1], n=2, steps=4, seed=3).images
+    single = adapter.sample_images(ctx[:1], SamplerSpec(steps=4), n=2, seed=3).images
     assert torch.allclose(single, a[:2], atol=1e-5)
 
 

@@ -11,7 +11,8 @@ import torch
 from cmrp.backbones.bagel import BagelAdapter
 from cmrp.backbones.bagel.model import patchify
 from cmrp.data.tasks import Example, Segment
-from cmrp.sampling.guidance import Guidance, combine_guidance, guidance_active, recipe_sampling_kwargs
+from cmrp.sampling.guidance import Guidance, combine_guidance, guidance_active
+from cmrp.sampling.spec import SamplerSpec, recipe_sampling_settings
 from tests.unit.test_bagel import CORPUS, small_card
 
 
@@ -149,7 +150,6 @@ def test_a_text_scale_of_one_switches_all_guidance_off():
     assert torch.equal(combine_guidance(V_C, V_T, V_I, 1.0, 1.0, "global"), V_C)
     assert torch.equal(combine_guidance(V_C, V_T, V_I, 1.0, 2.0, "none"), V_C)
     assert not Guidance(1.0, 2.0).enabled and not Guidance(1.0, 2.0).image_enabled and Guidance(1.5, 2.0).image_enabled
-    assert Guidance(1.0, 2.0).as_kwargs() == {}
     with pytest.raises(ValueError, match="image-free"):
         combine_guidance(V_C, V_T, None, 2.0, 1.5)
 
@@ -180,15 +180,20 @@ def test_recipe_with_image_guidance_but_text_scale_one_is_rejected():
     assert load_recipe("quickstart", ["grpo.cfg_img_scale=1.5", "grpo.cfg_scale=2.0"]).grpo.cfg_img_scale == 1.5
 
 
-def test_recipe_sampling_kwargs_only_send_what_is_set():
+def test_recipe_sampling_settings_hold_only_what_is_set():
     from omegaconf import OmegaConf
 
     from cmrp.config.schema import GRPOConfig
 
     g = OmegaConf.structured(GRPOConfig)
-    assert recipe_sampling_kwargs(g) == {}
-    g.cfg_scale, g.cfg_interval, g.timestep_shift = 4.0, [0.4, 1.0], 3.0
-    assert recipe_sampling_kwargs(g) == {"cfg_scale": 4.0, "cfg_interval": (0.4, 1.0), "timestep_shift": 3.0}
+    assert recipe_sampling_settings(g) == {}
+    g.cfg_img_scale = 2.0  # guidance off (text scale 1): nothing of it is kept
+    assert recipe_sampling_settings(g) == {}
+    g.cfg_scale, g.cfg_img_scale, g.cfg_interval, g.timestep_shift = 4.0, 1.0, [0.4, 1.0], 3.0
+    settings = recipe_sampling_settings(g)
+    assert settings == {"cfg_scale": 4.0, "cfg_interval": (0.4, 1.0), "timestep_shift": 3.0}
+    assert SamplerSpec.from_settings(settings, steps=7) == SamplerSpec(
+        steps=7, timestep_shift=3.0, guidance=Guidance(4.0, interval=(0.4, 1.0)))
 
 
 # -- guidance in the adapter ---------------------------------------------------------------------------------
@@ -248,9 +253,9 @@ def test_text_free_branch_keeps_the_earlier_text_and_image_free_is_the_context(a
 @pytest.mark.parametrize("renorm", ["global", "text_channel"])
 def test_rollout_logprobs_under_text_and_image_guidance_equal_recorded(adapter, renorm):
     ctx = [with_image_context(), Example("t2i", [text("user", "hello there")])]  # with and without an image
-    kwargs = {"cfg_scale": 3.0, "cfg_img_scale": 1.5, "cfg_interval": (0.3, 1.0), "cfg_renorm_type": renorm}
-    rollout = adapter.sample_images(ctx, n=2, steps=5, seed=0, noise=0.7, window=(0, 4), **kwargs)
-    plain = adapter.sample_images(ctx, n=2, steps=5, seed=0, noise=0.7, window=(0, 4))
+    guidance = Guidance(text_scale=3.0, img_scale=1.5, interval=(0.3, 1.0), renorm_type=renorm)
+    rollout = adapter.sample_images(ctx, SamplerSpec(steps=5, noise=0.7, window=(0, 4), guidance=guidance), n=2, seed=0)
+    plain = adapter.sample_images(ctx, SamplerSpec(steps=5, noise=0.7, window=(0, 4)), n=2, seed=0)
     assert not torch.allclose(rollout.images, plain.images, atol=1e-4)
     with torch.no_grad():
         for k in range(4):  # steps from t = 1, 0.8, 0.6, 0.4: all inside the interval (0.3, 1]
@@ -264,8 +269,8 @@ def test_rollout_logprobs_when_the_understanding_expert_trains(adapter):
     """With understanding weights trainable every prefix (conditional and both guidance branches) is
     re-encoded with gradients; unchanged weights still give the recorded log-probs."""
     ctx = [with_image_context()]
-    rollout = adapter.sample_images(ctx, n=2, steps=4, seed=1, noise=0.7, window=(0, 2), cfg_scale=2.0,
-                                    cfg_img_scale=1.5)
+    spec = SamplerSpec(steps=4, noise=0.7, window=(0, 2), guidance=Guidance(text_scale=2.0, img_scale=1.5))
+    rollout = adapter.sample_images(ctx, spec, n=2, seed=1)
     assert adapter._understanding_trainable()  # noqa: SLF001 - every weight requires grad after build
     logp = adapter.rollout_logprob(rollout, 0)
     assert torch.allclose(logp.detach(), rollout.trajectory.logprobs[:, 0], atol=1e-4)
@@ -302,7 +307,7 @@ def test_flow_loss_target_is_noise_minus_clean(adapter, monkeypatch):
         model.llm2vae.weight.data.zero_()
         model.llm2vae.bias.data.copy_(b)
         with torch.no_grad():
-            mse = adapter.losses(batch)["mse"]
+            mse = adapter.losses(batch)["image"]
     finally:
         model.llm2vae.weight.data.copy_(weight)
         model.llm2vae.bias.data.copy_(bias)
@@ -315,19 +320,21 @@ def test_flow_loss_target_is_noise_minus_clean(adapter, monkeypatch):
 def test_think_mode_writes_text_then_draws_with_it_in_context(adapter):
     ctx = [Example("t2i", [text("system", "You are Rex."), text("user", "draw me on the beach")]),
            Example("t2i", [text("user", "hello")])]
-    texts, rollout = adapter.think_and_sample(ctx, max_think_tokens=6, n=2, steps=3, seed=5)
+    texts, rollout = adapter.think_and_sample(ctx, SamplerSpec(steps=3), max_think_tokens=6, n=2, seed=5)
     assert texts == adapter.generate_text(ctx, max_new_tokens=6)
     # the cached prefix continued by the thinking == encoding context + thinking from scratch
     explicit = [Example("t2i", [*c.segments, text("character", t)]) for c, t in zip(ctx, texts, strict=True)]
-    again = adapter.sample_images(explicit, n=2, steps=3, seed=5)
+    again = adapter.sample_images(explicit, SamplerSpec(steps=3), n=2, seed=5)
     assert torch.allclose(rollout.images, again.images, atol=1e-5)
-    assert not torch.allclose(rollout.images, adapter.sample_images(ctx, n=2, steps=3, seed=5).images, atol=1e-4)
+    assert not torch.allclose(rollout.images, adapter.sample_images(ctx, SamplerSpec(steps=3),
+                                                                    n=2, seed=5).images, atol=1e-4)
 
 
 def test_think_mode_rollouts_replay_on_policy_with_guidance(adapter):
     ctx = [with_image_context()]
-    _, rollout = adapter.think_and_sample(ctx, max_think_tokens=4, n=2, steps=4, seed=2, noise=0.7, window=(0, 2),
-                                          cfg_scale=2.0, cfg_img_scale=1.5)
+    _, rollout = adapter.think_and_sample(ctx, SamplerSpec(steps=4, noise=0.7, window=(0, 2),
+                                                           guidance=Guidance(text_scale=2.0, img_scale=1.5)),
+                                          max_think_tokens=4, n=2, seed=2)
     with torch.no_grad():
         for k in range(2):
             assert torch.allclose(adapter.rollout_logprob(rollout, k), rollout.trajectory.logprobs[:, k], atol=1e-4)
@@ -363,15 +370,15 @@ def test_chat_think_turn_keeps_the_thinking_and_passes_the_runs_guidance(adapter
         def generate_text(self, contexts, **kw):
             return adapter.generate_text(contexts, **kw)
 
-        def think_and_sample(self, contexts, **kw):
-            calls["think"] = (contexts, kw)
-            return adapter.think_and_sample(contexts, **kw)
+        def think_and_sample(self, contexts, spec, **kw):
+            calls["think"] = (contexts, spec)
+            return adapter.think_and_sample(contexts, spec, **kw)
 
-    info = CharacterInfo("Rex", extra={"image_kwargs": {"cfg_scale": 2.0, "cfg_interval": (0.4, 1.0)}})
+    info = CharacterInfo("Rex", extra={"sampling": {"cfg_scale": 2.0, "cfg_interval": (0.4, 1.0)}})
     session = ChatSession(Spy(), info, decoding="think", image_steps=2, out_dir=tmp_path, max_new_tokens=4)
     reply = session.reply("show me the beach", image=True)
-    contexts, kw = calls["think"]
-    assert kw["cfg_scale"] == 2.0 and kw["cfg_interval"] == (0.4, 1.0) and kw["steps"] == 2
+    contexts, spec = calls["think"]
+    assert spec == SamplerSpec(steps=2, guidance=Guidance(text_scale=2.0, interval=(0.4, 1.0)))
     assert [s.role for s in contexts[0].segments][-2:] == ["user", "character"]  # history + the reply
     assert reply.image_path.is_file() and isinstance(session.turns[-1]["thinking"], str)
 
@@ -379,18 +386,34 @@ def test_chat_think_turn_keeps_the_thinking_and_passes_the_runs_guidance(adapter
         def generate_text(self, contexts, **kw):
             return ["hi"]
 
-    with pytest.raises(ConfigError, match="think"):
+    with pytest.raises(ConfigError, match="think") as err:
         ChatSession(TextOnly(), CharacterInfo("Rex"), decoding="think")
+    assert "\n" not in str(err.value) and str(err.value) == (
+        "decoding 'think' needs a backbone with think_and_sample (SupportsThink); TextOnly has none — use bagel or "
+        "janus, or --decoding chain")
 
 
 def test_eval_think_sampling_batches_and_uses_the_recipe_guidance(adapter):
     from cmrp.evaluation.runner import EvalOptions, _think_sample
 
     ctx = [Example("t2i", [text("user", f"draw me {i}")]) for i in range(3)]
-    opts = EvalOptions(steps=2, batch_size=2, max_new_tokens=3, image_kwargs={"cfg_scale": 2.0})
+    opts = EvalOptions(steps=2, batch_size=2, max_new_tokens=3, sampling={"cfg_scale": 2.0})
     thoughts, images = _think_sample(adapter, ctx, opts)
     assert len(thoughts) == 3 and images.shape == (3, 3, 32, 32)
     # the first batch equals a direct think-mode call with the same seeds and guidance
-    direct_texts, direct = adapter.think_and_sample(ctx[:2], n=1, steps=2, seed=0, max_think_tokens=3, text_seed=0,
-                                                    cfg_scale=2.0)
+    direct_texts, direct = adapter.think_and_sample(ctx[:2], SamplerSpec(steps=2, guidance=Guidance(text_scale=2.0)),
+                                                    n=1, seed=0, max_think_tokens=3, text_seed=0)
     assert thoughts[:2] == direct_texts and torch.allclose(images[:2], direct.images)
+
+
+def test_eval_refuses_think_decoding_on_a_backbone_without_it_before_running():
+    from cmrp.config import load_recipe
+    from cmrp.errors import ConfigError
+    from cmrp.evaluation.runner import EvalOptions, evaluate_model
+
+    class TextOnly:  # the check comes first: nothing else of the backbone or the character is touched
+        pass
+
+    cfg = load_recipe("quickstart", ["decoding=think"])
+    with pytest.raises(ConfigError, match="^decoding: think needs a backbone with think_and_sample .* TextOnly has"):
+        evaluate_model(TextOnly(), None, cfg, None, EvalOptions())

@@ -52,7 +52,7 @@ def _outputs(adapter: BagelAdapter, paths) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = adapter._forward(batch, None)[0]
         logits = adapter.model.language_model.lm_head(hidden)
         torch.manual_seed(123)
-        mse = adapter.losses(batch)["mse"]
+        mse = adapter.losses(batch)["image"]
     return logits, mse
 
 
@@ -449,7 +449,7 @@ def test_adapter_packs_understood_images_at_their_own_aspect_ratio(tmp_path):
     assert batch.is_vit.sum(1).tolist() == [(16 // patch) * (32 // patch), (32 // patch) ** 2, 0]
     assert tuple(batch.vae_pixels.shape[-2:]) == (adapter.image_size, adapter.image_size)
     losses = adapter.losses(batch)
-    assert torch.isfinite(losses["ce"]) and torch.isfinite(losses["mse"])
+    assert torch.isfinite(losses["text"]) and torch.isfinite(losses["image"])
     together = adapter.score_text([vqa(paths["wide"]), vqa(paths["square"])])
     alone = torch.cat([adapter.score_text([vqa(paths["wide"])]), adapter.score_text([vqa(paths["square"])])])
     torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)

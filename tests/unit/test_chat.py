@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cmrp.chat.session import CharacterInfo, ChatSession, parse_user_line
+from cmrp.sampling.spec import SamplerSpec
 
 
 class FakeBackbone:
@@ -18,12 +19,12 @@ class FakeBackbone:
     def __init__(self):
         self.text_calls, self.image_calls = [], []
 
-    def generate_text(self, contexts, **kwargs):
-        self.text_calls.append((contexts, kwargs))
+    def generate_text(self, contexts, *, max_new_tokens=64, temperature=0.0, seed=0):
+        self.text_calls.append((contexts, max_new_tokens, temperature, seed))
         return [f"reply {len(self.text_calls)}" for _ in contexts]
 
-    def sample_images(self, contexts, *, n=1, steps=20, seed=0, **kwargs):
-        self.image_calls.append((contexts, n, steps, seed))
+    def sample_images(self, contexts, spec, *, n=1, seed=0):
+        self.image_calls.append((contexts, n, spec.steps, seed))
         return SimpleNamespace(images=torch.full((len(contexts) * n, 3, 8, 8), len(self.image_calls) / 10))
 
 
@@ -112,7 +113,7 @@ def _outputs(backbone):
     ctx = [Example("chat", [Segment("text", "system", "You are X."), Segment("text", "user", "hello there")])]
     with torch.no_grad():
         text = backbone.generate_text(ctx, max_new_tokens=8)[0]
-        image = backbone.sample_images([Example("t2i", ctx[0].segments)], n=1, steps=2, seed=3).images[0]
+        image = backbone.sample_images([Example("t2i", ctx[0].segments)], SamplerSpec(steps=2), n=1, seed=3).images[0]
     return text, image
 
 
@@ -148,3 +149,26 @@ def test_pool_hot_swaps_adapters_like_each_alone(tmp_path):
     assert pool.session("Ann").turns == []  # each character keeps its own conversation
     with pytest.raises(ConfigError, match="no character 'Cid'"):
         pool.reply("Cid", "hi")
+
+
+def test_pool_view_switches_the_adapter_for_every_method_even_new_ones():
+    """The view wraps every method the backbone has (no list of names to keep in step with the protocol):
+    a method added later still runs under the view's character; plain attributes pass through."""
+    from cmrp.chat.artefact import CharacterPool, _AdapterView
+
+    class Backbone(FakeBackbone):
+        image_size = 8
+
+        def brand_new_method(self, x):
+            return (pool.active, x)
+
+    pool = CharacterPool.__new__(CharacterPool)  # the switching logic alone: no base model on disk
+    pool.backbone, pool.characters, pool.active = Backbone(), {"Ann": None, "Bob": None}, None
+    switched = []
+    pool.activate = lambda name: (switched.append(name), setattr(pool, "active", name))
+    ann, bob = _AdapterView(pool, "Ann"), _AdapterView(pool, "Bob")
+    assert bob.brand_new_method(1) == ("Bob", 1) and ann.brand_new_method(2) == ("Ann", 2)
+    ann.generate_text([], max_new_tokens=2)
+    bob.sample_images([], SimpleNamespace(steps=2))
+    assert switched == ["Bob", "Ann", "Ann", "Bob"]
+    assert ann.image_size == 8 and switched[-1] == "Bob"  # reading an attribute switches nothing

@@ -317,7 +317,7 @@ def test_t2i_reports_fid_and_kid_when_the_feature_set_has_an_inception_net():
     from cmrp.rewards.trainset import pixel_features
 
     class Sampler:
-        def sample_images(self, contexts, n, steps, seed, **kwargs):
+        def sample_images(self, contexts, spec, *, n, seed):
             return SimpleNamespace(images=_images(len(contexts) * n, seed=seed + 7))
 
     character = SimpleNamespace(train=SimpleNamespace(images={}), test=SimpleNamespace(images={}),

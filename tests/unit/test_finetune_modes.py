@@ -23,7 +23,7 @@ def train_steps(adapter, batch, steps=3):
     for _ in range(steps):
         losses = adapter.losses(batch)
         opt.zero_grad()
-        (losses["ce"] + losses["mse"]).backward()
+        (losses["text"] + losses["image"]).backward()
         opt.step()
 
 

@@ -17,6 +17,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from cmrp.data.tasks import Example, Segment
 from cmrp.perf import flops as F
 from cmrp.perf.workload import build_adapter, context_of_tokens, sft_examples
+from cmrp.sampling.guidance import Guidance
+from cmrp.sampling.spec import SamplerSpec
 
 TOLERANCE = 0.01
 
@@ -50,7 +52,7 @@ def test_sft_step_matches_the_flop_counter(mode, checkpointing, targets):
 
     def step():
         losses = adapter.losses(batch)
-        (losses["ce"] + losses["mse"]).backward()
+        (losses["text"] + losses["image"]).backward()
 
     measured = counted(step)
     train = F.Trainable.from_model(adapter.model)
@@ -88,8 +90,9 @@ def test_rollout_and_update_match_the_flop_counter(cfg_scale):
                            uncond_tokens=(empty,) if guided else ())
 
     def sample(reuse=True):
-        return adapter.sample_images([context], n=3, steps=steps, seed=0, noise=0.7, window=(0, 2),
-                                     reuse_prefix=reuse, cfg_scale=cfg_scale)
+        return adapter.sample_images([context], SamplerSpec(steps=steps, noise=0.7, window=(0, 2),
+                                                            guidance=Guidance(text_scale=cfg_scale)),
+                                     n=3, seed=0, reuse_prefix=reuse)
 
     assert close(F.rollout_flops(adapter.arch, shape).total, counted(sample))
     if not guided:  # the naive baseline re-encodes the prefix for every sample at every step
@@ -109,7 +112,7 @@ def test_rollout_and_update_match_the_flop_counter(cfg_scale):
 def test_update_re_encodes_prefixes_when_understanding_trains():
     adapter = build_adapter("bagel-tiny")
     context, prefix = context_of_tokens(adapter, 30)
-    rollout = adapter.sample_images([context], n=2, steps=3, seed=0, noise=0.7, window=(0, 1))
+    rollout = adapter.sample_images([context], SamplerSpec(steps=3, noise=0.7, window=(0, 1)), n=2, seed=0)
     for p in adapter.model.parameters():
         p.requires_grad_(True)
     train = F.Trainable.from_model(adapter.model)

@@ -11,6 +11,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from cmrp.config.schema import GRPOConfig
 from cmrp.data.tasks import Example, ImagePrompt, Segment
+from cmrp.sampling.guidance import Guidance
+from cmrp.sampling.spec import SamplerSpec
 from cmrp.training.advantages import group_advantages, ppo_clipped_loss
 from tests.unit.test_bagel import CORPUS, small_card
 
@@ -65,7 +67,7 @@ def prompts(texts):
 
 def test_recomputed_logprobs_equal_recorded_ones(adapter):
     ctx = [p.context for p in prompts(["draw me on the beach", "hello there"])]
-    rollout = adapter.sample_images(ctx, n=3, steps=6, seed=0, noise=0.7, window=(1, 4))
+    rollout = adapter.sample_images(ctx, SamplerSpec(steps=6, noise=0.7, window=(1, 4)), n=3, seed=0)
     assert rollout.num_steps == 3 and rollout.trajectory.logprobs.shape == (6, 3)
     for k in range(3):
         with torch.no_grad():
@@ -76,16 +78,16 @@ def test_recomputed_logprobs_equal_recorded_ones(adapter):
         part = adapter.rollout_logprob(rollout, 2, sub)
     assert torch.allclose(part, rollout.trajectory.logprobs[sub, 2], atol=1e-4)
     # noise 0 rollout == plain ODE sampling
-    ode = adapter.sample_images(ctx, n=3, steps=6, seed=0).images
-    no_noise = adapter.sample_images(ctx, n=3, steps=6, seed=0, noise=0.0, window=(1, 4)).images
+    ode = adapter.sample_images(ctx, SamplerSpec(steps=6), n=3, seed=0).images
+    no_noise = adapter.sample_images(ctx, SamplerSpec(steps=6, noise=0.0, window=(1, 4)), n=3, seed=0).images
     assert torch.equal(ode, no_noise)
 
 
 def test_same_noise_option_shares_the_start(adapter):
     ctx = [p.context for p in prompts(["draw me"])]
-    same = adapter.sample_images(ctx, n=3, steps=3, seed=1, same_noise=True).images
+    same = adapter.sample_images(ctx, SamplerSpec(steps=3, same_noise=True), n=3, seed=1).images
     assert torch.allclose(same[0], same[1], atol=1e-5) and torch.allclose(same[1], same[2], atol=1e-5)
-    diff = adapter.sample_images(ctx, n=3, steps=3, seed=1).images
+    diff = adapter.sample_images(ctx, SamplerSpec(steps=3), n=3, seed=1).images
     assert not torch.allclose(diff[0], diff[1])
 
 
@@ -201,7 +203,8 @@ def test_grpo_raises_a_brightness_reward_on_heldout_prompts(adapter):
     heldout = prompts(["draw me on the beach", "hello there", "what colour is it"])
 
     def measure():
-        return heldout_reward(adapter, reward, heldout, lambda p: [], None, n=4, steps=8, seed=123)["total"]
+        return heldout_reward(adapter, reward, heldout, lambda p: [], None, n=4, spec=SamplerSpec(steps=8),
+                              seed=123)["total"]
 
     start = measure()
     cfg = grpo_cfg(max_steps=12, prompts_per_step=2, group_size=8, sample_steps=8, window_size=3, noise_level=1.0,
@@ -214,9 +217,10 @@ def test_grpo_raises_a_brightness_reward_on_heldout_prompts(adapter):
 
 def test_text_cfg_combines_conditional_and_unconditional_velocities(adapter):
     ctx = [p.context for p in prompts(["draw me on the beach", "hi"])]
-    plain = adapter.sample_images(ctx, n=2, steps=3, seed=4).images
-    assert torch.equal(adapter.sample_images(ctx, n=2, steps=3, seed=4, cfg_scale=1.0).images, plain)
-    guided = adapter.sample_images(ctx, n=2, steps=3, seed=4, cfg_scale=3.0).images
+    plain = adapter.sample_images(ctx, SamplerSpec(steps=3), n=2, seed=4).images
+    assert torch.equal(adapter.sample_images(ctx, SamplerSpec(steps=3, guidance=Guidance(text_scale=1.0)),
+                                             n=2, seed=4).images, plain)
+    guided = adapter.sample_images(ctx, SamplerSpec(steps=3, guidance=Guidance(text_scale=3.0)), n=2, seed=4).images
     assert not torch.allclose(guided, plain, atol=1e-4)
     # the guided velocity equals v_u + s (v_c - v_u) with each branch run on its own
     cache = adapter._encode_prefix(ctx)  # noqa: SLF001 - checking the maths of the guided velocity
@@ -232,7 +236,9 @@ def test_text_cfg_combines_conditional_and_unconditional_velocities(adapter):
 
 def test_cfg_rollout_logprobs_are_recomputed_under_guidance(adapter):
     ctx = [p.context for p in prompts(["draw me on the beach"])]
-    rollout = adapter.sample_images(ctx, n=3, steps=4, seed=0, noise=0.7, window=(0, 2), cfg_scale=2.5)
+    rollout = adapter.sample_images(ctx, SamplerSpec(steps=4, noise=0.7, window=(0, 2),
+                                                     guidance=Guidance(text_scale=2.5)),
+                                    n=3, seed=0)
     with torch.no_grad():
         again = adapter.rollout_logprob(rollout, 1)
     assert torch.allclose(again, rollout.trajectory.logprobs[:, 1], atol=1e-4)

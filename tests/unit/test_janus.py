@@ -13,6 +13,8 @@ from omegaconf import OmegaConf
 from cmrp.backbones.janus import JanusAdapter
 from cmrp.data.tasks import Example, Segment
 from cmrp.errors import ConfigError, WeightsError
+from cmrp.sampling.guidance import Guidance
+from cmrp.sampling.spec import SamplerSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ["hello there, I am a tiny test creature", "what colour is it? it is red", "draw me on the beach"] * 5
@@ -82,14 +84,14 @@ def test_image_loss_is_ce_of_the_generation_head_on_vq_codes(adapter, image_path
     codes = adapter.encode_images(batch.gen_pixels)
     assert codes.shape == (1, 16) and int(codes.max()) < 64
     with torch.no_grad():
-        loss = adapter.losses(batch)["mse"]
+        loss = adapter.losses(batch)["image"]
         embeds = adapter._embed(batch.input_ids, batch.und_mask, None, batch.gen_mask, codes)  # noqa: SLF001
         hidden, _ = adapter._lm(embeds, batch.attention_mask)  # noqa: SLF001
         logits = adapter.janus.model.generation_head(hidden[0, batch.gen_pred_mask[0]])
     expected = torch.nn.functional.cross_entropy(logits, codes[0])
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
     # the VQ-VAE is frozen: no gradient reaches it
-    adapter.losses(batch)["mse"].backward()
+    adapter.losses(batch)["image"].backward()
     assert all(p.grad is None for p in adapter.janus.model.vqmodel.parameters())
     assert adapter.janus.model.generation_head.vision_head.weight.grad is not None
 
@@ -113,10 +115,10 @@ def test_round_trip_in_the_official_layout_is_bit_identical(adapter, image_path,
     batch = adapter.collate(examples(image_path))
     with torch.no_grad():
         la, lb = adapter.losses(batch), loaded.losses(batch)
-    assert torch.equal(la["ce"], lb["ce"]) and torch.equal(la["mse"], lb["mse"])
+    assert torch.equal(la["text"], lb["text"]) and torch.equal(la["image"], lb["image"])
     ctx = [Example("t2i", [t("user", "draw me on the beach")])]
-    ra = adapter.sample_images(ctx, n=2, steps=4, seed=5, window=(0, 2))
-    rb = loaded.sample_images(ctx, n=2, steps=4, seed=5, window=(0, 2))
+    ra = adapter.sample_images(ctx, SamplerSpec(steps=4, window=(0, 2)), n=2, seed=5)
+    rb = loaded.sample_images(ctx, SamplerSpec(steps=4, window=(0, 2)), n=2, seed=5)
     assert torch.equal(ra.images, rb.images) and torch.equal(ra.logprobs, rb.logprobs)
     assert loaded.tokenizer.encode("hello there") == adapter.tokenizer.encode("hello there")
     assert loaded.sampling == adapter.sampling
@@ -163,8 +165,9 @@ def test_cfg_uses_janus_unconditional_prompt_and_is_the_sampled_policy(adapter):
     cond, uncond = prefix.ids[:2], prefix.ids[2:]
     assert (cond[:, -1] == tok.boi_id).all() and torch.equal(prefix.mask[:2], prefix.mask[2:])
     assert set(uncond[prefix.mask[2:]].tolist()) <= {tok.bos_id, tok.boi_id, tok.pad_id}
-    plain = adapter.sample_images(ctx, n=2, steps=4, seed=1, cfg_scale=1.0)
-    guided = adapter.sample_images(ctx, n=2, steps=4, seed=1, cfg_scale=4.0, window=(0, 4))
+    plain = adapter.sample_images(ctx, SamplerSpec(steps=4, guidance=Guidance(text_scale=1.0)), n=2, seed=1)
+    guided = adapter.sample_images(ctx, SamplerSpec(steps=4, window=(0, 4), guidance=Guidance(text_scale=4.0)),
+                                   n=2, seed=1)
     assert not torch.equal(plain.trajectory.tokens, guided.trajectory.tokens)
     # each stored step's log-prob is the mean token log-prob under the guided distribution
     with torch.no_grad():
@@ -173,9 +176,9 @@ def test_cfg_uses_janus_unconditional_prompt_and_is_the_sampled_policy(adapter):
     assert torch.allclose(logp, guided.logprobs[:, 2], atol=1e-5)
     assert torch.allclose(token_logp.sum(1) / 4, logp, atol=1e-6)
     with pytest.raises(ValueError, match="same_noise"):
-        adapter.sample_images(ctx, n=2, steps=4, same_noise=True)
+        adapter.sample_images(ctx, SamplerSpec(steps=4, same_noise=True), n=2)
     with pytest.raises(ValueError, match="steps"):
-        adapter.sample_images(ctx, n=1, steps=17)
+        adapter.sample_images(ctx, SamplerSpec(steps=17), n=1)
 
 
 def test_decoding_strategies_train_and_sample(adapter, tmp_path):
@@ -190,10 +193,10 @@ def test_decoding_strategies_train_and_sample(adapter, tmp_path):
     for decoding in ("chain", "joint"):
         t2i = build_examples(character, ["t2i"], decoding=decoding)["t2i"][:2]
         with torch.no_grad():
-            loss = adapter.losses(adapter.collate(t2i))["mse"]
+            loss = adapter.losses(adapter.collate(t2i))["image"]
         assert torch.isfinite(loss) and float(loss) > 0
         prompts = image_prompts(character, decoding=decoding)[:2]
-        rollout = adapter.sample_images([p.context for p in prompts], n=2, steps=2, seed=0)
+        rollout = adapter.sample_images([p.context for p in prompts], SamplerSpec(steps=2), n=2, seed=0)
         assert rollout.images.shape == (4, 3, 32, 32)
     seq_chain = adapter._render(Example("t2i", chain.context.segments))  # noqa: SLF001
     seq_joint = adapter._render(Example("t2i", joint.context.segments))  # noqa: SLF001
@@ -274,7 +277,7 @@ def test_step_kl_k3_for_token_rollouts_and_gaussian_for_flow():
 def test_think_and_sample_draws_the_image_after_the_thinking(adapter):
     adapter.model.eval()
     ctx = [Example("t2i", [t("user", "draw me on the beach")])]
-    texts, rollout = adapter.think_and_sample(ctx, max_think_tokens=5, n=2, steps=4, seed=2)
+    texts, rollout = adapter.think_and_sample(ctx, SamplerSpec(steps=4), max_think_tokens=5, n=2, seed=2)
     assert len(texts) == 1 and rollout.images.shape == (2, 3, 32, 32)
     given = [Example("t2i", [*ctx[0].segments, t("character", texts[0])])]
-    assert torch.equal(adapter.sample_images(given, n=2, steps=4, seed=2).images, rollout.images)
+    assert torch.equal(adapter.sample_images(given, SamplerSpec(steps=4), n=2, seed=2).images, rollout.images)

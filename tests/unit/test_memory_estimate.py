@@ -46,7 +46,7 @@ def _measured_peak(adapter, batch, autocast: bool) -> float:
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             losses = adapter.losses(batch)
-            loss = losses["ce"] + losses["mse"]
+            loss = losses["text"] + losses["image"]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -12,6 +12,8 @@ from omegaconf import OmegaConf
 
 from cmrp.backbones.bagel import BagelAdapter
 from cmrp.errors import ConfigError
+from cmrp.sampling.guidance import Guidance
+from cmrp.sampling.spec import SamplerSpec
 from cmrp.training.peft import apply_finetune, check_finetune_runtime, quantize_base_4bit, replace_linears
 from tests.unit.test_bagel import CORPUS, small_card
 
@@ -87,7 +89,7 @@ def test_qlora_replaces_exactly_the_decoder_linears_and_lora_trains_on_top():
     assert not any(p.requires_grad for p in adapter.model.parameters())  # the quantised base is frozen
     torch.manual_seed(1)
     quantised = adapter.losses(batch)
-    assert abs(float(quantised["ce"].detach()) - float(ref["ce"].detach())) < 0.5  # rounded weights, close outputs
+    assert abs(float(quantised["text"].detach()) - float(ref["text"].detach())) < 0.5  # rounded weights, close outputs
     # LoRA wraps the quantised layers (peft accepts any Linear subclass), and only LoRA weights train
     gen_regex = "|".join(adapter.lora_targets("generation"))
     adapter.model = get_peft_model(adapter.model, LoraConfig(r=4, lora_alpha=8, target_modules=gen_regex))
@@ -97,7 +99,7 @@ def test_qlora_replaces_exactly_the_decoder_linears_and_lora_trains_on_top():
     before = {n: p.detach().clone() for n, p in adapter.model.named_parameters()}
     adapter.model.train()
     for _ in range(2):
-        loss = adapter.losses(batch)["mse"]
+        loss = adapter.losses(batch)["image"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -176,13 +178,13 @@ def test_qlora_with_real_nf4_layers_trains_only_lora_weights():
     assert trainable and all("lora_" in n and "_moe_gen" in n for n in trainable)
     torch.manual_seed(1)
     quantised_loss = adapter.losses(batch)
-    assert abs(float(quantised_loss["ce"].detach()) - float(ref["ce"].detach())) < 0.5
+    assert abs(float(quantised_loss["text"].detach()) - float(ref["text"].detach())) < 0.5
     opt = torch.optim.AdamW([p for p in adapter.model.parameters() if p.requires_grad], lr=1e-2)
     adapter.model.train()
     losses = []
     for _ in range(8):
         torch.manual_seed(2)  # the same flow-matching noise every step: the loss must fall
-        loss = adapter.losses(batch)["mse"]
+        loss = adapter.losses(batch)["image"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -196,7 +198,7 @@ def _grads(adapter, batch) -> dict[str, torch.Tensor]:
     adapter.model.zero_grad(set_to_none=True)
     torch.manual_seed(3)
     losses = adapter.losses(batch)
-    (losses["ce"] + losses["mse"]).backward()
+    (losses["text"] + losses["image"]).backward()
     return {n: p.grad.clone() for n, p in adapter.model.named_parameters() if p.grad is not None}
 
 
@@ -236,8 +238,8 @@ def test_gradient_checkpointing_in_grpo_logprobs_on_a_cached_prefix():
         adapter = build()
         adapter.set_gradient_checkpointing(on)
         adapter.model.eval()
-        rollout = adapter.sample_images([Example("t2i", [Segment("text", "user", "draw me")])], n=2, steps=3,
-                                        seed=0, noise=0.7, window=(0, 2), cfg_scale=2.0)
+        spec = SamplerSpec(steps=3, noise=0.7, window=(0, 2), guidance=Guidance(text_scale=2.0))
+        rollout = adapter.sample_images([Example("t2i", [Segment("text", "user", "draw me")])], spec, n=2, seed=0)
         calls = _count_layer_calls(adapter)
         adapter.rollout_logprob(rollout, 1).sum().backward()
         grads.append({n: p.grad for n, p in adapter.model.named_parameters() if p.grad is not None})

@@ -73,7 +73,7 @@ def test_pretraining_lowered_the_loss_measured_again(base_adapter, tmp_path):
     for seed in (first, first + 1):
         chat = build_examples(make_character(seed, out_dir=tmp_path / str(seed)), decoding="chain")["chat"][:8]
         with torch.no_grad():
-            ce = float(base_adapter.losses(base_adapter.collate(chat))["ce"])
+            ce = float(base_adapter.losses(base_adapter.collate(chat))["text"])
         assert ce < 0.5 * uniform, (seed, ce, uniform)
 
 

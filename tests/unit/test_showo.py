@@ -21,6 +21,8 @@ from cmrp.backbones.showo import (
 from cmrp.backbones.showo.maskgit import choice_temperatures, commit_counts, cosine_schedule, maskgit_step
 from cmrp.data.tasks import Example, Segment
 from cmrp.errors import ConfigError, WeightsError
+from cmrp.sampling.guidance import Guidance
+from cmrp.sampling.spec import SamplerSpec
 
 CARD = Path(__file__).resolve().parents[2] / "backbones" / "showo-tiny.yaml"
 CORPUS = ["the lighthouse keeper paints the sea", "a red fox runs over the hill at dawn"] * 10
@@ -146,8 +148,8 @@ def test_losses_cover_text_and_masked_image_tokens(adapter):
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
 def test_maskgit_logprobs_recompute_exactly(adapter, cfg_scale):
     steps = 5
-    rollout = adapter.sample_images([_prompt(), _prompt("the sea")], n=2, steps=steps, seed=5, window=(1, 4),
-                                    cfg_scale=cfg_scale)
+    spec = SamplerSpec(steps=steps, window=(1, 4), guidance=Guidance(text_scale=cfg_scale))
+    rollout = adapter.sample_images([_prompt(), _prompt("the sea")], spec, n=2, seed=5)
     assert rollout.images.shape == (4, 3, 32, 32) and rollout.num_steps == 3
     traj = rollout.trajectory
     counts = commit_counts(64, steps)
@@ -162,7 +164,9 @@ def test_maskgit_logprobs_recompute_exactly(adapter, cfg_scale):
     assert token_logp.shape == (2, 64) and torch.equal(committed, traj.steps[[3, 0], 1])
     assert logp.requires_grad
     # same seed, same images (the window only decides what is stored)
-    again = adapter.sample_images([_prompt(), _prompt("the sea")], n=2, steps=steps, seed=5, cfg_scale=cfg_scale)
+    again = adapter.sample_images([_prompt(), _prompt("the sea")], SamplerSpec(steps=steps,
+                                                                               guidance=Guidance(text_scale=cfg_scale)),
+                                  n=2, seed=5)
     assert torch.equal(again.trajectory.tokens, traj.tokens) and again.num_steps == 0
 
 
@@ -185,8 +189,8 @@ def test_round_trip_in_official_layout(adapter, tmp_path):
     torch.manual_seed(1)
     after = loaded.losses(loaded.collate(_examples()))
     assert all(torch.equal(before[k], after[k]) for k in before)
-    a = adapter.sample_images([_prompt()], n=2, steps=3, seed=9, cfg_scale=2.0)
-    b = loaded.sample_images([_prompt()], n=2, steps=3, seed=9, cfg_scale=2.0)
+    a = adapter.sample_images([_prompt()], SamplerSpec(steps=3, guidance=Guidance(text_scale=2.0)), n=2, seed=9)
+    b = loaded.sample_images([_prompt()], SamplerSpec(steps=3, guidance=Guidance(text_scale=2.0)), n=2, seed=9)
     assert torch.equal(a.images, b.images) and torch.equal(a.trajectory.tokens, b.trajectory.tokens)
 
 

@@ -18,10 +18,11 @@ and the file's sha256) still load.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cmrp.backbones.loading import (
     find_checkpoint,
@@ -30,6 +31,7 @@ from cmrp.backbones.loading import (
     load_recipe_of,
     reading_weights,
 )
+from cmrp.backbones.protocol import Backbone
 from cmrp.chat.session import CharacterInfo, ChatSession, Reply
 from cmrp.checkpoint import file_sha256
 from cmrp.config import load_backbone_card, resolve_recipe_parts
@@ -39,7 +41,7 @@ from cmrp.errors import ConfigError, DataError, WeightsError
 from cmrp.jsonio import write_json
 from cmrp.registry import BACKBONES
 from cmrp.resources import shipped_base
-from cmrp.sampling.guidance import recipe_sampling_kwargs
+from cmrp.sampling.spec import recipe_sampling_settings
 
 __all__ = ["CARD_FILE", "CharacterPool", "load_character", "load_chat_source", "save_character", "weights_sha256"]
 
@@ -98,7 +100,7 @@ def _info(character: Any, cfg: Any, fallback: str) -> CharacterInfo:
 
     # images are drawn with the run's guidance and timestep shift (its `grpo:` section)
     return CharacterInfo(name=name, profile=profile, decoding=str(cfg.decoding),
-                         extra={"image_kwargs": recipe_sampling_kwargs(cfg.grpo)})
+                         extra={"sampling": recipe_sampling_settings(cfg.grpo)})
 
 
 # -- saving --------------------------------------------------------------------------------------------
@@ -170,7 +172,7 @@ def save_character(run_dir: str | Path, out_dir: str | Path, *, max_thumbnails: 
         "thumbnails": thumbs,
         "source_run": ckpt.parent.name,  # where it came from, for people; never read back
         "finetune": {"mode": str(cfg.finetune.mode), "r": cfg.finetune.get("r"), "alpha": cfg.finetune.get("alpha")},
-        "sampling": info.extra["image_kwargs"],  # guidance / timestep shift the images are drawn with
+        "sampling": info.extra["sampling"],  # guidance / timestep shift the images are drawn with
     }
     write_json(staging / CARD_FILE, card)
     if out.exists():
@@ -267,7 +269,7 @@ def load_character(artefact_dir: str | Path, base: str | Path | None = None, *, 
     card = read_card(folder)
     info = CharacterInfo(name=card.get("name") or folder.name, profile=card.get("profile") or "",
                          decoding=card.get("decoding") or "chain", extra={"card": card, "artefact": str(folder),
-                                                                          "image_kwargs": card.get("sampling") or {}})
+                                                                          "sampling": card.get("sampling") or {}})
     if card.get("kind") == "full":
         if base is not None:
             raise ConfigError(f"{folder / CARD_FILE}: a full fine-tuning character carries its whole model, so a "
@@ -295,17 +297,18 @@ def load_chat_source(path: str | Path, base: str | Path | None = None):
 
 # -- several characters on one base -------------------------------------------------------------------
 class _AdapterView:
-    """The pool's backbone with one named adapter switched on for every call that runs the model."""
+    """The pool's backbone with one named adapter switched on for every method it runs.
 
-    # the protocol's inference methods: each call switches the pool to this view's adapter first
-    _MODEL_CALLS = frozenset({"generate_text", "sample_images", "think_and_sample", "score_text", "answer"})
+    Every method is wrapped — the protocol's, a capability's, one added later — not a list of names that a
+    new method could miss; switching is a no-op when the adapter is already active. Data attributes pass
+    through."""
 
     def __init__(self, pool: CharacterPool, name: str):
         self._pool, self._name = pool, name
 
     def __getattr__(self, attr: str) -> Any:
         value = getattr(self._pool.backbone, attr)
-        if attr not in self._MODEL_CALLS:
+        if not inspect.ismethod(value):
             return value
 
         def as_this_character(*args: Any, **kwargs: Any) -> Any:
@@ -356,7 +359,7 @@ class CharacterPool:
         self.active = None
         self.characters[name] = CharacterInfo(name=card.get("name") or name, profile=card.get("profile") or "",
                                               decoding=card.get("decoding") or "chain",
-                                              extra={"card": card, "image_kwargs": card.get("sampling") or {}})
+                                              extra={"card": card, "sampling": card.get("sampling") or {}})
         return name
 
     def activate(self, name: str) -> None:
@@ -366,15 +369,16 @@ class CharacterPool:
             self.backbone.model.set_adapter(name)
             self.active = name
 
-    def view(self, name: str) -> _AdapterView:
-        """A backbone-like object that always answers as `name`."""
+    def view(self, name: str) -> Backbone:
+        """The backbone as `name`: every method runs with `name`'s adapter switched on."""
         self.activate(name)
-        return _AdapterView(self, name)
+        return cast("Backbone", _AdapterView(self, name))  # the protocol's members, forwarded by __getattr__
 
     def session(self, name: str, **kwargs: Any) -> ChatSession:
         """The running conversation with `name` (created on first use)."""
         if name not in self.sessions:
-            info = self.characters.get(name) or self.view(name)  # raises for unknown names
+            self.activate(name)  # one clear error for a name not in the pool
+            info = self.characters[name]
             opts = {"decoding": info.decoding, **self.session_defaults, **kwargs}
             self.sessions[name] = ChatSession(self.view(name), info, **opts)
         return self.sessions[name]

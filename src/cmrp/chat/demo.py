@@ -11,10 +11,15 @@ import argparse
 import inspect
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cmrp.chat.commands import add_session_arguments
 from cmrp.errors import CmrpError, ConfigError
+
+if TYPE_CHECKING:  # Gradio itself is imported on use (`_import_gradio`); the handlers get the class itself below
+    from gradio import Request as GradioRequest
+
+    from cmrp.backbones.protocol import Backbone
 
 __all__ = ["build_demo", "register"]
 
@@ -60,7 +65,7 @@ def _view_copy(path: Path, min_side: int = 256) -> Path:
     return view
 
 
-def build_demo(backbone: Any, info: Any, *, out_dir: str | Path = "chat", **session_kwargs: Any) -> Any:
+def build_demo(backbone: Backbone, info: Any, *, out_dir: str | Path = "chat", **session_kwargs: Any) -> Any:
     """The Gradio Blocks app: a chatbot, a message box, a 'with image' checkbox, Send and Reset buttons.
 
     `session_kwargs` go to every `ChatSession` (decoding, image_steps, seed, max_new_tokens, temperature).
@@ -76,7 +81,7 @@ def build_demo(backbone: Any, info: Any, *, out_dir: str | Path = "chat", **sess
             sessions[key] = ChatSession(backbone, info, out_dir=out_dir, **session_kwargs)
         return sessions[key]
 
-    def send(message: str, with_image: bool, history: list | None, request: gr.Request):
+    def send(message: str, with_image: bool, history: list | None, request: GradioRequest):
         message = (message or "").strip()
         history = list(history or [])
         if not message:
@@ -88,11 +93,11 @@ def build_demo(backbone: Any, info: Any, *, out_dir: str | Path = "chat", **sess
             history.append({"role": "assistant", "content": {"path": str(_view_copy(reply.image_path))}})
         return "", history
 
-    def reset(request: gr.Request):
+    def reset(request: GradioRequest):
         session_for(request).reset()
         return "", []
 
-    for fn in (send, reset):  # real classes: with postponed annotations Gradio would see the string "gr.Request"
+    for fn in (send, reset):  # real classes: with postponed annotations Gradio would see a string
         fn.__annotations__["request"] = gr.Request
 
     chatbot_kwargs: dict[str, Any] = {"label": info.name, "height": 520}

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cmrp.backbones.protocol import Backbone, SupportsThink, require
 from cmrp.data.tasks import Example, Segment
-from cmrp.errors import ConfigError
 from cmrp.jsonio import write_json
 from cmrp.sampling.decoding import get_strategy
+from cmrp.sampling.spec import SamplerSpec
 
 __all__ = ["CharacterInfo", "ChatSession", "Reply", "parse_user_line"]
 
@@ -49,21 +50,23 @@ def parse_user_line(line: str) -> tuple[str, bool]:
 
 
 class ChatSession:
-    """History + replies of one character. `backbone` follows `cmrp.backbones.protocol.Backbone`."""
+    """History + replies of one character.
 
-    def __init__(self, backbone: Any, character: CharacterInfo, decoding: str = "chain", image_steps: int = 20,
+    `sampling`: the sampling settings images are drawn with (guidance `cfg_*`, `timestep_shift`; see
+    `cmrp.sampling.spec`); default: the character's (`character.extra["sampling"]`, the run's recipe)."""
+
+    def __init__(self, backbone: Backbone, character: CharacterInfo, decoding: str = "chain", image_steps: int = 20,
                  seed: int = 0, *, out_dir: str | Path = "chat", max_new_tokens: int = 48,
                  temperature: float = 0.0, max_history_turns: int = 8,
-                 image_kwargs: dict[str, Any] | None = None):
+                 sampling: dict[str, Any] | None = None):
         self.backbone = backbone
         self.character = character
         self.strategy = get_strategy(decoding)
-        if self.strategy.think and not hasattr(backbone, "think_and_sample"):
-            raise ConfigError(f"decoding 'think' needs a backbone with think_and_sample ({type(backbone).__name__} "
-                              "has none); use --decoding chain")
-        # sample_images extras, e.g. guidance (cfg_scale, cfg_img_scale, cfg_interval ...); default: the run's
-        self.image_kwargs = dict(image_kwargs if image_kwargs is not None
-                                 else (character.extra or {}).get("image_kwargs") or {})
+        self.thinker = (require(backbone, SupportsThink, feature=f"decoding {decoding!r}", otherwise="--decoding chain")
+                        if self.strategy.think else None)
+        settings = sampling if sampling is not None else (character.extra or {}).get("sampling") or {}
+        self.image_spec = SamplerSpec.from_settings(settings, steps=image_steps,
+                                                    where=f"character {character.name!r}: card key 'sampling'")
         self.image_steps = image_steps
         self.seed = seed
         self.out_dir = Path(out_dir)
@@ -93,23 +96,22 @@ class ChatSession:
         turn = len(self.turns)
         self.turns.append({"role": "user", "text": message})
         history = self.context()
-        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature}
-        if self.temperature > 0:
-            kwargs["seed"] = self.seed + turn
         with torch.no_grad():
-            text = self.backbone.generate_text([Example("chat", history)], **kwargs)[0]
+            text = self.backbone.generate_text([Example("chat", history)], max_new_tokens=self.max_new_tokens,
+                                               temperature=self.temperature, seed=self.seed + turn)[0]
         path = thinking = None
         if image:
             context = [*history, Segment("text", "character", text)] if self.strategy.image_sees_reply else history
-            sample = {"n": 1, "steps": self.image_steps, "seed": self.seed + turn, **self.image_kwargs}
             with torch.no_grad():
-                if self.strategy.think:
-                    thoughts, rollout = self.backbone.think_and_sample(
-                        [Example("t2i", context)], max_think_tokens=self.max_new_tokens,
-                        temperature=self.temperature, text_seed=self.seed + turn, **sample)
+                if self.thinker is not None:
+                    thoughts, rollout = self.thinker.think_and_sample(
+                        [Example("t2i", context)], self.image_spec, n=1, seed=self.seed + turn,
+                        max_think_tokens=self.max_new_tokens, temperature=self.temperature,
+                        text_seed=self.seed + turn)
                     thinking = thoughts[0]
                 else:
-                    rollout = self.backbone.sample_images([Example("t2i", context)], **sample)
+                    rollout = self.backbone.sample_images([Example("t2i", context)], self.image_spec, n=1,
+                                                          seed=self.seed + turn)
             path = self._save_image(rollout.images[0])
         self.turns.append({"role": "character", "text": text, "image": str(path) if path else None,
                            **({"thinking": thinking} if thinking is not None else {})})

@@ -161,7 +161,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
                             concurrency=args.judge_concurrency, max_attempts=args.judge_attempts)
 
     model = load_checkpoint(ckpt, cfg).to(args.device)
-    size = (model.image_size, model.image_size) if hasattr(model, "image_size") else (64, 64)
+    size = (model.image_size, model.image_size)
     model_eval = evaluate_model(model, character, cfg, feats, opts, judge, label="eval model")
     del model
     baseline_eval, baseline_source = None, None
@@ -196,7 +196,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     fallback = refs[0] if refs else None
     targets = [images.get(p.image_id) if p.image_id in images else fallback for p in prompts]
     text_items, mm_items = turn_items(character, opts.max_items)
-    visuals = {
+    visuals: dict[str, Any] = {
         "references": list(load_images(refs[:8], size)),
         "t2i_prompts": [p.prompt for p in prompts],
         "t2i_targets": [(load_images([t], size)[0] if t is not None else None) for t in targets],
@@ -260,9 +260,10 @@ def _tracking(args: argparse.Namespace, cfg: Any, run_dir: Path, out: Path, reda
         tags.update({"mlflow.parentRunId": trained["run_id"], "cmrp.train_run_id": trained["run_id"]})
     logger = TrackingLogger(uri, cfg.tracking.experiment, "eval", out, tags=tags, redactor=redactor,
                             artifact_location=None if is_remote(uri) else (run_dir / "mlartifacts").as_uri())
-    training = {"run_id": trained.get("run_id"), "tracking_uri": redactor.text(uri),
-                "link": run_link(redactor.text(uri), trained.get("experiment_id"), trained.get("run_id")),
-                "note": None if trained.get("run_id") else "the training run recorded no MLflow run id"}
+    training: dict[str, Any] = {
+        "run_id": trained.get("run_id"), "tracking_uri": redactor.text(uri),
+        "link": run_link(redactor.text(uri), trained.get("experiment_id"), trained.get("run_id")),
+        "note": None if trained.get("run_id") else "the training run recorded no MLflow run id"}
     return logger, training
 
 

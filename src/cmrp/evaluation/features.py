@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 
@@ -115,7 +115,8 @@ def load_lpips_metric(net: str = "alex") -> LpipsMetric:
         raise WeightsError(f"LPIPS {net!r}: {missing.fix}")
     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
-    return LpipsMetric(LearnedPerceptualImagePatchSimilarity(net_type=net, reduction="none", normalize=True))
+    net_type = cast(Literal["vgg", "alex", "squeeze"], net)  # a TORCHVISION_WEIGHTS key: checked just above
+    return LpipsMetric(LearnedPerceptualImagePatchSimilarity(net_type=net_type, reduction="none", normalize=True))
 
 
 class InceptionFeatures(torch.nn.Module):

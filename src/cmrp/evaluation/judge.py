@@ -25,6 +25,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
@@ -182,15 +183,15 @@ def parse_rm_scores(text: str, lo: float = 0, hi: float = 10) -> tuple[float, fl
     return found
 
 
-def ratio_scores(pairs: list[dict[str, tuple[float, float] | None] | None],
+def ratio_scores(pairs: Sequence[dict[str, tuple[float, float] | None] | None],
                  metrics: tuple[str, ...] = MMROLE_METRICS) -> dict[str, float | None]:
     """MMRole-Eval's aggregate (its eval/RM_result.py): per metric the mean over items of model / reference,
     over the items that have the pair (a reference score of 0 leaves the item out: its ratio is undefined);
     `overall` the mean of the metric means. None where no item was scored."""
     out: dict[str, float | None] = {}
     for metric in metrics:
-        ratios = [a / b for p in pairs if p is not None and p.get(metric) is not None
-                  for a, b in [p[metric]] if b > 0]  # type: ignore[misc]
+        ratios = [pair[0] / pair[1] for p in pairs if p is not None
+                  for pair in [p.get(metric)] if pair is not None and pair[1] > 0]
         out[metric] = sum(ratios) / len(ratios) if ratios else None
     known = [v for v in out.values() if v is not None]
     out["overall"] = sum(known) / len(known) if known else None

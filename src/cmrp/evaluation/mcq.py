@@ -6,15 +6,14 @@ after the question; the highest-scoring option is the model's choice.
 
 from __future__ import annotations
 
-from typing import Any
-
+from cmrp.backbones.protocol import Backbone
 from cmrp.data.character import Character, MultipleChoice
 from cmrp.data.tasks import Segment, mcq_option_examples, system_prompt
 
 __all__ = ["knowledge_mcq_accuracy", "knowledge_mcq_items", "mcq_accuracy", "vqa_mcq_accuracy", "vqa_mcq_items"]
 
 
-def mcq_accuracy(backbone: Any, items: list[tuple[list[Segment], MultipleChoice]], task: str) -> float:
+def mcq_accuracy(backbone: Backbone, items: list[tuple[list[Segment], MultipleChoice]], task: str) -> float:
     """Fraction of items whose correct option scores highest. NaN when there are no items."""
     if not items:
         return float("nan")
@@ -46,9 +45,10 @@ def vqa_mcq_items(character: Character, split: str = "test",
     return items[:max_items]
 
 
-def knowledge_mcq_accuracy(backbone: Any, character: Character, split: str = "test", max_items: int = 200) -> float:
+def knowledge_mcq_accuracy(backbone: Backbone, character: Character, split: str = "test",
+                           max_items: int = 200) -> float:
     return mcq_accuracy(backbone, knowledge_mcq_items(character, split, max_items), "knowledge_qa")
 
 
-def vqa_mcq_accuracy(backbone: Any, character: Character, split: str = "test", max_items: int = 200) -> float:
+def vqa_mcq_accuracy(backbone: Backbone, character: Character, split: str = "test", max_items: int = 200) -> float:
     return mcq_accuracy(backbone, vqa_mcq_items(character, split, max_items), "vqa")

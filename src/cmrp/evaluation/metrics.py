@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from cmrp.backbones.protocol import Backbone
 from cmrp.data.character import Character, MultipleChoice
 from cmrp.data.tasks import OPTION_LETTERS, Example, Segment, format_mcq
 from cmrp.evaluation.mcq import mcq_accuracy
@@ -285,7 +286,7 @@ def persona_stats(texts: Sequence[str], character: Character | None = None,
 MCQItems = list[tuple[list[Segment], MultipleChoice]]
 
 
-def mcq_accuracy_by_likelihood(backbone: Any, items: MCQItems, task: str) -> float:
+def mcq_accuracy_by_likelihood(backbone: Backbone, items: MCQItems, task: str) -> float:
     """Accuracy when the model picks the option whose answer text it finds most likely."""
     return mcq_accuracy(backbone, items, task)
 
@@ -316,7 +317,7 @@ def parse_option(text: str, options: Sequence[str]) -> int | None:
     return found[0] if found else None
 
 
-def mcq_accuracy_by_generation(backbone: Any, items: MCQItems, task: str, *, max_new_tokens: int = 16,
+def mcq_accuracy_by_generation(backbone: Backbone, items: MCQItems, task: str, *, max_new_tokens: int = 16,
                                batch_size: int = 16) -> tuple[float, float]:
     """Accuracy when the model writes its answer and the chosen option is parsed from the text.
     Returns (accuracy, parse_rate); an answer naming no option counts as wrong."""

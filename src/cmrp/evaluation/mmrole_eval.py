@@ -24,6 +24,7 @@ from string import Template
 from typing import Any
 
 from cmrp import jsonio
+from cmrp.backbones.protocol import Backbone
 from cmrp.data.mmrole import load_test_files
 from cmrp.data.tasks import Example, Segment
 from cmrp.data.validate import errors_of, problems_error
@@ -102,7 +103,7 @@ def rm_requests(prompt: RMPrompt, record: dict[str, Any], answer: str, image: Pa
     out = []
     image_parts = [_image_part(image)] if image is not None else []
     for name, text in prompt.texts(record, answer):
-        messages = [{"role": "system", "content": prompt.system},
+        messages: list[dict[str, Any]] = [{"role": "system", "content": prompt.system},
                     {"role": "user", "content": [*image_parts, {"type": "text", "text": text}]}]
         out.append(JudgeRequest(f"mmrole:{_metric_key(name)}", {}, kind="rm_pair", messages=messages))
     return out
@@ -216,7 +217,8 @@ def _row(name: str, records: int, answered: int, pairs: list[dict[str, _PAIR | N
     complete = sum(all(p.get(m) is not None for m in MMROLE_METRICS) for p in pairs)
     row: dict[str, Any] = {"file": name, "records": records, "answered": answered, "count": complete}
     row.update(ratio_scores(pairs, MMROLE_METRICS))
-    row["per_metric_count"] = {m: sum(p.get(m) is not None and p[m][1] > 0 for p in pairs) for m in MMROLE_METRICS}
+    row["per_metric_count"] = {m: sum((pair := p.get(m)) is not None and pair[1] > 0 for p in pairs)
+                               for m in MMROLE_METRICS}
     return row
 
 
@@ -290,7 +292,7 @@ def score_answers(tests: list[tuple[str, list[dict]]], answers: dict[str, str], 
 
 
 # -- answering with a cmrp checkpoint --------------------------------------------------------------------
-def generate_answers(adapter: Any, tests: list[tuple[str, list[dict]]], *, images: Path | None,
+def generate_answers(adapter: Backbone, tests: list[tuple[str, list[dict]]], *, images: Path | None,
                      allow_missing_images: bool, max_new_tokens: int, batch_size: int = 4,
                      limit: int | None = None) -> dict[str, str]:
     """The model's answer to every test record, from MMRole's input: the record's system prompt, its image and
@@ -305,8 +307,8 @@ def generate_answers(adapter: Any, tests: list[tuple[str, list[dict]]], *, image
             segments.append(Segment("image", "user", image=image_of[record["id"]]))
         segments.append(Segment("text", "user", record["conversations"][0]["value"]))
         contexts.append(Example("chat", segments))
-    limit_before = getattr(adapter, "max_text_tokens", None)
-    adapter.max_text_tokens = max(limit_before or 0, 1 << 20)  # MMRole's prompts hold whole profiles
+    limit_before = adapter.max_text_tokens
+    adapter.max_text_tokens = max(limit_before, 1 << 20)  # MMRole's prompts hold whole profiles
     try:
         replies: list[str] = []
         for start in range(0, len(contexts), batch_size):

@@ -326,12 +326,12 @@ def _image_section(report: dict[str, Any], visuals: dict[str, Any]) -> str:
         parts.append("<h3>Text-to-image: one row per held-out prompt</h3>"
                      "<p class='meta'>target (or first reference) | model samples | baseline samples</p>")
     for i, prompt in enumerate(prompts):
-        cells = [_img(targets[i] if i < len(targets) else None, "target"), "<span class='sep'></span>"]
-        cells += [_img(x, "model") for x in (model_imgs[i] if i < len(model_imgs) else [])]
+        row = [_img(targets[i] if i < len(targets) else None, "target"), "<span class='sep'></span>"]
+        row += [_img(x, "model") for x in (model_imgs[i] if i < len(model_imgs) else [])]
         if base_imgs:
-            cells.append("<span class='sep'></span>")
-            cells += [_img(x, "baseline") for x in (base_imgs[i] if i < len(base_imgs) else [])]
-        parts.append(f"<div class='prompt'>{html.escape(prompt)}</div><div class='grid'>{''.join(cells)}</div>")
+            row.append("<span class='sep'></span>")
+            row += [_img(x, "baseline") for x in (base_imgs[i] if i < len(base_imgs) else [])]
+        parts.append(f"<div class='prompt'>{html.escape(prompt)}</div><div class='grid'>{''.join(row)}</div>")
     return "\n".join(parts)
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from cmrp.backbones.loading import find_checkpoint, load_checkpoint
+from cmrp.backbones.protocol import Backbone, SupportsThink, require
 from cmrp.config import resolve_recipe_parts
 from cmrp.data.character import Character, ImageRef
 from cmrp.data.images import load_images
@@ -39,7 +40,7 @@ from cmrp.progress import Progress
 from cmrp.registry import BACKBONES
 from cmrp.rewards._ops import cosine_matrix
 from cmrp.sampling.decoding import get_strategy
-from cmrp.sampling.guidance import recipe_sampling_kwargs
+from cmrp.sampling.spec import SamplerSpec, recipe_sampling_settings
 
 __all__ = ["EvalOptions", "ModelEval", "TurnItem", "evaluate_model", "load_baseline", "load_images",
            "reference_numbers", "t2i_prompts", "turn_items"]
@@ -58,7 +59,7 @@ class EvalOptions:
     max_references: int = 16  # reference images compared against (CLIP-I, DINO)
     think: bool = False  # think decoding: "show" turns write the character's thinking before the image
     image_sees_reply: bool = True  # chain / think: "show" turns draw after the reply; joint: from the query alone
-    image_kwargs: dict[str, Any] = field(default_factory=dict)  # guidance / timestep shift for sample_images
+    sampling: dict[str, Any] = field(default_factory=dict)  # sampling settings (guidance, timestep shift): spec.py
 
 
 @dataclass
@@ -86,7 +87,7 @@ class ModelEval:
 
 
 # -- loading ---------------------------------------------------------------------------------------------
-def load_baseline(spec: str, cfg: Any, character: Character) -> tuple[Any, str]:
+def load_baseline(spec: str, cfg: Any, character: Character) -> tuple[Backbone, str]:
     """`base`: the run's architecture re-initialised from its backbone card exactly as `cmrp fit` did
     (same seed, same tokenizer corpus) — or the card's pretrained weights when it names some.
     Anything else: another run's output dir."""
@@ -141,33 +142,46 @@ def turn_items(character: Character, max_items: int) -> tuple[list[TurnItem], li
     return text_items, mm_items
 
 
-def _generate(adapter: Any, contexts: list[Example], opts: EvalOptions) -> list[str]:
+def _image_spec(opts: EvalOptions) -> SamplerSpec:
+    """ODE sampling with `opts.steps` steps and `opts.sampling`'s guidance and timestep shift."""
+    return SamplerSpec.from_settings(opts.sampling, steps=opts.steps, where="evaluation sampling settings")
+
+
+def _generate(adapter: Backbone, contexts: list[Example], opts: EvalOptions) -> list[str]:
     out: list[str] = []
     for start in range(0, len(contexts), opts.batch_size):
         out += adapter.generate_text(contexts[start:start + opts.batch_size], max_new_tokens=opts.max_new_tokens)
     return out
 
 
-def _sample(adapter: Any, contexts: list[Example], n: int, opts: EvalOptions) -> torch.Tensor:
+def _sample(adapter: Backbone, contexts: list[Example], n: int, opts: EvalOptions) -> torch.Tensor:
     chunks = []
+    spec = _image_spec(opts)
     per_call = max(1, opts.batch_size // max(1, n))
     for start in range(0, len(contexts), per_call):
-        rollout = adapter.sample_images(contexts[start:start + per_call], n=n, steps=opts.steps,
-                                        seed=opts.seed + start, **opts.image_kwargs)
+        rollout = adapter.sample_images(contexts[start:start + per_call], spec, n=n, seed=opts.seed + start)
         chunks.append(rollout.images.float().cpu().clamp(0, 1))
     return torch.cat(chunks) if chunks else torch.zeros(0, 3, 1, 1)
 
 
-def _think_sample(adapter: Any, contexts: list[Example], opts: EvalOptions) -> tuple[list[str], torch.Tensor]:
+def _think_sample(adapter: Backbone, contexts: list[Example], opts: EvalOptions) -> tuple[list[str], torch.Tensor]:
     """Think mode: per context the character's thinking, then one image with it in the same context."""
-    thoughts, chunks = [], []
+    thinker = require(adapter, SupportsThink, feature="decoding: think")
+    thoughts: list[str] = []
+    chunks = []
+    spec = _image_spec(opts)
     for start in range(0, len(contexts), opts.batch_size):
-        texts, rollout = adapter.think_and_sample(contexts[start:start + opts.batch_size], n=1, steps=opts.steps,
+        texts, rollout = thinker.think_and_sample(contexts[start:start + opts.batch_size], spec, n=1,
                                                   seed=opts.seed + start, max_think_tokens=opts.max_new_tokens,
-                                                  text_seed=opts.seed + start, **opts.image_kwargs)
+                                                  text_seed=opts.seed + start)
         thoughts += texts
         chunks.append(rollout.images.float().cpu().clamp(0, 1))
     return thoughts, (torch.cat(chunks) if chunks else torch.zeros(0, 3, 1, 1))
+
+
+def _side(images: torch.Tensor) -> tuple[int, int]:
+    """(height, width) of a batch of images [N, 3, H, W]."""
+    return int(images.shape[-2]), int(images.shape[-1])
 
 
 def _per_item_cosine(a: torch.Tensor, b: torch.Tensor) -> list[float]:
@@ -180,14 +194,14 @@ def _mean(values: list[float]) -> float:
 
 
 # -- tasks -----------------------------------------------------------------------------------------------
-def _text_roleplay(adapter, character, items: list[TurnItem], opts, result: ModelEval) -> None:
+def _text_roleplay(adapter: Backbone, character, items: list[TurnItem], opts, result: ModelEval) -> None:
     replies = _generate(adapter, [Example("chat", it.context) for it in items], opts)
     result.replies["text_roleplay"] = replies
     stats = M.persona_stats(replies, character, [it.reference for it in items]) if items else {}
     result.numbers["text_roleplay"] = {"items": len(items), **stats}
 
 
-def _multimodal_roleplay(adapter, character, items: list[TurnItem], feats: FeatureSet, refs: torch.Tensor,
+def _multimodal_roleplay(adapter: Backbone, character, items: list[TurnItem], feats: FeatureSet, refs: torch.Tensor,
                          opts, result: ModelEval) -> None:
     replies = _generate(adapter, [Example("chat", it.context) for it in items], opts)
     result.replies["multimodal_roleplay"] = replies
@@ -210,7 +224,7 @@ def _multimodal_roleplay(adapter, character, items: list[TurnItem], feats: Featu
         texts = [replies[i] for i, _ in show]
         reply_cos = _per_item_cosine(feats.clip.encode_image(drawn), feats.clip.encode_text(texts))
         cosines += reply_cos
-        targets = load_images([it.shown_image for _, it in show], tuple(drawn.shape[-2:]))
+        targets = load_images([it.shown_image for _, it in show if it.shown_image is not None], _side(drawn))
         numbers["clip_t_reply_drawn"] = _mean(reply_cos)
         numbers["clip_i_target"] = _mean(_per_item_cosine(feats.clip.encode_image(drawn),
                                                           feats.clip.encode_image(targets)))
@@ -221,8 +235,8 @@ def _multimodal_roleplay(adapter, character, items: list[TurnItem], feats: Featu
         numbers.update(reply_agreement(character, drawn, texts))  # does the image show what the reply says?
     seen = [(i, it) for i, it in enumerate(items) if it.user_image is not None]
     if seen:
-        size = tuple(refs.shape[-2:]) if refs.shape[0] else (64, 64)
-        shared = load_images([it.user_image for _, it in seen], size)
+        size = _side(refs) if refs.shape[0] else (64, 64)
+        shared = load_images([it.user_image for _, it in seen if it.user_image is not None], size)
         seen_cos = _per_item_cosine(feats.clip.encode_image(shared),
                                     feats.clip.encode_text([replies[i] for i, _ in seen]))
         cosines += seen_cos
@@ -243,7 +257,7 @@ def t2i_prompts(character: Character, cfg: Any, max_items: int):
     return prompts[:max_items]
 
 
-def _t2i(adapter, character, prompts, feats: FeatureSet, refs: torch.Tensor, opts, result: ModelEval) -> None:
+def _t2i(adapter: Backbone, character, prompts, feats: FeatureSet, refs: torch.Tensor, opts, result: ModelEval) -> None:
     numbers: dict[str, Any] = {"prompts": len(prompts), "samples_per_prompt": opts.samples}
     if not prompts:
         result.numbers["t2i"] = numbers
@@ -265,7 +279,7 @@ def _t2i(adapter, character, prompts, feats: FeatureSet, refs: torch.Tensor, opt
         character, images, [prompt_attributes(p.prompt, all_images.get(p.image_id)) for p in prompts for _ in range(n)]))
     with_target = [(i, all_images[p.image_id]) for i, p in enumerate(prompts) if p.image_id in all_images]
     if with_target:
-        targets = load_images([ref for _, ref in with_target], tuple(images.shape[-2:]))
+        targets = load_images([ref for _, ref in with_target], _side(images))
         t_emb, t_dino = feats.clip.encode_image(targets), feats.dino(targets)
         dino_all = feats.dino(images)
         clip_target, dino_target = [], []
@@ -294,7 +308,7 @@ def _per_image(emb: torch.Tensor, text_emb: torch.Tensor, feats: FeatureSet, ima
     return out
 
 
-def _mcq(adapter, character, opts, result: ModelEval) -> None:
+def _mcq(adapter: Backbone, character, opts, result: ModelEval) -> None:
     for task, items in (("knowledge_qa", knowledge_mcq_items(character, "test", opts.max_items)),
                         ("vqa", vqa_mcq_items(character, "test", opts.max_items))):
         by_gen, parse_rate = M.mcq_accuracy_by_generation(adapter, items, task, batch_size=opts.batch_size)
@@ -306,7 +320,7 @@ def _mcq(adapter, character, opts, result: ModelEval) -> None:
         }
 
 
-def _judge(adapter, character, text_items: list[TurnItem], mm_items: list[TurnItem], judge: Any, opts,
+def _judge(adapter: Backbone, character, text_items: list[TurnItem], mm_items: list[TurnItem], judge: Any, opts,
            result: ModelEval) -> None:
     profile = character.profile.text
     base = {"name": character.name, "profile": profile}
@@ -357,7 +371,7 @@ def _judge(adapter, character, text_items: list[TurnItem], mm_items: list[TurnIt
     result.numbers["judge"] = numbers
 
 
-def evaluate_model(adapter: Any, character: Character, cfg: Any, feats: FeatureSet, opts: EvalOptions,
+def evaluate_model(adapter: Backbone, character: Character, cfg: Any, feats: FeatureSet, opts: EvalOptions,
                    judge: Any = None, label: str = "eval") -> ModelEval:
     """Every task for one model; the same inputs and seeds for the model and its baseline. Images are
     sampled as the recipe says: its decoding (think mode) and its `grpo:` guidance and timestep shift."""
@@ -365,12 +379,14 @@ def evaluate_model(adapter: Any, character: Character, cfg: Any, feats: FeatureS
 
     strategy = get_strategy(cfg.decoding)
     opts = dataclasses.replace(opts, think=opts.think or strategy.think, image_sees_reply=strategy.image_sees_reply,
-                               image_kwargs={**recipe_sampling_kwargs(cfg.grpo), **opts.image_kwargs})
+                               sampling={**recipe_sampling_settings(cfg.grpo), **opts.sampling})
+    if opts.think:  # before anything runs: one clear error for a backbone without think decoding
+        require(adapter, SupportsThink, feature=f"decoding: {cfg.decoding}")
     result = ModelEval()
     adapter.model.eval()
     text_items, mm_items = turn_items(character, opts.max_items)
     prompts = t2i_prompts(character, cfg, opts.max_items)
-    size = (adapter.image_size, adapter.image_size) if hasattr(adapter, "image_size") else (64, 64)
+    size = (adapter.image_size, adapter.image_size)
     refs = load_images(character.reference_images[:opts.max_references], size)
     steps = [
         ("text_roleplay", lambda: _text_roleplay(adapter, character, text_items, opts, result)),

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from cmrp.backbones.protocol import Backbone
 from cmrp.data.character import Character
 from cmrp.data.tasks import image_prompts
 from cmrp.evaluation.mcq import knowledge_mcq_accuracy, vqa_mcq_accuracy
 from cmrp.evaluation.oracle import sandbox_identity
+from cmrp.sampling.spec import SamplerSpec
 from cmrp.sandbox.probe import identity_fidelity
 
 __all__ = ["stage_numbers"]
 
 
-def stage_numbers(adapter: Any, character: Character, cfg: Any) -> dict[str, float]:
+def stage_numbers(adapter: Backbone, character: Character, cfg: Any) -> dict[str, float]:
     """Held-out knowledge and VQA multiple-choice accuracy; for a sandbox character also the oracle's
     identity fidelity of images drawn for the first `eval.grid_prompts` held-out image prompts."""
     eval_cfg = cfg.eval
@@ -28,7 +30,7 @@ def stage_numbers(adapter: Any, character: Character, cfg: Any) -> dict[str, flo
     if identity is not None:
         prompts = image_prompts(character, split="test", decoding=cfg.decoding)[: eval_cfg.grid_prompts]
         if prompts:
-            images = adapter.sample_images([p.context for p in prompts], n=eval_cfg.images_per_prompt,
-                                           steps=eval_cfg.sample_steps, seed=cfg.seed).images
+            images = adapter.sample_images([p.context for p in prompts], SamplerSpec(steps=eval_cfg.sample_steps),
+                                           n=eval_cfg.images_per_prompt, seed=cfg.seed).images
             out["identity_fidelity"] = identity_fidelity(images, identity)
     return out

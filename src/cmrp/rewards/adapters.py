@@ -214,7 +214,7 @@ def as_flow_grpo(
         if len(prompts) != batch.shape[0]:
             raise RewardInputError(f"{len(prompts)} prompts for {batch.shape[0]} images; give one prompt per image")
         ctx = context_from_metadata(metadata, kwargs.get("context") or context, reference_images=ref_images,
-                                    size=tuple(batch.shape[-2:]), root=root)
+                                    size=(int(batch.shape[-2]), int(batch.shape[-1])), root=root)
         out = reward(batch, prompts, group_ids=group_ids_from(prompts, metadata, group_key), context=ctx)
         if multi:
             return _multi_scores(out, abstain_value), {}
@@ -272,9 +272,9 @@ def as_trl(reward: Reward, *, image_key: str = "image", text: str = "completions
 
     def reward_func(*, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float | None]:
         if image_key not in kwargs:
-            columns = sorted(k for k in kwargs if k not in _TRL_EXTRA)
+            names = sorted(k for k in kwargs if k not in _TRL_EXTRA)
             raise RewardInputError(f"as_trl: the dataset has no {image_key!r} column to take images from (columns: "
-                                   f"{', '.join(columns) or 'none besides prompt'}); set image_key=")
+                                   f"{', '.join(names) or 'none besides prompt'}); set image_key=")
         rows = kwargs[image_key]
         if len(rows) != len(completions) or len(prompts) != len(completions):
             raise RewardInputError(f"as_trl: {len(prompts)} prompts, {len(completions)} completions and "
@@ -284,7 +284,7 @@ def as_trl(reward: Reward, *, image_key: str = "image", text: str = "completions
         groups = group_ids_from([repr(p) for p in prompts], None)
         columns = {k: v for k, v in kwargs.items() if k not in _TRL_EXTRA and k != image_key}
         metadata = [{k: v[i] for k, v in columns.items()} for i in range(len(completions))]
-        ctx = context_from_metadata(metadata, context, size=tuple(images.shape[-2:]), root=root)
+        ctx = context_from_metadata(metadata, context, size=(int(images.shape[-2]), int(images.shape[-1])), root=root)
         out = reward(images, texts, group_ids=groups, context=ctx)
         log_metric = kwargs.get("log_metric")
         if log_metrics and callable(log_metric):

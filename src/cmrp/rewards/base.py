@@ -9,9 +9,12 @@ self-VQA). A score of NaN means "this term abstains for this sample" (e.g. no qu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
+
+if TYPE_CHECKING:  # the policy's type only: rewards import nothing of the backbones
+    from cmrp.backbones.protocol import Backbone
 
 __all__ = ["Reward", "RewardContext", "RewardOutput", "VQAQuestion"]
 
@@ -35,7 +38,7 @@ class RewardContext:
     questions: list[list[VQAQuestion]] | None = None  # per sample b (len B), may be empty lists
     # object with .answer(images [N,3,H,W] in [0,1], questions: list[str], options: list[list[str] | None])
     # -> list[str] (the chosen option's text for MCQ items, free text otherwise); used for self-VQA
-    backbone: Any = None
+    backbone: Backbone | None = None  # the policy (self-VQA answers with its `answer`)
     metadata: list[dict] | None = None
 
 

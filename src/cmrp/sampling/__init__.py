@@ -1,5 +1,5 @@
 """Samplers shared by training, evaluation and chat: flow ODE/SDE steps and token sampling with
-log-probs, the Rollout they produce, and decoding strategies (chain / joint).
+log-probs, the SamplerSpec that configures them, the Rollout they produce, and decoding strategies (chain / joint).
 
 Names are imported on first use, so `cmrp.sampling.decoding` (read by `cmrp ls` and `cmrp validate`)
 imports without torch.
@@ -13,7 +13,9 @@ from typing import Any
 __all__ = [
     "FlowStep",
     "FlowTrajectory",
+    "Guidance",
     "Rollout",
+    "SamplerSpec",
     "TokenStep",
     "TokenTrajectory",
     "flow_step",
@@ -30,6 +32,8 @@ _HOMES = {
     **dict.fromkeys(("FlowStep", "FlowTrajectory", "flow_step", "gaussian_logprob", "sample_flow",
                      "sampling_timesteps", "sde_window"), "cmrp.sampling.flow"),
     **dict.fromkeys(("Rollout", "TokenTrajectory"), "cmrp.sampling.rollout"),
+    "Guidance": "cmrp.sampling.guidance",
+    "SamplerSpec": "cmrp.sampling.spec",
     **dict.fromkeys(("TokenStep", "guided_logits", "sample_token_sequence", "token_step"), "cmrp.sampling.tokens"),
 }
 

@@ -28,10 +28,12 @@ combine the branches identically. `tests/parity/test_bagel_sampling.py` checks i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the settings (`Guidance`) import without torch: chat and the sampler spec read them
+    import torch
 
-__all__ = ["RENORM_TYPES", "Guidance", "combine_guidance", "guidance_active", "recipe_sampling_kwargs"]
+__all__ = ["RENORM_TYPES", "Guidance", "combine_guidance", "guidance_active"]
 
 RENORM_TYPES = ("global", "channel", "text_channel", "none")
 _EPS = 1e-8
@@ -74,31 +76,9 @@ class Guidance:
     @classmethod
     def from_config(cls, cfg) -> Guidance:
         """From a recipe section holding cfg_scale, cfg_img_scale, cfg_interval, cfg_renorm_type, cfg_renorm_min."""
-        return cls(float(cfg.cfg_scale), float(cfg.cfg_img_scale), tuple(float(v) for v in cfg.cfg_interval),
-                   str(cfg.cfg_renorm_type), float(cfg.cfg_renorm_min))
-
-    def as_kwargs(self) -> dict:
-        """The keyword arguments of a flow adapter's `sample_images` ({} when guidance is off)."""
-        if not self.enabled:
-            return {}
-        default = Guidance()
-        out: dict = {"cfg_scale": self.text_scale}
-        for key, value, base in (("cfg_img_scale", self.img_scale, default.img_scale),
-                                 ("cfg_interval", tuple(self.interval), default.interval),
-                                 ("cfg_renorm_type", self.renorm_type, default.renorm_type),
-                                 ("cfg_renorm_min", self.renorm_min, default.renorm_min)):
-            if value != base:  # only what differs, so an adapter with text guidance alone still fits
-                out[key] = value
-        return out
-
-
-def recipe_sampling_kwargs(grpo_section) -> dict:
-    """`sample_images` keyword arguments from a recipe's `grpo:` section (guidance and timestep shift), so
-    evaluation, the fit's sample grid and chat sample images the way the policy was trained to."""
-    out = Guidance.from_config(grpo_section).as_kwargs()
-    if grpo_section.get("timestep_shift") is not None:
-        out["timestep_shift"] = float(grpo_section.timestep_shift)
-    return out
+        lo, hi = (float(v) for v in cfg.cfg_interval)
+        return cls(float(cfg.cfg_scale), float(cfg.cfg_img_scale), (lo, hi), str(cfg.cfg_renorm_type),
+                   float(cfg.cfg_renorm_min))
 
 
 def guidance_active(t: float, interval: tuple[float, float]) -> bool:
@@ -108,6 +88,8 @@ def guidance_active(t: float, interval: tuple[float, float]) -> bool:
 
 
 def _norm(v: torch.Tensor, per_token: bool) -> torch.Tensor:
+    import torch
+
     if per_token:
         return torch.linalg.vector_norm(v, dim=-1, keepdim=True)
     return torch.linalg.vector_norm(v.flatten(1), dim=1).reshape(-1, *([1] * (v.dim() - 1)))

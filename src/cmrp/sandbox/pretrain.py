@@ -69,6 +69,7 @@ def heldout_numbers(adapter: Any, characters: list, eval_cfg: Any, seed: int) ->
     multiple choice; identity fidelity of images drawn from the character's own (name) prompts; and
     identity fidelity and prompt faithfulness when the prompt describes the character in words."""
     from cmrp.evaluation.oracle import image_oracle_numbers, prompt_attributes
+    from cmrp.sampling.spec import SamplerSpec
 
     adapter.model.eval()
     rows: list[dict[str, float]] = []
@@ -76,10 +77,10 @@ def heldout_numbers(adapter: Any, characters: list, eval_cfg: Any, seed: int) ->
         prompts = image_prompts(character, split="test")
         images = {**character.train.images, **character.test.images}
         attrs = [prompt_attributes(p.prompt, images.get(p.image_id)) for p in prompts]
-        n, steps = eval_cfg.images_per_prompt, eval_cfg.sample_steps
-        named = adapter.sample_images([p.context for p in prompts], n=n, steps=steps, seed=seed + 1000 * i).images
+        n, spec = eval_cfg.images_per_prompt, SamplerSpec(steps=eval_cfg.sample_steps)
+        named = adapter.sample_images([p.context for p in prompts], spec, n=n, seed=seed + 1000 * i).images
         described = adapter.sample_images([Example("t2i", [Segment("text", "user", p.prompt)]) for p in prompts],
-                                          n=n, steps=steps, seed=seed + 1000 * i + 1).images
+                                          spec, n=n, seed=seed + 1000 * i + 1).images
         repeated = [a for a in attrs for _ in range(n)]
         by_name = image_oracle_numbers(character, named, repeated)
         by_words = image_oracle_numbers(character, described, repeated)

@@ -65,7 +65,9 @@ def capture_rng() -> dict[str, Any]:
     """The state of every random generator a training step may draw from, as plain tensors/lists."""
     import numpy as np
 
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    legacy = np.random.get_state()  # legacy=True: the (kind, keys, pos, has_gauss, cached) tuple
+    assert isinstance(legacy, tuple)
+    kind, keys, pos, has_gauss, cached = legacy
     version, internal, gauss_next = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -316,7 +318,8 @@ def _verify_files(point: ResumePoint) -> str | None:
 
 def _candidates(root: Path, warn: bool) -> tuple[list[ResumePoint], int]:
     """Checkpoint directories whose manifest and file sizes are right, and how many others there were."""
-    points, rejected = [], 0
+    points: list[ResumePoint] = []
+    rejected = 0
     if not root.is_dir():
         return points, rejected
     for path in sorted(root.iterdir()):

@@ -15,10 +15,12 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from cmrp.backbones.images import ImageLoader
 from cmrp.backbones.kit import SANDBOX_WEIGHTS
 from cmrp.backbones.loading import find_checkpoint, load_checkpoint, load_recipe_of
+from cmrp.backbones.protocol import Backbone
 from cmrp.checkpoint import atomic_write, write_folder_manifest
 from cmrp.config import Redactor, flatten, resolve_recipe_parts
 from cmrp.data.sources import load_recipe_character
@@ -28,6 +30,7 @@ from cmrp.evaluation.grid import save_image_grid
 from cmrp.evaluation.stage import stage_numbers
 from cmrp.jsonio import write_json
 from cmrp.registry import BACKBONES
+from cmrp.sampling.spec import SamplerSpec
 from cmrp.tracking import make_logger, tracked_run
 from cmrp.training.checkpointing import (
     Checkpointer,
@@ -92,25 +95,27 @@ class _LossHistory:
         return {"loss_first": first, "loss_last": last, "loss_drop": 1.0 - last / first if first else 0.0}
 
 
-def _sample_grid(adapter, character, eval_cfg, seed: int, path: Path) -> Path | None:
+def _sample_grid(adapter: Backbone, character, eval_cfg, seed: int, path: Path) -> Path | None:
     items = (character.test.t2i or character.train.t2i)[: eval_cfg.grid_prompts]
     if not items:
         return None
     images = {**character.train.images, **character.test.images}
     contexts = [Example("t2i", [Segment("text", "user", item.instruction)]) for item in items]
     adapter.model.eval()
-    samples = adapter.sample_images(contexts, n=eval_cfg.images_per_prompt, steps=eval_cfg.sample_steps, seed=seed).images
+    samples = adapter.sample_images(contexts, SamplerSpec(steps=eval_cfg.sample_steps), n=eval_cfg.images_per_prompt,
+                                    seed=seed).images
+    load = ImageLoader(adapter.image_size)  # the references as the model sees its training images
     rows = []
     n = eval_cfg.images_per_prompt
     for i, item in enumerate(items):
         ref = images.get(item.image_id) if item.image_id else None
-        ref_tensor = adapter._load_image(ref.path) if ref is not None else None  # noqa: SLF001 - same resize as training
+        ref_tensor = load(ref.path) if ref is not None else None
         rows.append([ref_tensor, *samples[i * n : (i + 1) * n]])
     return save_image_grid(rows, path, row_labels=[item.instruction for item in items],
                            col_labels=["reference", *(f"sample {k + 1}" for k in range(n))])
 
 
-def _save_checkpoint(adapter, cfg, ckpt: Path, redacted: dict) -> Path:
+def _save_checkpoint(adapter: Backbone, cfg, ckpt: Path, redacted: dict) -> Path:
     """Full mode: the whole backbone. LoRA modes: the PEFT adapter (the base was saved before)."""
     from omegaconf import OmegaConf
 
@@ -120,12 +125,15 @@ def _save_checkpoint(adapter, cfg, ckpt: Path, redacted: dict) -> Path:
     else:
         save_adapter(adapter.model, ckpt / "adapter")
     text = OmegaConf.to_yaml(OmegaConf.create(redacted))  # never a secret in a saved recipe
-    atomic_write(ckpt / "recipe.yaml", lambda p: p.write_text(text))
+    def write_recipe(path: Path) -> None:
+        path.write_text(text)
+
+    atomic_write(ckpt / "recipe.yaml", write_recipe)
     write_folder_manifest(ckpt, ("backbone", "adapter", "recipe.yaml"))  # checked by every reader (load_checkpoint)
     return ckpt
 
 
-def _build_backbone(cfg: Any, card: Any, character, ckpt_dir: Path):
+def _build_backbone(cfg: Any, card: Any, character, ckpt_dir: Path) -> Backbone:
     """The card's backbone, or the one saved by an earlier run (`init_from`), made trainable per `finetune`."""
     adapter_cls = BACKBONES.get(card.adapter, where="backbone card `adapter`")
     if cfg.init_from:  # the earlier run's backbone, its LoRA adapter merged in (as `cmrp eval` loads it)
@@ -152,7 +160,8 @@ def _checkpoint_dir(path: Path) -> Path:
         raise ConfigError(f"init_from: {err}") from None
 
 
-def run_sft(cfg: Any, adapter, examples: dict[str, list], logger, out: Path, checkpoints: Any = None) -> dict[str, Any]:
+def run_sft(cfg: Any, adapter: Backbone, examples: dict[str, list], logger, out: Path,
+            checkpoints: Any = None) -> dict[str, Any]:
     """Unified-SFT of `adapter` on `examples` (task -> examples, mixed by `cfg.data.tasks`) for
     `cfg.trainer.max_steps` steps: one character's examples (`cmrp fit`) or a whole world's
     (`cmrp sandbox pretrain`)."""
@@ -177,7 +186,7 @@ def run_sft(cfg: Any, adapter, examples: dict[str, list], logger, out: Path, che
             module_state=lambda: {"nonfinite": guard.state_dict()},
             load_module_state=lambda state: guard.load_state_dict(state["nonfinite"]),
         ))
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_kwargs = cast(dict[str, Any], OmegaConf.to_container(cfg.trainer, resolve=True))  # a mapping section
     # a run shorter than the logging interval would log no train metric at all
     trainer_kwargs["log_every_n_steps"] = min(trainer_kwargs["log_every_n_steps"], trainer_kwargs["max_steps"])
     trainer_kwargs["strategy"] = trainer_strategy(trainer_kwargs["strategy"], adapter)
@@ -282,7 +291,7 @@ def run_fit(cfg: Any) -> FitResult:
     t0 = time.perf_counter()
     redactor = Redactor.from_environ()  # the environment's secrets, read once for the whole run
     out = check_output_dir(cfg.output_dir, create=False).resolve()  # a file, read-only, ...: one clear error
-    redacted = redactor.mapping(OmegaConf.to_container(cfg, resolve=True))
+    redacted = redactor.mapping(cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True)))
     fingerprint, flat = recipe_fingerprint(redacted)
     point = _resume_point(cfg, out, fingerprint, flat)
     finished = _finished_run(out, point, fingerprint, len(cfg.stages))
@@ -332,7 +341,8 @@ def _distributed_summary(cfg: Any, digests: list[str], main: bool) -> dict[str, 
 class _Run:
     """The stages of one `cmrp fit` after setup: what run_fit does inside its tracked run."""
 
-    def __init__(self, cfg, out, adapter, character, preset, logger, redacted, fingerprint, flat, point, timings, t0):
+    def __init__(self, cfg, out, adapter: Backbone, character, preset, logger, redacted, fingerprint, flat, point,
+                 timings, t0):
         self.cfg, self.out, self.adapter, self.character, self.preset = cfg, out, adapter, character, preset
         self.logger, self.redacted, self.fingerprint, self.flat = logger, redacted, fingerprint, flat
         self.point, self.timings, self.t0 = point, timings, t0

@@ -20,15 +20,18 @@ import contextlib
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from torch.optim.lr_scheduler import LRScheduler
 
+from cmrp.backbones.protocol import Backbone
 from cmrp.data.tasks import ImagePrompt
 from cmrp.rewards import RewardContext
 from cmrp.sampling.flow import sde_window
-from cmrp.sampling.guidance import Guidance
+from cmrp.sampling.spec import SamplerSpec, recipe_sampling_settings
 from cmrp.training import sharding
 from cmrp.training.advantages import group_advantages, nan_mean, nan_std, ppo_clipped_loss
 from cmrp.training.peft import freeze_to_groups
@@ -42,7 +45,7 @@ QuestionsFor = Callable[[ImagePrompt], list]
 class CharacterGRPOModule(L.LightningModule):
     def __init__(
         self,
-        adapter: Any,
+        adapter: Backbone,
         reward: Callable[..., Any],
         cfg: Any,
         *,
@@ -147,19 +150,26 @@ class CharacterGRPOModule(L.LightningModule):
                           group_ids=group_ids, context=self._reward_context(prompts, n))
         return out, time.perf_counter() - t
 
+    def sampler_spec(self) -> SamplerSpec:
+        """How rollouts are drawn (the recipe's `grpo:` steps, SDE noise and kind, same-noise, timestep shift
+        and guidance); each prompt's SDE window is drawn per batch."""
+        cfg = self.cfg
+        recipe = SamplerSpec.from_settings(recipe_sampling_settings(cfg), steps=int(cfg.sample_steps), where="grpo")
+        return recipe.with_(noise=float(cfg.noise_level), sde=str(cfg.sde), same_noise=bool(cfg.same_noise))
+
     def sample_groups(self, prompts: Sequence[ImagePrompt], batch_idx: int):
         """Rollouts (one per prompt, G samples each) with their reward futures, rewards overlapping sampling."""
         cfg = self.cfg
         gen = torch.Generator().manual_seed(self._rollout_seed(batch_idx))
-        window = sde_window(cfg.sample_steps, cfg.window_size, *cfg.window_range, generator=gen)
+        lo, hi = cfg.window_range
+        window = sde_window(cfg.sample_steps, cfg.window_size, lo, hi, generator=gen)
         rollouts, futures = [], []
+        spec = self.sampler_spec()
         self.model.eval()
         for i, prompt in enumerate(prompts):
             rollout = self.adapter.sample_images(
-                [prompt.context], n=cfg.group_size, steps=cfg.sample_steps,
-                seed=int(torch.randint(0, 2**31 - 1, (1,), generator=gen)), noise=cfg.noise_level,
-                window=window, sde=cfg.sde, same_noise=cfg.same_noise, timestep_shift=cfg.timestep_shift,
-                **Guidance.from_config(cfg).as_kwargs(),  # text + image CFG, interval, renorm (when on)
+                [prompt.context], spec.with_(window=window), n=cfg.group_size,
+                seed=int(torch.randint(0, 2**31 - 1, (1,), generator=gen)),
             )
             rollouts.append(rollout)
             offset = self.global_rank * len(prompts) + i
@@ -175,8 +185,8 @@ class CharacterGRPOModule(L.LightningModule):
         """Every rank's rewards and group ids (groups never span ranks), for the advantage statistics."""
         if self._trainer is None or self.trainer.world_size == 1:
             return local, local_groups
-        rewards = self.all_gather(local.to(self.device)).reshape(-1).cpu()
-        groups = self.all_gather(local_groups.to(self.device)).reshape(-1).cpu()
+        rewards = cast(torch.Tensor, self.all_gather(local.to(self.device))).reshape(-1).cpu()  # a tensor in, one out
+        groups = cast(torch.Tensor, self.all_gather(local_groups.to(self.device))).reshape(-1).cpu()
         return rewards, groups
 
     def training_step(self, batch: list[ImagePrompt], batch_idx: int):
@@ -220,8 +230,9 @@ class CharacterGRPOModule(L.LightningModule):
 
     def _update(self, rollouts, advantages: torch.Tensor) -> dict[str, float]:
         cfg = self.cfg
-        optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
+        # configure_optimizers gives one optimizer and one scheduler (Lightning's return types allow lists)
+        optimizer = cast(LightningOptimizer, self.optimizers())
+        scheduler = cast(LRScheduler, self.lr_schedulers())
         gen = torch.Generator().manual_seed(self._rollout_seed(self.global_step + 17))
         ratios, clip_fracs, approx_kls, kls, losses, grad_norms = [], [], [], [], [], []
         steps_in_window = rollouts[0].num_steps

@@ -5,16 +5,17 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
+from cmrp.backbones.protocol import Backbone
 from cmrp.data.character import Character
 from cmrp.data.images import load_images
 from cmrp.data.tasks import ImagePrompt, image_prompts
 from cmrp.errors import DataError
 from cmrp.rewards import RewardContext, VQAQuestion, build_reward
-from cmrp.sampling.guidance import recipe_sampling_kwargs
+from cmrp.sampling.spec import SamplerSpec, recipe_sampling_settings
 from cmrp.training.advantages import nan_mean
 from cmrp.training.progress import progress_callbacks
 from cmrp.training.trainer import is_main_process, trainer_strategy
@@ -45,14 +46,14 @@ def reference_tensor(character: Character, size: int = 64) -> torch.Tensor | Non
 
 
 @torch.no_grad()
-def heldout_reward(adapter, reward, prompts: list[ImagePrompt], questions_for, references, *, n: int,
-                   steps: int, seed: int, **sample_kwargs) -> dict[str, float]:
+def heldout_reward(adapter: Backbone, reward, prompts: list[ImagePrompt], questions_for, references, *, n: int,
+                   spec: SamplerSpec, seed: int) -> dict[str, float]:
     """Mean reward (and per-term means) of ODE samples for held-out prompts: the GRPO objective
     measured where it was not trained."""
     if not prompts:
         return {}
     adapter.model.eval()
-    rollout = adapter.sample_images([p.context for p in prompts], n=n, steps=steps, seed=seed, **sample_kwargs)
+    rollout = adapter.sample_images([p.context for p in prompts], spec, n=n, seed=seed)
     context = RewardContext(
         reference_images=references, questions=[questions_for(p) for p in prompts for _ in range(n)],
         backbone=adapter, metadata=[{"image_id": p.image_id} for p in prompts for _ in range(n)],
@@ -70,7 +71,7 @@ def _prompt_loader(prompts: list[ImagePrompt], cfg: Any, seed: int, world: int =
     """`max_steps` batches of `prompts_per_step` prompts per rank, drawn (seeded) without repeats within an
     epoch; each rank reads its share in order (`RankBatches`). `start`: batches (per rank) already
     trained on by the run being resumed — the order is a function of the seed alone, so they are skipped."""
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Dataset
 
     from cmrp.data.datamodule import RankBatches
 
@@ -82,12 +83,12 @@ def _prompt_loader(prompts: list[ImagePrompt], cfg: Any, seed: int, world: int =
         rng.shuffle(epoch)
         order += epoch
     skip = start * cfg.prompts_per_step * world
-    todo = order[skip:needed]
+    todo = cast("Dataset[ImagePrompt]", order[skip:needed])  # a list is a map-style dataset (len, getitem)
     return DataLoader(todo, batch_size=cfg.prompts_per_step, sampler=RankBatches(todo, cfg.prompts_per_step, rank, world),
                       collate_fn=list)
 
 
-def run_grpo_stage(cfg: Any, adapter: Any, character: Character, preset: dict, logger, out: Path,
+def run_grpo_stage(cfg: Any, adapter: Backbone, character: Character, preset: dict, logger, out: Path,
                    reward: Any = None, checkpoints: Any = None) -> dict[str, Any]:
     """Train the image branch with Character-GRPO; returns held-out reward before/after and timings.
     `checkpoints`: a `checkpointing.StageCheckpoints` (resume state, periodic checkpoints, NaN guard)."""
@@ -108,11 +109,13 @@ def run_grpo_stage(cfg: Any, adapter: Any, character: Character, preset: dict, l
     heldout_questions = character_questions(character, "test")
     references = reference_tensor(character)
 
+    # ODE samples with the rollouts' steps, guidance and timestep shift
+    heldout_spec = SamplerSpec.from_settings(recipe_sampling_settings(g), steps=int(g.sample_steps), where="grpo")
+
     def measure() -> dict[str, float]:
         with gathered(adapter.model):  # whole weights on every rank when an earlier stage sharded them
             return heldout_reward(adapter, reward, heldout, heldout_questions, references,
-                                  n=max(2, cfg.eval.images_per_prompt), steps=g.sample_steps, seed=cfg.seed + 1,
-                                  **recipe_sampling_kwargs(g))  # the rollouts' guidance and timestep shift
+                                  n=max(2, cfg.eval.images_per_prompt), spec=heldout_spec, seed=cfg.seed + 1)
 
     resuming = checkpoints is not None and checkpoints.resuming
     before = measure()  # also loads the reward nets (lazily, drawing from the global RNG) before training
@@ -127,7 +130,7 @@ def run_grpo_stage(cfg: Any, adapter: Any, character: Character, preset: dict, l
         start = module.batch_offset = checkpoints.start_batches
         callbacks.append(checkpoints.callback(module_state=module.resume_state,
                                               load_module_state=module.load_resume_state))
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_kwargs = cast(dict[str, Any], OmegaConf.to_container(cfg.trainer, resolve=True))  # a mapping section
     for key in ("max_steps", "gradient_clip_val", "accumulate_grad_batches", "log_every_n_steps"):
         trainer_kwargs.pop(key, None)
     trainer_kwargs["strategy"] = trainer_strategy(trainer_kwargs["strategy"], adapter)

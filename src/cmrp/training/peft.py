@@ -13,11 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from cmrp.backbones.protocol import Backbone, SupportsGradientCheckpointing, require
 from cmrp.errors import ConfigError
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 __all__ = [
     "apply_finetune",
@@ -34,7 +38,7 @@ __all__ = [
 ]
 
 
-def _target_regex(adapter: Any, targets: Any) -> str:
+def _target_regex(adapter: Backbone, targets: Any) -> str:
     if isinstance(targets, str):
         patterns = adapter.lora_targets(targets)
     else:
@@ -119,7 +123,7 @@ def linear_4bit(module: torch.nn.Linear, compute_dtype: torch.dtype | None = Non
     return q.to(device)  # quantisation happens on this move
 
 
-def quantize_base_4bit(adapter: Any, targets_regex: str,
+def quantize_base_4bit(adapter: Backbone, targets_regex: str,
                        make: Callable[[torch.nn.Linear], torch.nn.Module] = linear_4bit) -> list[str]:
     """QLoRA's base: every Linear of the adapter's default LoRA set (both experts' projections) and of the
     chosen targets becomes 4-bit and frozen; embeddings, norms and heads stay as they are."""
@@ -132,15 +136,13 @@ def quantize_base_4bit(adapter: Any, targets_regex: str,
     return replaced
 
 
-def apply_finetune(adapter: Any, finetune: Any) -> None:
+def apply_finetune(adapter: Backbone, finetune: Any) -> None:
     """Make the adapter's model trainable according to `finetune` (a recipe's `finetune:` section)."""
     mode = finetune.mode
     checkpointing = finetune.get("gradient_checkpointing") if hasattr(finetune, "get") else None
     if checkpointing is not None:
-        if not hasattr(adapter, "set_gradient_checkpointing"):
-            raise ConfigError(f"finetune.gradient_checkpointing: {type(adapter).__name__} cannot switch it; "
-                              "remove the key")
-        adapter.set_gradient_checkpointing(bool(checkpointing))
+        require(adapter, SupportsGradientCheckpointing,
+                feature="finetune.gradient_checkpointing").set_gradient_checkpointing(bool(checkpointing))
     if mode == "full":
         for p in adapter.model.parameters():
             p.requires_grad_(True)
@@ -181,7 +183,7 @@ def count_trainable(model: torch.nn.Module) -> tuple[int, int]:
 def save_adapter(model: torch.nn.Module, directory: str | Path) -> Path:
     """Save a PEFT-wrapped model's adapter (adapter_model.safetensors + adapter_config.json)."""
     directory = Path(directory)
-    model.save_pretrained(str(directory), safe_serialization=True)
+    cast("PeftModel", model).save_pretrained(str(directory), safe_serialization=True)  # LoRA modes wrap it in PEFT
     return directory
 
 
@@ -197,7 +199,7 @@ def base_name(name: str) -> str:
     return name.replace(".base_layer", "")
 
 
-def freeze_to_groups(adapter: Any, groups: list[str]) -> list[str]:
+def freeze_to_groups(adapter: Backbone, groups: list[str]) -> list[str]:
     """Keep trainable only the parameters of the adapter's `trainable_groups()` named in `groups`
     (e.g. ["generation"]: the paper's GRPO trains the generation expert only). [] keeps everything.
     Returns the names left trainable; raises ConfigError when nothing is."""

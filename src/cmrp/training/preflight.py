@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from cmrp.config.loader import resolve_recipe_parts
 from cmrp.data.sources import SANDBOX_SCHEME
@@ -30,6 +30,9 @@ from cmrp.data.tasks import build_examples, image_prompts
 from cmrp.errors import ConfigError, DataError
 from cmrp.training.storage import existing_ancestor
 from cmrp.training.trainer import trainer_strategy
+
+if TYPE_CHECKING:
+    from cmrp.backbones.protocol import Backbone
 
 __all__ = [
     "RunCheck",
@@ -183,7 +186,7 @@ def _trainer_problem(cfg: Any) -> str | None:
 
     from cmrp.training.checkpointing import capture_rng, restore_rng
 
-    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kwargs = cast(dict[str, Any], OmegaConf.to_container(cfg.trainer, resolve=True))  # a mapping section
     kwargs["strategy"] = trainer_strategy(kwargs["strategy"])
     rng = capture_rng()  # making a Trainer draws from Python's `random`; a run's numbers must not move
     try:
@@ -267,7 +270,7 @@ def check_run(cfg: Any, load_character: Callable[[], Any], *, fit: bool) -> RunC
     return result
 
 
-def check_model(cfg: Any, adapter: Any, trained_names: list[str]) -> None:
+def check_model(cfg: Any, adapter: Backbone, trained_names: list[str]) -> None:
     """Checks that need the built model, before fit spends any time: GRPO's train groups must leave some of the
     fine-tuned weights trainable (LoRA targets and groups can miss each other)."""
     if "grpo" not in cfg.stages:

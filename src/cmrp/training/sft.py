@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from cmrp.backbones.protocol import Backbone
 from cmrp.training.sharding import call, grads_finite, shard
 
 __all__ = ["UnifiedSFTModule", "build_optimizer"]
@@ -20,6 +21,7 @@ __all__ = ["UnifiedSFTModule", "build_optimizer"]
 def build_optimizer(params, opt_cfg: Any, max_steps: int):
     """Optimizer + per-step LR schedule from a recipe's `sft.optimizer` section."""
     params = [p for p in params if p.requires_grad]
+    optimizer: torch.optim.Optimizer
     if opt_cfg.name == "adamw":
         optimizer = torch.optim.AdamW(
             params, lr=opt_cfg.lr, betas=tuple(opt_cfg.betas), weight_decay=opt_cfg.weight_decay
@@ -43,7 +45,7 @@ def build_optimizer(params, opt_cfg: Any, max_steps: int):
 
 
 class UnifiedSFTModule(L.LightningModule):
-    def __init__(self, adapter: Any, sft_cfg: Any, max_steps: int):
+    def __init__(self, adapter: Backbone, sft_cfg: Any, max_steps: int):
         super().__init__()
         self.adapter = adapter
         self.model = adapter.model  # registered so Lightning moves and checkpoints it
@@ -61,11 +63,12 @@ class UnifiedSFTModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         cfg = self.sft_cfg
         losses = call(self.model, lambda: self.adapter.losses(batch, timestep_shift=cfg.timestep_shift))
-        loss = cfg.ce_weight * losses["ce"] + cfg.mse_weight * losses["mse"]
+        loss = cfg.ce_weight * losses["text"] + cfg.mse_weight * losses["image"]
         n = len(batch.task_ids)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        self.log("train/ce", losses["ce"], batch_size=n)
-        self.log("train/mse", losses["mse"], batch_size=n)
+        # the metric names users chart (the recipe's ce_weight / mse_weight); "mse" is a token head's image CE
+        self.log("train/ce", losses["text"], batch_size=n)
+        self.log("train/mse", losses["image"], batch_size=n)
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:

@@ -28,10 +28,13 @@ import contextlib
 import threading
 import types
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 __all__ = ["ShardedStrategy", "call", "gathered", "grad_norm", "grads_finite", "is_sharded", "load_into",
            "load_optimizer_state", "optimizer_state", "rank_digests", "shard", "whole", "whole_parameters"]
@@ -121,9 +124,10 @@ def call(model: torch.nn.Module, fn: Callable[[], T]) -> T:
         return fn()
     was_sharded = _root_sharded(model)
     with _entered():
-        out = getattr(model, _ENTRY)(fn)
+        entry = cast(Callable[[Callable[[], T]], T], getattr(model, _ENTRY))  # installed by `shard` on the root
+        out = entry(fn)
     if was_sharded and not torch.is_grad_enabled():
-        model.reshard()
+        cast("FSDPModule", model).reshard()  # is_sharded: fully_shard made the root an FSDPModule
     return out
 
 
@@ -247,7 +251,7 @@ def whole_parameters(model: torch.nn.Module):
     if not is_sharded(model):
         yield
         return
-    swapped = []
+    swapped: list[tuple[torch.nn.Module, str, Any]] = []
     with torch.no_grad():
         for module in model.modules():
             for name, param in list(module._parameters.items()):  # noqa: SLF001 - FSDP swaps them the same way

@@ -3,7 +3,7 @@ recipe's `trainer.strategy`."""
 
 from __future__ import annotations
 
-from typing import Any
+from cmrp.backbones.protocol import Backbone, SupportsFSDP, require
 
 __all__ = ["is_main_process", "trainer_strategy"]
 
@@ -15,11 +15,12 @@ def is_main_process() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
-def trainer_strategy(name: str, adapter: Any = None):
+def trainer_strategy(name: str, adapter: Backbone | None = None):
     """`ddp` with unused-parameter detection: a task mix leaves an expert (ViT, generation) idle in some
     batches, which plain DDP rejects. `fsdp`: FSDP2 (`cmrp.training.sharding`), one unit per module class
     the adapter names (`fsdp_wrap_modules()`, e.g. BAGEL's decoder layer) plus the root. Other names go to
-    Lightning as they are (`cmrp validate` has checked them: no `deepspeed*`)."""
+    Lightning as they are (`cmrp validate` has checked them: no `deepspeed*`). Without `adapter` (a dry plan):
+    FSDP with the root unit only."""
     if name == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
@@ -27,5 +28,8 @@ def trainer_strategy(name: str, adapter: Any = None):
     if name == "fsdp":
         from cmrp.training.sharding import ShardedStrategy
 
-        return ShardedStrategy(wrap_modules=adapter.fsdp_wrap_modules() if hasattr(adapter, "fsdp_wrap_modules") else ())
+        if adapter is None:
+            return ShardedStrategy(wrap_modules=())
+        sharded = require(adapter, SupportsFSDP, feature="trainer.strategy: fsdp")
+        return ShardedStrategy(wrap_modules=sharded.fsdp_wrap_modules())
     return name

@@ -26,6 +26,7 @@ from cmrp.registry import BACKBONES
 from cmrp.sampling.flow import flow_step, sample_flow, sampling_timesteps
 from cmrp.sampling.guidance import Guidance, combine_guidance
 from cmrp.sampling.rollout import Rollout
+from cmrp.sampling.spec import SamplerSpec
 
 __all__ = ["BagelAdapter"]
 
@@ -226,8 +227,8 @@ class BagelAdapter:
         return hidden, target, noisy
 
     def losses(self, batch: BagelBatch, *, timestep_shift: float | None = None) -> dict[str, torch.Tensor]:
-        """Mean next-token CE over the trained text tokens and mean flow MSE over the generated images'
-        latent tokens and channels (the official trainer's reductions)."""
+        """{"text": mean next-token CE over the trained text tokens, "image": mean flow MSE over the generated
+        images' latent tokens and channels} (the official trainer's reductions)."""
         model = self.bagel
         hidden, target, noisy = self._forward(batch, timestep_shift)
         sel = batch.labels != IGNORE
@@ -242,13 +243,7 @@ class BagelAdapter:
             mse = (pred.float() - target.float()).pow(2).mean()
         else:
             mse = hidden.sum() * 0.0
-        return {"ce": ce, "mse": mse}
-
-    def text_loss(self, batch: BagelBatch) -> torch.Tensor:
-        return self.losses(batch)["ce"]
-
-    def image_loss(self, batch: BagelBatch) -> torch.Tensor:
-        return self.losses(batch)["mse"]
+        return {"text": ce, "image": mse}
 
     # -- inference -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -466,53 +461,44 @@ class BagelAdapter:
         return self.bagel.vae.decode(unpatchify(x, self.arch.latent_patch_size, c, h, w)).float().clamp(0, 1).cpu()
 
     @torch.no_grad()
-    def sample_images(self, contexts: list[Example], *, n: int = 1, steps: int = 20, seed: int = 0,
-                      noise: float = 0.0, window: tuple[int, int] | None = None, sde: str = "sde",
-                      same_noise: bool = False, timestep_shift: float | None = None,
-                      reuse_prefix: bool = True, cfg_scale: float = 1.0, cfg_img_scale: float = 1.0,
-                      cfg_interval: tuple[float, float] = (0.0, 1.0), cfg_renorm_type: str = "global",
-                      cfg_renorm_min: float = 0.0) -> Rollout:
-        """`n` samples per context by Euler integration of the flow head (`steps` steps: the official
+    def sample_images(self, contexts: list[Example], spec: SamplerSpec, *, n: int = 1, seed: int = 0,
+                      reuse_prefix: bool = True) -> Rollout:
+        """`n` samples per context by Euler integration of the flow head (`spec.steps` steps: the official
         sampler's `num_timesteps` is steps + 1).
 
         The prefix (character + prompt; input images as VAE latents and ViT tokens) is encoded once per
-        context and shared by its n samples. ODE steps everywhere, except SDE steps with noise level `noise`
-        inside `window` ([start, end) step indices), whose transitions are stored for `rollout_logprob`.
-        `same_noise`: the n samples of a context start from the same initial noise. Times follow
-        `sampling_timesteps` with `timestep_shift` (null: the card's). `seed` draws, in this order, the
-        posterior samples of the input images' latents and the initial noise (the official order).
-        Guidance (`cmrp.sampling.guidance`, as the official sampler): on when `cfg_scale` > 1, text-free branch =
-        the context before its last text segment, `cfg_img_scale` image guidance against the context without
-        its input images (the context itself when it has none), for t in `cfg_interval` (lo, hi],
-        renormalised per `cfg_renorm_type` / `cfg_renorm_min`; the guided velocity is the policy, so log-probs
-        use it too. `reuse_prefix=False` re-encodes the prefix for every sample at every step (the naive
-        baseline the benchmarks compare against).
+        context and shared by its n samples. ODE steps everywhere, except SDE steps with noise level
+        `spec.noise` inside `spec.window` ([start, end) step indices), whose transitions are stored for
+        `rollout_logprob`. `spec.same_noise`: the n samples of a context start from the same initial noise.
+        Times follow `sampling_timesteps` with `spec.timestep_shift` (None: the card's). `seed` draws, in this
+        order, the posterior samples of the input images' latents and the initial noise (the official order).
+        Guidance (`spec.guidance`, `cmrp.sampling.guidance`, as the official sampler): on when its text scale
+        is > 1, text-free branch = the context before its last text segment, image guidance against the
+        context without its input images (the context itself when it has none), within its interval,
+        renormalised per its renorm type / min; the guided velocity is the policy, so log-probs use it too.
+        `reuse_prefix=False` re-encodes the prefix for every sample at every step (the naive baseline the
+        benchmarks compare against).
         """
-        guidance = Guidance(cfg_scale, cfg_img_scale, tuple(cfg_interval), cfg_renorm_type, cfg_renorm_min)
+        guidance = spec.guidance or Guidance()
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        options = dict(n=n, steps=steps, noise=noise, window=window, sde=sde, same_noise=same_noise,
-                       timestep_shift=timestep_shift, generator=gen, seed=seed)
         if not reuse_prefix:
             if guidance.enabled:
                 raise ValueError("reuse_prefix=False (a benchmark baseline) does not support guidance")
-            return self._sample(contexts, None, Guidance(), **options)
+            return self._sample(contexts, None, Guidance(), spec, n=n, generator=gen, seed=seed)
         prefix, batch = self._encode(contexts, image_output=True, generator=gen)
         branches = self._guidance_prefixes(contexts, prefix, None if batch is None else batch.text_free, guidance)
-        return self._sample(contexts, _Prefixes(prefix, *branches), guidance, **options)
+        return self._sample(contexts, _Prefixes(prefix, *branches), guidance, spec, n=n, generator=gen, seed=seed)
 
     @torch.no_grad()
-    def think_and_sample(self, contexts: list[Example], *, max_think_tokens: int = 64, temperature: float = 0.0,
-                         text_seed: int = 0, **sample_kwargs) -> tuple[list[str], Rollout]:
+    def think_and_sample(self, contexts: list[Example], spec: SamplerSpec, *, n: int = 1, seed: int = 0,
+                         max_think_tokens: int = 64, temperature: float = 0.0,
+                         text_seed: int = 0) -> tuple[list[str], Rollout]:
         """Think mode (BAGEL's "think"): per context, first a text segment (the thinking / plan), then `n`
-        images sampled with that text in the same context. The prefix is encoded once; the text is decoded
-        on its cache from a bare bos and then appended to it (tokenised as a text segment), so the image sees
-        context + thinking exactly as if both had been given as one context. As in official BAGEL, the
-        guidance branches leave the generated thinking out. `sample_kwargs` are those of `sample_images`.
-        Returns (texts, rollout)."""
-        guidance = Guidance(sample_kwargs.pop("cfg_scale", 1.0), sample_kwargs.pop("cfg_img_scale", 1.0),
-                            tuple(sample_kwargs.pop("cfg_interval", (0.0, 1.0))),
-                            sample_kwargs.pop("cfg_renorm_type", "global"), sample_kwargs.pop("cfg_renorm_min", 0.0))
-        seed = sample_kwargs.pop("seed", 0)
+        images sampled as `sample_images` would with that text in the same context. The prefix is encoded
+        once; the text is decoded on its cache from a bare bos and then appended to it (tokenised as a text
+        segment), so the image sees context + thinking exactly as if both had been given as one context. As
+        in official BAGEL, the guidance branches leave the generated thinking out. Returns (texts, rollout)."""
+        guidance = spec.guidance or Guidance()
         gen = torch.Generator(device="cpu").manual_seed(seed)
         guide, batch = self._encode(contexts, image_output=True, generator=gen)
         ids = self._generate_ids(guide, max_think_tokens, temperature, text_seed)
@@ -521,15 +507,16 @@ class BagelAdapter:
         with_thinking = [Example(c.task, [*c.segments, Segment("text", "character", t)])
                          for c, t in zip(contexts, texts, strict=True)]
         prefixes = _Prefixes(self._extend_with_text(guide, texts), *branches, guide=guide, thinking=texts)
-        rollout = self._sample(with_thinking, prefixes, guidance, generator=gen, seed=seed, guide_contexts=contexts,
-                               **sample_kwargs)
+        rollout = self._sample(with_thinking, prefixes, guidance, spec, n=n, generator=gen, seed=seed,
+                               guide_contexts=contexts)
         return texts, rollout
 
-    def _sample(self, contexts: list[Example], prefixes: _Prefixes | None, guidance: Guidance, *,
-                generator: torch.Generator, seed: int, n: int = 1, steps: int = 20, noise: float = 0.0,
-                window: tuple[int, int] | None = None, sde: str = "sde", same_noise: bool = False,
-                timestep_shift: float | None = None, guide_contexts: list[Example] | None = None) -> Rollout:
+    def _sample(self, contexts: list[Example], prefixes: _Prefixes | None, guidance: Guidance, spec: SamplerSpec,
+                *, n: int, generator: torch.Generator, seed: int,
+                guide_contexts: list[Example] | None = None) -> Rollout:
         """Sample from the prefixes (None: re-encode the contexts at every step, the naive baseline)."""
+        steps, noise, window, sde, same_noise = spec.steps, spec.noise, spec.window, spec.sde, spec.same_noise
+        timestep_shift = spec.timestep_shift
         model, device = self.bagel, self.device
         b = len(contexts) * n
         c = self._latent_chw[0]

@@ -42,6 +42,7 @@ from cmrp.errors import ConfigError, WeightsError
 from cmrp.jsonio import write_json
 from cmrp.registry import BACKBONES
 from cmrp.sampling.rollout import Rollout, TokenTrajectory
+from cmrp.sampling.spec import SamplerSpec, token_guidance_scale
 from cmrp.sampling.tokens import guided_logits, sample_token_sequence, token_step
 
 __all__ = ["JanusAdapter"]
@@ -391,8 +392,7 @@ class JanusAdapter:
 
     # -- training --------------------------------------------------------------------------------
     def losses(self, batch: JanusBatch, *, timestep_shift: float | None = None) -> dict[str, torch.Tensor]:
-        """{"ce": text CE, "mse": image-token CE} (the key names are the protocol's; `timestep_shift`
-        only matters to flow heads)."""
+        """{"text": text CE, "image": image-token CE} (`timestep_shift` only matters to flow heads)."""
         batch = batch.to(self.device)
         codes = self._target_codes(batch)
         embeds = self._embed(batch.input_ids, batch.und_mask, batch.und_pixels, batch.gen_mask, codes)
@@ -408,13 +408,7 @@ class JanusAdapter:
             image = F.cross_entropy(logits.float(), codes.reshape(-1))
         else:
             image = hidden.sum() * 0.0
-        return {"ce": ce, "mse": image}
-
-    def text_loss(self, batch: JanusBatch) -> torch.Tensor:
-        return self.losses(batch)["ce"]
-
-    def image_loss(self, batch: JanusBatch) -> torch.Tensor:
-        return self.losses(batch)["mse"]
+        return {"text": ce, "image": image}
 
     # -- inference -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -523,26 +517,22 @@ class JanusAdapter:
         return list(torch.arange(self.gen_tokens).tensor_split(steps))
 
     @torch.no_grad()
-    def sample_images(self, contexts: list[Example], *, n: int = 1, steps: int = 20, seed: int = 0,
-                      noise: float = 0.0, window: tuple[int, int] | None = None, sde: str = "sde",
-                      same_noise: bool = False, timestep_shift: float | None = None,
-                      cfg_scale: float | None = None, temperature: float | None = None,
-                      top_k: int | None = None) -> Rollout:
+    def sample_images(self, contexts: list[Example], spec: SamplerSpec, *, n: int = 1, seed: int = 0,
+                      temperature: float | None = None, top_k: int | None = None) -> Rollout:
         """`n` images per context, image tokens drawn one by one with a KV cache (the context is encoded
         once and shared by its n samples). Token sampling is always stochastic, at `temperature` with
-        classifier-free guidance `cfg_scale` (defaults: the card's `sampling`); `noise`, `sde` and
-        `timestep_shift` belong to flow heads and are not used. The gen_tokens positions form `steps`
-        chunks; the chunks in `window` ([start, end)) are stored for `rollout_logprob`, each with the
-        mean log-prob of its tokens."""
-        if same_noise:
+        classifier-free guidance at the spec's text scale (defaults: the card's `sampling`); `noise`, `sde`
+        and `timestep_shift` belong to flow heads and are not used. The gen_tokens positions form
+        `spec.steps` chunks; the chunks in `spec.window` ([start, end)) are stored for `rollout_logprob`,
+        each with the mean log-prob of its tokens."""
+        if spec.same_noise:
             raise ValueError("same_noise has no meaning for a token head (Janus): set grpo.same_noise: false")
-        cfg = float(self.sampling["cfg_scale"] if cfg_scale is None else cfg_scale)
+        steps, window = spec.steps, spec.window
+        cfg = token_guidance_scale(spec, float(self.sampling["cfg_scale"]), "Janus")
         temp = float(self.sampling["temperature"] if temperature is None else temperature)
         top_k = self.sampling.get("top_k") if top_k is None else top_k
         chunks = self._chunks(steps)
         start, end = window if window is not None else (0, 0)
-        if not 0 <= start <= end <= steps:
-            raise ValueError(f"window {window} outside 0..{steps}")
         guided = cfg != 1.0
         prefix = self._prefix(contexts, "generate", guided)
         embeds, mask, positions = self._encode(prefix)
@@ -578,15 +568,16 @@ class JanusAdapter:
         return Rollout(self.decode_images(sampled.tokens), group_ids, trajectory, 0.0, "tokens", state=state)
 
     @torch.no_grad()
-    def think_and_sample(self, contexts: list[Example], *, max_think_tokens: int = 64, temperature: float = 0.0,
-                         text_seed: int = 0, **sample_kwargs) -> tuple[list[str], Rollout]:
+    def think_and_sample(self, contexts: list[Example], spec: SamplerSpec, *, n: int = 1, seed: int = 0,
+                         max_think_tokens: int = 64, temperature: float = 0.0,
+                         text_seed: int = 0) -> tuple[list[str], Rollout]:
         """Think mode: per context a character text turn first (the thinking / plan), then images sampled
         with it in the same context, exactly as if both had been given as one context (Janus's
         unconditional prompt drops the thinking with the rest). Returns (texts, rollout)."""
         texts = self.generate_text(contexts, max_new_tokens=max_think_tokens, temperature=temperature, seed=text_seed)
         with_thinking = [Example(c.task, [*c.segments, Segment("text", "character", t)])
                          for c, t in zip(contexts, texts, strict=True)]
-        return texts, self.sample_images(with_thinking, **sample_kwargs)
+        return texts, self.sample_images(with_thinking, spec, n=n, seed=seed)
 
     def rollout_logprob(self, rollout: Rollout, step: int, index: torch.Tensor | None = None,
                         *, return_mean: bool = False):

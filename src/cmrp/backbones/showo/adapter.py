@@ -51,6 +51,7 @@ from cmrp.errors import ConfigError, WeightsError
 from cmrp.jsonio import write_json
 from cmrp.registry import BACKBONES
 from cmrp.sampling.rollout import Rollout, TokenTrajectory
+from cmrp.sampling.spec import SamplerSpec, token_guidance_scale
 from cmrp.sampling.tokens import token_step
 
 __all__ = ["ShowoAdapter", "load_showo_state"]
@@ -407,10 +408,10 @@ class ShowoAdapter:
             ids[batch.gen_slots] = tokens.reshape(-1)
         return ids, targets
 
-    def losses(self, batch: ShowoBatch, **_: Any) -> dict[str, torch.Tensor]:
-        """{"ce": next-token CE over trained text, "mse": the image loss, CE over the masked codes (and the
-        <|soi|> / <|eoi|> markers, `image_loss_markers`) predicted in place — the key names are the
-        protocol's; Show-o's image loss is a cross-entropy."""
+    def losses(self, batch: ShowoBatch, *, timestep_shift: float | None = None) -> dict[str, torch.Tensor]:
+        """{"text": next-token CE over trained text, "image": CE over the masked codes (and the <|soi|> /
+        <|eoi|> markers, `image_loss_markers`) predicted in place}. `timestep_shift` belongs to flow heads
+        and does not apply."""
         ids, targets = self._fill_codes(batch, mask_gen=True)
         model = self.showo_module
         hidden = model.hidden(ids, batch.attention_mask, batch.position_ids)
@@ -422,13 +423,7 @@ class ShowoAdapter:
             image = F.cross_entropy(head(hidden[img]).float(), targets[img])
         else:
             image = hidden.sum() * 0.0
-        return {"ce": ce, "mse": image}
-
-    def text_loss(self, batch: ShowoBatch) -> torch.Tensor:
-        return self.losses(batch)["ce"]
-
-    def image_loss(self, batch: ShowoBatch) -> torch.Tensor:
-        return self.losses(batch)["mse"]
+        return {"text": ce, "image": image}
 
     # -- inference -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -578,25 +573,21 @@ class ShowoAdapter:
         return logits.float()
 
     @torch.no_grad()
-    def sample_images(self, contexts: list[Example], *, n: int = 1, steps: int = 16, seed: int = 0,
-                      noise: float = 0.0, window: tuple[int, int] | None = None, sde: str = "sde",
-                      same_noise: bool = False, timestep_shift: float | None = None, cfg_scale: float = 1.0,
-                      temperature: float | None = None, **flow_only: Any) -> Rollout:
-        """`n` images per context by MaskGIT: `steps` parallel-decoding steps from an all-masked image,
+    def sample_images(self, contexts: list[Example], spec: SamplerSpec, *, n: int = 1, seed: int = 0,
+                      temperature: float | None = None) -> Rollout:
+        """`n` images per context by MaskGIT: `spec.steps` parallel-decoding steps from an all-masked image,
         committing the cosine schedule's share of tokens at each (`commit_counts`) by Gumbel-perturbed
         confidence, the choice temperature compounding from the card's `choice_temperature` (Show-o's
         `generation_temperature`). Every step samples from the categorical at `temperature` (the card's,
-        default 1 = Show-o's); the steps inside `window` ([start, end) step indices) are stored as GRPO steps
-        with their log-probs. `cfg_scale` s: guidance on the logits, s·cond − (s − 1)·uncond (Show-o's
-        `guidance_scale` g is s − 1). With the same seed the tokens are `Showo.t2i_generate`'s. `noise`,
-        `sde`, `same_noise` and `timestep_shift` belong to flow heads and do not apply."""
-        unknown = [k for k in flow_only if not k.startswith("cfg_")]
-        if unknown:
-            raise TypeError(f"sample_images() got unexpected keyword arguments {unknown}")
+        default 1 = Show-o's); the steps inside `spec.window` ([start, end) step indices) are stored as GRPO
+        steps with their log-probs. The guidance text scale s (default 1: none): guidance on the logits,
+        s·cond − (s − 1)·uncond (Show-o's `guidance_scale` g is s − 1). With the same seed the tokens are
+        `Showo.t2i_generate`'s. `noise`, `sde`, `same_noise` and `timestep_shift` belong to flow heads and do
+        not apply."""
+        steps, window = spec.steps, spec.window
+        cfg_scale = token_guidance_scale(spec, 1.0, "Show-o")
         temperature = self.temperature if temperature is None else temperature
         start, end = window if window is not None else (0, 0)
-        if not 0 <= start <= end <= steps:
-            raise ValueError(f"window {window} outside 0..{steps}")
         device, n_tok = self.device, self.num_vq_tokens
         counts = commit_counts(n_tok, steps)
         b = len(contexts) * n
@@ -624,7 +615,8 @@ class ShowoAdapter:
             logprobs=(torch.stack(stored_logps, 1) if stored_logps else torch.zeros(b, 0)).float().cpu(),
         )
         state = _RolloutState(contexts, n, commit_step, list(range(start, end)), cfg_scale, temperature)
-        return Rollout(images, torch.arange(len(contexts)).repeat_interleave(n), traj, noise, "maskgit", 0.0, state)
+        group_ids = torch.arange(len(contexts)).repeat_interleave(n)
+        return Rollout(images, group_ids, traj, spec.noise, "maskgit", 0.0, state)
 
     def rollout_logprob(self, rollout: Rollout, step: int, index: torch.Tensor | None = None,
                         *, return_mean: bool = False):
