@@ -1,16 +1,17 @@
 """What every backbone adapter needs around its model, written once: where a card's weights are on this
-machine (`resolve_weights`) and a card section as plain containers (`plain`). Images: `cmrp.backbones.images`."""
+machine (`resolve_weights`), a card section as plain containers (`plain`), and the model under a PEFT wrapper
+(`unwrap_peft`, `require_unwrapped`). Images: `cmrp.backbones.images`."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from cmrp.errors import WeightsError
 from cmrp.resources import shipped_base
 
-__all__ = ["SANDBOX_WEIGHTS", "plain", "resolve_weights"]
+__all__ = ["SANDBOX_WEIGHTS", "HoldsModel", "plain", "require_unwrapped", "resolve_weights", "unwrap_peft"]
 
 SANDBOX_WEIGHTS = "sandbox://"  # a base shipped in the package (cmrp/sandbox/assets/<name>)
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -23,6 +24,34 @@ def plain(value: Any) -> Any:
     if isinstance(value, DictConfig | ListConfig):
         return OmegaConf.to_container(value, resolve=True)
     return value
+
+
+class HoldsModel:
+    """`to` and `device` of an adapter whose weights all live in `self.model` (an adapter with more, such as
+    Show-o's separate VQ model, extends `to`)."""
+
+    model: Any
+
+    def to(self, device: Any) -> Self:
+        self.model.to(device)
+        return self
+
+    @property
+    def device(self) -> Any:
+        return next(self.model.parameters()).device
+
+
+def unwrap_peft(model: Any) -> Any:
+    """The model itself, through a PEFT wrapper if LoRA put one around it (the official module's attributes
+    and parameter names live there)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def require_unwrapped(model: Any) -> None:
+    """Saving writes the base model's own layout: refuse a PEFT-wrapped one (its LoRA weights would be lost or
+    mixed in)."""
+    if hasattr(model, "get_base_model"):
+        raise ValueError("save the base model before wrapping it with PEFT, or merge the adapter first")
 
 
 def resolve_weights(ref: str | Path, where: str = "weights") -> Path:

@@ -16,7 +16,7 @@ from cmrp.backbones.bagel.official import is_official_layout, load_official, sav
 from cmrp.backbones.bagel.packing import IGNORE, ImageLoader, collate
 from cmrp.backbones.bagel.qwen2_mot import KVCache, Qwen2MoTDecoderLayer
 from cmrp.backbones.common import answer_questions, select_lora_targets
-from cmrp.backbones.kit import plain, resolve_weights
+from cmrp.backbones.kit import HoldsModel, plain, require_unwrapped, resolve_weights, unwrap_peft
 from cmrp.backbones.tokenizer import TextTokenizer
 from cmrp.checkpoint import save_safetensors_atomic
 from cmrp.data.tasks import Example, Segment
@@ -46,7 +46,7 @@ AE_WEIGHTS_FILE = "ae.safetensors"  # the FLUX autoencoder (original key naming)
 
 
 @BACKBONES.register("bagel")
-class BagelAdapter:
+class BagelAdapter(HoldsModel):
     """Owns the BAGEL model, its tokenizer and its image pre-processing."""
 
     image_head = "flow"
@@ -139,8 +139,7 @@ class BagelAdapter:
 
     def save_official(self, path: str | Path) -> Path:
         """Write the backbone in the official BAGEL layout (what `from_pretrained` reads back)."""
-        if hasattr(self.model, "get_base_model"):
-            raise ValueError("save the base model before wrapping it with PEFT, or merge the adapter first")
+        require_unwrapped(self.model)
         return save_official(self.bagel, self.tokenizer, path)
 
     def save_pretrained(self, path: str | Path) -> Path:
@@ -156,21 +155,10 @@ class BagelAdapter:
         self.tokenizer.save(path)
         return path
 
-    def to(self, device) -> BagelAdapter:
-        self.model.to(device)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     @property
     def bagel(self) -> Bagel:
         """The underlying Bagel module, through a PEFT wrapper if there is one."""
-        model = self.model
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        return model
+        return unwrap_peft(self.model)
 
     # -- fine-tuning -----------------------------------------------------------------------------
     def lora_targets(self, kind: str = "default") -> list[str]:
@@ -677,11 +665,9 @@ def _strip_peft(name: str) -> str:
     return name.replace(".base_layer", "")
 
 
-
 def _base_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """State dict with BAGEL's own names (through a PEFT wrapper, with LoRA merged out of view)."""
-    if hasattr(model, "get_base_model"):
-        raise ValueError("save the base model before wrapping it with PEFT, or merge the adapter first")
+    require_unwrapped(model)
     return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
 
 

@@ -36,7 +36,7 @@ from cmrp.backbones.images import ImageLoader
 from cmrp.backbones.janus.model import _GEN_PARAMS, _UND_PARAMS, DEFAULT_LORA_TARGETS, _check_geometry
 from cmrp.backbones.janus.prompting import HEADERS, IGNORE, JanusBatch, _Prefix, _Seq
 from cmrp.backbones.janus.tokenizer import JanusTokenizer
-from cmrp.backbones.kit import plain, resolve_weights
+from cmrp.backbones.kit import HoldsModel, plain, require_unwrapped, resolve_weights, unwrap_peft
 from cmrp.data.tasks import Example, Segment
 from cmrp.errors import ConfigError, WeightsError
 from cmrp.jsonio import write_json
@@ -61,7 +61,7 @@ class _RolloutState:
 
 
 @BACKBONES.register("janus")
-class JanusAdapter:
+class JanusAdapter(HoldsModel):
     """Owns a `JanusForConditionalGeneration`, its tokenizer and its image pre-processing."""
 
     image_head = "tokens"
@@ -168,8 +168,7 @@ class JanusAdapter:
     def save_pretrained(self, path: str | Path) -> Path:
         """The official layout (config.json, model.safetensors, tokenizer files) plus cmrp.json; written to a
         temporary folder first, then moved into place."""
-        if hasattr(self.model, "get_base_model"):
-            raise ValueError("save the base model before wrapping it with PEFT, or merge the adapter first")
+        require_unwrapped(self.model)
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -182,21 +181,10 @@ class JanusAdapter:
         tmp.rename(path)
         return path
 
-    def to(self, device) -> JanusAdapter:
-        self.model.to(device)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     @property
     def janus(self):
         """The `JanusForConditionalGeneration`, through a PEFT wrapper if there is one."""
-        model = self.model
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        return model
+        return unwrap_peft(self.model)
 
     # -- fine-tuning -----------------------------------------------------------------------------
     def lora_targets(self, kind: str = "default") -> list[str]:

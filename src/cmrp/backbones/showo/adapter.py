@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from cmrp.backbones.common import answer_questions, select_lora_targets
 from cmrp.backbones.images import ImageLoader
-from cmrp.backbones.kit import plain, resolve_weights
+from cmrp.backbones.kit import HoldsModel, plain, require_unwrapped, resolve_weights, unwrap_peft
 from cmrp.backbones.showo.magvit import MagvitConfig, MAGVITv2
 from cmrp.backbones.showo.maskgit import (
     choice_temperatures,
@@ -129,7 +129,7 @@ class _RolloutState:
 
 
 @BACKBONES.register("showo")
-class ShowoAdapter:
+class ShowoAdapter(HoldsModel):
     """Owns the Show-o transformer (`model`, trainable), the MAGVIT-v2 tokenizer (`vq`, frozen) and the
     text tokenizer."""
 
@@ -227,8 +227,7 @@ class ShowoAdapter:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         model = self.showo_module
-        if hasattr(self.model, "get_base_model"):
-            raise ValueError("save the base model before wrapping it with PEFT, or merge the adapter first")
+        require_unwrapped(self.model)
         save_safetensors_atomic({k: v.detach().contiguous() for k, v in model.state_dict().items()}, path / WEIGHTS_FILE)
         arch = self.arch
         config = {
@@ -253,21 +252,13 @@ class ShowoAdapter:
         return path
 
     def to(self, device) -> ShowoAdapter:
-        self.model.to(device)
-        self.vq.to(device)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        self.vq.to(device)  # the VQ model is not part of self.model
+        return super().to(device)
 
     @property
     def showo_module(self) -> Showo:
         """The Show-o module, through a PEFT wrapper if there is one."""
-        model = self.model
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        return model
+        return unwrap_peft(self.model)
 
     def _vq(self) -> MAGVITv2:
         device = self.device
