@@ -14,6 +14,7 @@ import os
 import sys
 
 from cmrp import __version__
+from cmrp.config.params import Redactor
 from cmrp.errors import CmrpError
 
 __all__ = ["build_parser", "main"]
@@ -65,10 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except CmrpError as err:
-        from cmrp.config.params import (
-            Redactor,  # URI passwords, secret env values, secret-named config values
-        )
-
+        # URI passwords, secret env values and secret-named config values never reach the terminal
         print(f"cmrp {args.command}: error: {Redactor.from_environ().text(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cmrp.chat.session import ChatSession, parse_user_line
 from cmrp.errors import ConfigError
 from cmrp.registry import DECODING
 
@@ -80,7 +81,6 @@ def _check(args: argparse.Namespace) -> None:
 def _chat(args: argparse.Namespace) -> int:
     _check(args)
     from cmrp.chat.artefact import load_chat_source
-    from cmrp.chat.session import ChatSession
 
     backbone, info = load_chat_source(args.source, args.base)
     session = ChatSession(backbone, info, decoding=args.decoding or info.decoding, image_steps=args.steps,
@@ -100,8 +100,6 @@ def _answer(session: Any, message: str, image: bool) -> None:
 
 
 def _repl(session: Any, out: Path) -> int:
-    from cmrp.chat.session import parse_user_line
-
     print(f"chatting with {session.character.name} ({session.strategy.name} decoding). {HELP_TEXT}", flush=True)
     saves = 0
     while True:

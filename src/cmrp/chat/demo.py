@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cmrp.chat.commands import add_session_arguments
+from cmrp.chat.session import ChatSession
 from cmrp.errors import CmrpError, ConfigError
 
 if TYPE_CHECKING:  # Gradio itself is imported on use (`_import_gradio`); the handlers get the class itself below
@@ -71,7 +72,6 @@ def build_demo(backbone: Backbone, info: Any, *, out_dir: str | Path = "chat", *
     `session_kwargs` go to every `ChatSession` (decoding, image_steps, seed, max_new_tokens, temperature).
     """
     gr = _import_gradio()
-    from cmrp.chat.session import ChatSession
 
     sessions: dict[str, ChatSession] = {}
 

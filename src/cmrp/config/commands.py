@@ -14,8 +14,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from cmrp.config.assets import asset_names, find_asset, is_path_ref
+from cmrp.config.params import Redactor
+from cmrp.config.yamlio import display_path
+from cmrp.data.sources import load_recipe_character
 from cmrp.errors import ConfigError
 from cmrp.registry import BACKBONES, DECODING, REWARDS
+from cmrp.resources import asset_dir
 
 __all__ = ["add_recipe_arguments", "register"]
 
@@ -74,8 +79,6 @@ def _validate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from cmrp.config.loader import find_recipe, load_recipe, resolve_recipe_parts
-    from cmrp.config.yamlio import display_path
-    from cmrp.data.sources import load_recipe_character
     from cmrp.training.preflight import check_run  # the pass `cmrp fit` runs before any work
 
     cfg = load_recipe(args.recipe, args.overrides)
@@ -93,7 +96,6 @@ def _validate(args: argparse.Namespace) -> int:
         print(f"  GRPO image prompts: {check.prompts}")
     for note in check.notes:
         print(f"  note: `cmrp fit` would stop on this machine: {note}")
-    from cmrp.config.params import Redactor
 
     shown = Redactor.from_environ().text("".join(" " + o for o in args.overrides))
     print(f"the whole recipe as a run sees it: cmrp cat {args.recipe}{shown}")
@@ -105,7 +107,6 @@ def resolved_recipe(recipe: str, overrides: list[str]) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     from cmrp.config.loader import load_recipe, resolve_recipe_parts
-    from cmrp.config.params import Redactor
 
     cfg = load_recipe(recipe, overrides)
     card, _ = resolve_recipe_parts(cfg)
@@ -119,8 +120,6 @@ def _cat(args: argparse.Namespace) -> int:
     import yaml
 
     from cmrp.config.loader import find_recipe
-    from cmrp.config.params import Redactor
-    from cmrp.config.yamlio import display_path
 
     data = resolved_recipe(args.recipe, args.overrides)
     given = Redactor.from_environ().text(" ".join([display_path(find_recipe(args.recipe)), *args.overrides]))
@@ -132,9 +131,6 @@ def _cat(args: argparse.Namespace) -> int:
 def _shipped_base_refs(text: str, source: Path) -> str:
     """`base: ../sft.yaml` (relative to the shipped file) -> `base: bagel/sft` (a shipped name)."""
     import re
-
-    from cmrp.config.assets import is_path_ref
-    from cmrp.resources import asset_dir
 
     root = asset_dir("recipes").resolve()
 
@@ -157,15 +153,11 @@ def _run_line_for(text: str, source: Path, dest: Path) -> str:
     """A copy's `# Run: cmrp fit recipes/<shipped>.yaml` line names the copy instead."""
     import re
 
-    from cmrp.resources import asset_dir
-
     shipped = "recipes/" + source.resolve().relative_to(asset_dir("recipes").resolve()).as_posix()
     return re.sub(rf"\A(# Run: cmrp [a-z ]+? ){re.escape(shipped)}(?=\s|$)", lambda m: m[1] + dest.as_posix(), text)
 
 
 def _cp(args: argparse.Namespace) -> int:
-    from cmrp.config.assets import find_asset, is_path_ref
-
     if is_path_ref(args.name):
         raise ConfigError(f"cmrp cp {args.name}: give a shipped recipe name (see `cmrp ls recipes`), not a path; "
                           "to copy a file of your own use cp")
@@ -215,7 +207,6 @@ def _first_comment(text: str) -> str:
 
 
 def _recipes() -> None:
-    from cmrp.config.assets import asset_names
     from cmrp.config.loader import find_recipe
 
     names = asset_names("recipes")
@@ -237,7 +228,6 @@ def _describe_each(
 
 
 def _backbones() -> None:
-    from cmrp.config.assets import asset_names
     from cmrp.config.loader import load_backbone_card
 
     rows = _describe_each(
@@ -247,7 +237,6 @@ def _backbones() -> None:
 
 
 def _rewards() -> None:
-    from cmrp.config.assets import asset_names
     from cmrp.config.loader import load_reward_preset
 
     rows = _describe_each(

@@ -7,8 +7,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cmrp.config import Redactor
+from cmrp.data.sources import load_recipe_character
 from cmrp.errors import ConfigError
+from cmrp.evaluation.judge import JudgeClient
+from cmrp.evaluation.mmrole_eval import format_table, run_mmrole_eval
 from cmrp.registry import DECODING
+from cmrp.tracking import (
+    TrackingLogger,
+    default_tags,
+    default_tracking_uri,
+    is_remote,
+    read_run_file,
+    run_history,
+    run_link,
+    tracked_run,
+)
 
 __all__ = ["register", "run_eval"]
 
@@ -117,8 +131,6 @@ def _visual_replies(items: list, model: Any, baseline: Any, task: str, k: int = 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Everything `cmrp eval` does; returns the report dictionary (also written to eval.json)."""
     from cmrp.backbones.loading import find_checkpoint, load_checkpoint, load_recipe_of
-    from cmrp.config import Redactor
-    from cmrp.data.sources import load_recipe_character
     from cmrp.evaluation.features import load_feature_set
     from cmrp.evaluation.oracle import chance_levels, prompt_attributes, sandbox_identity
     from cmrp.evaluation.report import curves_png, intervals, log_report, write_html, write_json
@@ -131,7 +143,6 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         t2i_prompts,
         turn_items,
     )
-    from cmrp.tracking import tracked_run
 
     _check_args(args)
     t0 = time.perf_counter()
@@ -154,8 +165,6 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     feats = load_feature_set(features, device=args.device)
     judge = None
     if args.judge_url:
-        from cmrp.evaluation.judge import JudgeClient
-
         judge = JudgeClient(args.judge_url, args.judge_model, api_key_env=args.judge_key_env,
                             cache_dir=out / "judge-cache", templates_dir=args.judge_templates,
                             concurrency=args.judge_concurrency, max_attempts=args.judge_attempts)
@@ -224,8 +233,6 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _eval_mmrole(args: argparse.Namespace) -> int:
-    from cmrp.evaluation.mmrole_eval import format_table, run_mmrole_eval
-
     report = run_mmrole_eval(args)
     if report.get("rows"):
         print(f"MMRole-Eval, protocol {report['protocol']} (one request per metric), judge {report['judge_endpoint']}")
@@ -243,16 +250,12 @@ def _eval_mmrole(args: argparse.Namespace) -> int:
 def _run_uri(args: argparse.Namespace, cfg: Any, run_dir: Path) -> str:
     """The URI to connect to: --tracking-uri, else the run's (as its recipe.yaml saved it: a password in it
     was hidden, and connecting then asks for --tracking-uri), else the run's own database."""
-    from cmrp.tracking import default_tracking_uri
-
     return args.tracking_uri or cfg.tracking.tracking_uri or default_tracking_uri(run_dir)
 
 
 def _tracking(args: argparse.Namespace, cfg: Any, run_dir: Path, out: Path, redactor: Any):
     """The evaluation's MLflow run, nested under the training run (same experiment, `mlflow.parentRunId`);
     and what is known of the training run. A server that is down: records go to <out>/tracking/pending.jsonl."""
-    from cmrp.tracking import TrackingLogger, default_tags, is_remote, read_run_file, run_link
-
     uri = _run_uri(args, cfg, run_dir)
     trained = read_run_file(run_dir)
     tags = {**default_tags("eval"), "cmrp.checkpoint": str(run_dir / "checkpoint")}
@@ -268,8 +271,6 @@ def _tracking(args: argparse.Namespace, cfg: Any, run_dir: Path, out: Path, reda
 
 
 def _training_history(run_dir: Path, args: argparse.Namespace, cfg: Any, redactor: Any):
-    from cmrp.tracking import run_history
-
     return run_history(run_dir, _run_uri(args, cfg, run_dir), ["train/loss", "reward/total", "val/reward/total"],
                        redactor)
 

@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _plan(args: argparse.Namespace) -> int:
     import json
 
-    from cmrp.config import load_recipe
+    from cmrp.config import load_recipe  # omegaconf: only when a recipe is read
     from cmrp.perf.plan import parse_memory, plan_as_json, plan_recipe, render_plan
 
     gpu_memory = parse_memory(args.gpu_memory)

@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from cmrp.sampling.guidance import guidance_active
+
 __all__ = [
     "FlopCount",
     "RolloutShape",
@@ -393,7 +395,6 @@ class RolloutShape:
 def guided_steps(steps: int, shift: float, interval: tuple[float, float]) -> int:
     """How many of a schedule's steps fall inside the guidance interval (lo < t <= hi)."""
     from cmrp.sampling.flow import sampling_timesteps
-    from cmrp.sampling.guidance import guidance_active
 
     ts = sampling_timesteps(steps, shift)
     return sum(1 for i in range(steps) if guidance_active(float(ts[i]), tuple(interval)))

@@ -146,7 +146,7 @@ def _train(args: argparse.Namespace) -> int:
 def _pretrain(args: argparse.Namespace) -> int:
     import torch
 
-    from cmrp.config import load_recipe
+    from cmrp.config import load_recipe  # omegaconf: only when a recipe is read
     from cmrp.sandbox.pretrain import pretrain
 
     if args.threads:

@@ -29,6 +29,7 @@ from cmrp.jsonio import write_json
 from cmrp.progress import track
 from cmrp.registry import BACKBONES
 from cmrp.resources import git_commit
+from cmrp.sampling.spec import SamplerSpec
 from cmrp.sandbox.writer import write_sandbox_character
 from cmrp.tracking import make_logger, tracked_run
 
@@ -69,7 +70,6 @@ def heldout_numbers(adapter: Any, characters: list, eval_cfg: Any, seed: int) ->
     multiple choice; identity fidelity of images drawn from the character's own (name) prompts; and
     identity fidelity and prompt faithfulness when the prompt describes the character in words."""
     from cmrp.evaluation.oracle import image_oracle_numbers, prompt_attributes
-    from cmrp.sampling.spec import SamplerSpec
 
     adapter.model.eval()
     rows: list[dict[str, float]] = []

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cmrp.config.yamlio import display_path
 from cmrp.errors import ConfigError
+from cmrp.sweeps.spec import load_sweep
 
 __all__ = ["register"]
 
@@ -55,10 +57,8 @@ def _launcher(args: argparse.Namespace, plan):
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from cmrp.config.yamlio import display_path
     from cmrp.sweeps.plan import make_plan
     from cmrp.sweeps.run import describe_plan, run_sweep
-    from cmrp.sweeps.spec import load_sweep
 
     sweep = load_sweep(args.sweep)
     out = args.out or Path("runs") / "sweeps" / sweep.name

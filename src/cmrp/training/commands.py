@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from cmrp.config.commands import add_recipe_arguments
+from cmrp.tracking import browse_hint, sync_pending
+from cmrp.training.storage import writing
 
 __all__ = ["register"]
 
@@ -45,9 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _fit(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from cmrp.config import load_recipe
+    from cmrp.config import load_recipe  # omegaconf: only when a recipe is read
     from cmrp.training.fit import run_fit
-    from cmrp.training.storage import writing
 
     overrides = [*args.overrides, "resume=auto"] if args.resume else args.overrides
     cfg = load_recipe(args.recipe, overrides)
@@ -67,7 +68,6 @@ def _fit(args: argparse.Namespace) -> int:
         g = result.metrics["grpo"]
         b, a = g["heldout_reward_before"].get("total", float("nan")), g["heldout_reward_after"].get("total", float("nan"))
         print(f"grpo reward:    {b:.3f} -> {a:.3f} (held-out prompts)")
-    from cmrp.tracking import browse_hint
 
     uri = result.tracking_uri  # redacted: the run never returns the real one
     if result.resumed_from is not None:
@@ -86,8 +86,6 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 def _sync(args: argparse.Namespace) -> int:
-    from cmrp.tracking import browse_hint, sync_pending
-
     for done in sync_pending(args.output_dir, args.tracking_uri):
         print(f"{done['file'].name}: uploaded to run {done['run_id']} in {done['tracking_uri']}: {done['params']} "
               f"params, {done['metrics']} metric values, {done['artifacts']} artifacts"
