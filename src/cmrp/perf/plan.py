@@ -31,6 +31,7 @@ from cmrp.perf.memory import (
     estimate_memory,
     grpo_update_shape,
 )
+from cmrp.perf.model import LoraSpec, meta_adapter, planned_counts
 
 __all__ = ["StagePlan", "parse_memory", "plan_as_json", "plan_recipe", "render_plan"]
 
@@ -105,8 +106,6 @@ def _sft_shape(adapter, cfg, text_tokens: int | None, understood: int | None, ge
 
 
 def _finetune(cfg) -> tuple[str, Any]:
-    from cmrp.perf.model import LoraSpec
-
     ft = cfg.finetune
     if ft.mode == "full":
         return "full", None
@@ -115,8 +114,6 @@ def _finetune(cfg) -> tuple[str, Any]:
 
 
 def _sft_stage(adapter, cfg, precision, strategy, checkpointing, seq_args) -> StagePlan:
-    from cmrp.perf.model import planned_counts
-
     mode, lora = _finetune(cfg)
     counts, train = planned_counts(adapter, mode=mode, lora=lora)
     shape, describe = _sft_shape(adapter, cfg, *seq_args)
@@ -130,8 +127,6 @@ def _sft_stage(adapter, cfg, precision, strategy, checkpointing, seq_args) -> St
 
 
 def _grpo_stage(adapter, cfg, precision, strategy, checkpointing, text_tokens: int | None) -> StagePlan:
-    from cmrp.perf.model import planned_counts
-
     g = cfg.grpo
     arch = adapter.arch
     mode, lora = _finetune(cfg)
@@ -166,8 +161,6 @@ def _grpo_stage(adapter, cfg, precision, strategy, checkpointing, text_tokens: i
 def plan_recipe(cfg: Any, *, gpus: int | None = None, nodes: int | None = None, text_tokens: int | None = None,
                 understood_images: int | None = None, generated_images: int | None = None) -> dict[str, Any]:
     """Everything `cmrp plan` prints, as data."""
-    from cmrp.perf.model import meta_adapter
-
     card, _ = resolve_recipe_parts(cfg)
     adapter = meta_adapter(card)
     arch = adapter.arch

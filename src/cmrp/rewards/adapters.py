@@ -18,8 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from cmrp.data.character import ImageRef
-from cmrp.data.images import load_images
 from cmrp.rewards.base import Reward, RewardContext, RewardOutput, VQAQuestion
 from cmrp.rewards.inputs import RewardInputError
 
@@ -125,6 +123,8 @@ def _folder_images(folder: str | Path, size: tuple[int, int], root: str | Path |
     if not path.is_dir():
         raise RewardInputError(f"reference_images_path {str(folder)!r}: no such folder (looked at {path}); "
                                "give an absolute path or the adapter's `root=`")
+    from cmrp.data.character import ImageRef
+    from cmrp.data.images import load_images
 
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
     if not files:
