@@ -151,7 +151,6 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     run_dir = ckpt.parent
     cfg = load_recipe_of(ckpt)
     if args.decoding is not None:  # evaluate the same weights with another decoding
-
         DECODING.get(args.decoding, where="--decoding")  # an unknown name: one line naming the known ones
         cfg.decoding = args.decoding
     character = load_recipe_character(cfg.data, run_dir)
