@@ -178,6 +178,38 @@ def test_cached_prefix_matches_full_forward(adapter):
         assert torch.allclose(logits[0], logits_full[i, pos - len(header) + 1 : pos - len(header) + 1 + n], atol=1e-4)
 
 
+def test_scoring_answers_on_shared_contexts_equals_scoring_whole_sequences(adapter, image_paths):
+    """MCQ options share their image and question: score_text encodes each context once and runs the answers on
+    its cache. Its values are the whole sequences' (which an example with a generated image still takes)."""
+    from cmrp.backbones.bagel.packing import IGNORE
+    from cmrp.backbones.common import labelled_logprob, split_answers
+    from cmrp.data.character import MultipleChoice
+    from cmrp.data.tasks import mcq_option_examples
+
+    adapter.model.eval()
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    options = ["red", "a long yellow answer", "x", "blue"]
+    scored = [*mcq_option_examples([Segment("image", pixels=pixels[0])], MultipleChoice("Which colour?", options, 0), "vqa"),
+              *mcq_option_examples([Segment("image", pixels=pixels[1])], MultipleChoice("Which colour now?", options, 1), "vqa"),
+              *mcq_option_examples([t("system", "You are Rex.")], MultipleChoice("Where do you live?", ["a", "bb"], 0), "kqa")]
+    contexts, rows, answers = split_answers(scored)
+    assert len(contexts) == 3 and rows == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
+    assert answers[:2] == ["A. red", "B. a long yellow answer"]
+    with torch.no_grad():
+        fast = adapter.score_text(scored)
+        batch = adapter.collate(scored)
+        whole = labelled_logprob(adapter._forward(batch, None)[0], batch.labels, adapter.model.language_model.lm_head, IGNORE)
+    assert fast.shape == (10,)
+    assert torch.allclose(fast, whole, atol=1e-4)
+    assert len(set(fast.tolist())) == 10  # every option scored on its own answer
+    assert split_answers(examples(image_paths)) is None  # a generated image: scored whole
+    with torch.no_grad():
+        mixed = adapter.score_text(examples(image_paths)[:2])
+        batch = adapter.collate(examples(image_paths)[:2])
+        whole = labelled_logprob(adapter._forward(batch, None)[0], batch.labels, adapter.model.language_model.lm_head, IGNORE)
+    assert torch.allclose(mixed, whole, atol=1e-4)
+
+
 def test_sample_images_shape_determinism_and_prefix_sharing(adapter):
     adapter.model.eval()
     ctx = [Example("c", [t("user", "draw me on the beach")]), Example("c", [t("user", "draw me")])]

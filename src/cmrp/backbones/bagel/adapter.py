@@ -15,7 +15,7 @@ from cmrp.backbones.bagel.model import Bagel, BagelArch, BagelBatch, patchify, s
 from cmrp.backbones.bagel.official import is_official_layout, load_official, save_official
 from cmrp.backbones.bagel.packing import IGNORE, ImageLoader, collate
 from cmrp.backbones.bagel.qwen2_mot import KVCache, Qwen2MoTDecoderLayer
-from cmrp.backbones.common import answer_questions, select_lora_targets
+from cmrp.backbones.common import answer_questions, labelled_logprob, select_lora_targets, split_answers
 from cmrp.backbones.kit import HoldsModel, plain, require_unwrapped, resolve_weights, unwrap_peft
 from cmrp.backbones.tokenizer import TextTokenizer
 from cmrp.checkpoint import save_safetensors_atomic
@@ -236,13 +236,20 @@ class BagelAdapter(HoldsModel):
     # -- inference -------------------------------------------------------------------------------
     @torch.no_grad()
     def score_text(self, examples: list[Example]) -> torch.Tensor:
-        batch = self.collate(examples).to(self.device)
-        hidden = self._forward(batch, None)[0]
-        logits = self.bagel.language_model.lm_head(hidden).float()
-        logp = torch.log_softmax(logits, dim=-1)
-        sel = batch.labels != IGNORE
-        token_logp = logp.gather(-1, batch.labels.clamp(min=0)[..., None])[..., 0]
-        return (token_logp * sel).sum(dim=1)
+        lm_head = self.bagel.language_model.lm_head
+        shared = split_answers(examples)
+        if shared is None:  # some example is not "context, then one trained text answer": score it whole
+            batch = self.collate(examples).to(self.device)
+            hidden = self._forward(batch, None)[0]
+            return labelled_logprob(hidden, batch.labels, lm_head, IGNORE)
+        # MCQ options share their image and question: each distinct context is encoded once and every answer
+        # segment is run on its cache (the same tokens, positions and mask as the whole sequence)
+        contexts, rows, answers = shared
+        cache = self._encode_prefix(contexts).select(torch.tensor(rows, device=self.device))
+        hidden, _, ids, valid = self._run_text(cache, answers)
+        labels = torch.full_like(ids, IGNORE)
+        labels[:, :-1] = ids[:, 1:].masked_fill(~valid[:, 1:], IGNORE)  # bos predicts the first token, ... eos
+        return labelled_logprob(hidden, labels, lm_head, IGNORE)
 
     def _encode_prefix(self, contexts: list[Example], grad: bool = False, *, image_output: bool = False,
                        generator: torch.Generator | None = None) -> KVCache:
@@ -335,9 +342,9 @@ class BagelAdapter(HoldsModel):
             next_pos = next_pos + 1
         return out
 
-    def _extend_with_text(self, cache: KVCache, texts: list[str]) -> KVCache:
-        """The prefix cache continued by one text segment per sample (tokenised exactly as `collate` does:
-        bos, text, eos), so an image sampled on it sees that text in the same context."""
+    def _run_text(self, cache: KVCache, texts: list[str]):
+        """One text segment per sample run on its cached prefix, tokenised exactly as `collate` does (bos, text,
+        eos): (hidden [B, n, D], the layers' keys/values, ids [B, n], valid [B, n])."""
         tok, device = self.tokenizer, self.device
         rows = [[tok.bos_id, *tok.encode(t)[: self.max_text_tokens], tok.eos_id] for t in texts]
         b, n = len(rows), max(len(r) for r in rows)
@@ -351,7 +358,13 @@ class BagelAdapter(HoldsModel):
         causal = causal | torch.eye(n, dtype=torch.bool, device=device)[None]  # padding rows see themselves
         mask = torch.cat([cache.valid[:, None, :].expand(b, n, cache.valid.shape[1]), causal], dim=2)
         embeds = self.bagel.language_model.model.embed_tokens(ids)
-        _, presents = self.bagel.decode_hidden(embeds, None, positions, mask, past=cache, use_cache=True)
+        hidden, presents = self.bagel.decode_hidden(embeds, None, positions, mask, past=cache, use_cache=True)
+        return hidden, presents, ids, new_valid
+
+    def _extend_with_text(self, cache: KVCache, texts: list[str]) -> KVCache:
+        """The prefix cache continued by one text segment per sample, so an image sampled on it sees that text
+        in the same context."""
+        _, presents, _, new_valid = self._run_text(cache, texts)
         lengths = new_valid.sum(dim=1)
         return KVCache([k for k, _ in presents], [v for _, v in presents],
                        torch.cat([cache.valid, new_valid], dim=1), cache.next_position + lengths)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["KVCache", "LLMConfig", "Qwen2ForCausalLM", "Qwen2RMSNorm", "route"]
+__all__ = ["KVCache", "LLMConfig", "Qwen2ForCausalLM", "Qwen2RMSNorm", "Routing", "route"]
 
 
 @dataclass
@@ -72,26 +72,54 @@ class Qwen2MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+@dataclass(frozen=True)
+class Routing:
+    """Which tokens each expert serves, worked out once per forward pass: index tensors over the flattened
+    [B * L] tokens. Every routed module of every layer gathers and scatters with them; a bool mask would be
+    turned into indices (a host sync) again at each of them, and its masked assignment is slow to backward."""
+
+    shape: tuple[int, int]  # (B, L)
+    und: torch.Tensor | None  # long [N_und]; None when every token is a generation token
+    gen: torch.Tensor | None  # long [N_gen]; None when none is
+
+    @classmethod
+    def of(cls, is_gen: torch.Tensor) -> Routing:
+        flat = is_gen.reshape(-1)
+        gen = flat.nonzero().squeeze(1)
+        und = (~flat).nonzero().squeeze(1)
+        b, n = is_gen.shape[:2]
+        return cls((b, n), und if und.numel() else None, gen if gen.numel() else None)
+
+
+def as_routing(is_gen: torch.Tensor | Routing | None) -> Routing | None:
+    """A bool mask [B, L] (True = generation token) as a `Routing`; a `Routing` or None as it is."""
+    return Routing.of(is_gen) if isinstance(is_gen, torch.Tensor) else is_gen
+
+
 def route(
     x: torch.Tensor,
-    is_gen: torch.Tensor | None,
+    is_gen: torch.Tensor | Routing | None,
     und: Callable[[torch.Tensor], torch.Tensor],
     gen: Callable[[torch.Tensor], torch.Tensor] | None,
 ) -> torch.Tensor:
-    """Apply `und` to understanding tokens and `gen` to generation tokens of x [..., D].
+    """Apply `und` to understanding tokens and `gen` to generation tokens of x [B, L, ...].
 
-    `is_gen` is a bool mask over x's leading dims; None (or no MoT) means all tokens are `und`.
+    `is_gen` is a `Routing` (or a bool mask [B, L]) over x's two leading dims; None (or no MoT) means all
+    tokens are `und`. Trailing dims pass through (per-head norms route [B, L, H, hd] by token).
     """
-    if gen is None or is_gen is None or not bool(is_gen.any()):
+    routing = as_routing(is_gen)
+    if gen is None or routing is None or routing.gen is None:
         return und(x)
-    if bool(is_gen.all()):
+    if routing.und is None:
         return gen(x)
-    und_out = und(x[~is_gen])
-    gen_out = gen(x[is_gen])
-    out = und_out.new_empty(*is_gen.shape, und_out.shape[-1])
-    out[~is_gen] = und_out
-    out[is_gen] = gen_out.to(und_out.dtype)
-    return out
+    b, n = routing.shape
+    flat = x.reshape(b * n, *x.shape[2:])
+    und_out = und(flat.index_select(0, routing.und))
+    gen_out = gen(flat.index_select(0, routing.gen)).to(und_out.dtype)
+    out = und_out.new_empty(b * n, *und_out.shape[1:])
+    out.index_copy_(0, routing.und, und_out)
+    out.index_copy_(0, routing.gen, gen_out)
+    return out.view(b, n, *und_out.shape[1:])
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -172,20 +200,19 @@ class PackedAttentionMoT(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [B, L, D]
-        is_gen: torch.Tensor | None,  # [B, L]
+        is_gen: torch.Tensor | Routing | None,  # [B, L] bool, or its Routing
         rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin [B, L, hd]
         mask: torch.Tensor,  # [B, L, Lpast + L] bool, True = may attend
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         b, n, _ = x.shape
         hd = self.head_dim
-        q = route(x, is_gen, self.q_proj, self._gen("q_proj")).view(b, n, self.num_heads, hd)
-        k = route(x, is_gen, self.k_proj, self._gen("k_proj")).view(b, n, self.num_kv_heads, hd)
-        v = route(x, is_gen, self.v_proj, self._gen("v_proj")).view(b, n, self.num_kv_heads, hd)
-        head_mask = None if is_gen is None else is_gen[:, :, None].expand(b, n, self.num_heads)
-        q = route(q, head_mask, self.q_norm, self._gen("q_norm"))
-        kv_mask = None if is_gen is None else is_gen[:, :, None].expand(b, n, self.num_kv_heads)
-        k = route(k, kv_mask, self.k_norm, self._gen("k_norm"))
+        routing = as_routing(is_gen)
+        q = route(x, routing, self.q_proj, self._gen("q_proj")).view(b, n, self.num_heads, hd)
+        k = route(x, routing, self.k_proj, self._gen("k_proj")).view(b, n, self.num_kv_heads, hd)
+        v = route(x, routing, self.v_proj, self._gen("v_proj")).view(b, n, self.num_kv_heads, hd)
+        q = route(q, routing, self.q_norm, self._gen("q_norm"))  # per head, by token
+        k = route(k, routing, self.k_norm, self._gen("k_norm"))
         cos, sin = rope[0][:, None], rope[1][:, None]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q = q * cos.to(q.dtype) + _rotate_half(q) * sin.to(q.dtype)
@@ -200,7 +227,7 @@ class PackedAttentionMoT(nn.Module):
             v = v.repeat_interleave(groups, dim=1)
         attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
         attn = attn.transpose(1, 2).reshape(b, n, self.num_heads * hd)
-        return route(attn, is_gen, self.o_proj, self._gen("o_proj")), present
+        return route(attn, routing, self.o_proj, self._gen("o_proj")), present
 
 
 class Qwen2MoTDecoderLayer(nn.Module):
@@ -219,11 +246,12 @@ class Qwen2MoTDecoderLayer(nn.Module):
         return getattr(self, f"{name}_moe_gen", None)
 
     def forward(self, x, is_gen, rope, mask, past=None):
-        h = route(x, is_gen, self.input_layernorm, self._gen("input_layernorm"))
-        h, present = self.self_attn(h, is_gen, rope, mask, past)
+        routing = as_routing(is_gen)
+        h = route(x, routing, self.input_layernorm, self._gen("input_layernorm"))
+        h, present = self.self_attn(h, routing, rope, mask, past)
         x = x + h
-        h = route(x, is_gen, self.post_attention_layernorm, self._gen("post_attention_layernorm"))
-        x = x + route(h, is_gen, self.mlp, self._gen("mlp"))
+        h = route(x, routing, self.post_attention_layernorm, self._gen("post_attention_layernorm"))
+        x = x + route(h, routing, self.mlp, self._gen("mlp"))
         return x, present
 
 
@@ -249,19 +277,20 @@ class Qwen2Model(nn.Module):
         checkpoint: bool = False,
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]] | None]:
         rope = self.rotary_emb(position_ids)
+        routing = as_routing(is_gen)  # once for every layer
         x = embeds
         presents = []
         for i, layer in enumerate(self.layers):
             layer_past = (past.keys[i], past.values[i]) if past is not None else None
             if checkpoint and torch.is_grad_enabled():
                 # activations are recomputed in backward (training mode or not: GRPO keeps eval mode)
-                x, present = torch.utils.checkpoint.checkpoint(layer, x, is_gen, rope, mask, layer_past,
+                x, present = torch.utils.checkpoint.checkpoint(layer, x, routing, rope, mask, layer_past,
                                                                use_reentrant=False)
             else:
-                x, present = layer(x, is_gen, rope, mask, layer_past)
+                x, present = layer(x, routing, rope, mask, layer_past)
             if use_cache:
                 presents.append(present)
-        x = route(x, is_gen, self.norm, getattr(self, "norm_moe_gen", None))
+        x = route(x, routing, self.norm, getattr(self, "norm_moe_gen", None))
         return x, (presents if use_cache else None)
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cmrp.backbones.common import answer_questions, select_lora_targets
+from cmrp.backbones.common import answer_questions, labelled_logprob, select_lora_targets
 from cmrp.backbones.images import ImageLoader
 from cmrp.backbones.janus.model import _GEN_PARAMS, _UND_PARAMS, DEFAULT_LORA_TARGETS, _check_geometry
 from cmrp.backbones.janus.prompting import HEADERS, IGNORE, JanusBatch, _Prefix, _Seq
@@ -405,11 +405,7 @@ class JanusAdapter(HoldsModel):
         codes = self._target_codes(batch)
         embeds = self._embed(batch.input_ids, batch.und_mask, batch.und_pixels, batch.gen_mask, codes)
         hidden, _ = self._lm(embeds, batch.attention_mask)
-        sel = batch.labels != IGNORE
-        logp = torch.log_softmax(self.janus.lm_head(hidden[sel]).float(), dim=-1)
-        token_logp = logp.gather(-1, batch.labels[sel][:, None])[:, 0]
-        rows = sel.nonzero()[:, 0]
-        return torch.zeros(len(examples), device=hidden.device).index_add(0, rows, token_logp).cpu()
+        return labelled_logprob(hidden, batch.labels, self.janus.lm_head, IGNORE)
 
     def _prefix(self, contexts: list[Example], stop: str, unconditional: bool) -> _Prefix:
         """Left-padded prefixes (all rows end at the same column); with `unconditional`, Janus's

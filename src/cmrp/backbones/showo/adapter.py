@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cmrp.backbones.common import answer_questions, select_lora_targets
+from cmrp.backbones.common import answer_questions, labelled_logprob, select_lora_targets
 from cmrp.backbones.images import ImageLoader
 from cmrp.backbones.kit import HoldsModel, plain, require_unwrapped, resolve_weights, unwrap_peft
 from cmrp.backbones.showo.magvit import MagvitConfig, MAGVITv2
@@ -423,11 +423,7 @@ class ShowoAdapter(HoldsModel):
         ids, _ = self._fill_codes(batch, mask_gen=False)
         model = self.showo_module
         hidden = model.hidden(ids, batch.attention_mask, batch.position_ids)
-        sel = batch.labels != IGNORE
-        logp = torch.log_softmax(model.showo.lm_head(hidden[sel]).float(), dim=-1)
-        token_logp = torch.zeros(sel.shape, dtype=torch.float32, device=hidden.device)
-        token_logp[sel] = logp.gather(-1, batch.labels[sel][:, None])[:, 0]
-        return token_logp.sum(dim=1).cpu()
+        return labelled_logprob(hidden, batch.labels, model.showo.lm_head, IGNORE)
 
     @torch.no_grad()
     def generate_text(self, contexts: list[Example], *, max_new_tokens: int = 64, temperature: float = 0.0,
