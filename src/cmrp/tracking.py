@@ -25,7 +25,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,7 +39,7 @@ from cmrp.resources import git_commit
 
 __all__ = ["RUN_FILE", "TrackingLogger", "browse_hint", "default_tracking_uri", "is_remote", "make_logger",
            "pending_file", "pending_files", "read_run_file", "redact_text", "run_history", "run_link", "sync_pending",
-           "tracked_run"]
+           "open_tracked_run", "tracked_run"]
 
 PENDING = Path("tracking") / "pending.jsonl"
 RUN_FILE = Path("tracking") / "run.json"
@@ -363,6 +363,23 @@ def _interrupts_deferred() -> Iterator[None]:
             signal.signal(kind, handler)
         for signum in caught[:1]:
             signal.raise_signal(signum)  # now handled as it would have been (KeyboardInterrupt, or exit)
+
+
+@contextlib.contextmanager
+def open_tracked_run(make: Callable[[], TrackingLogger]) -> Iterator[TrackingLogger]:
+    """`tracked_run` of the logger `make()` returns, Ctrl-C / SIGTERM held while it is made: an interrupt that
+    lands as its MLflow run comes into being, or just after, ends that run KILLED like one that lands later
+    (a logger made before `tracked_run` is entered leaves a moment in which the run would stay RUNNING)."""
+    logger: TrackingLogger | None = None
+    try:
+        with _interrupts_deferred():
+            logger = make()
+    except (KeyboardInterrupt, SystemExit):  # delivered as the deferral ends, with the run known
+        if logger is not None:
+            logger.close("KILLED")
+        raise
+    with tracked_run(logger):
+        yield logger
 
 
 @contextlib.contextmanager

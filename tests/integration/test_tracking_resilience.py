@@ -176,3 +176,42 @@ def test_secrets_in_the_environment_never_reach_mlflow_or_the_output_dir(tmp_pat
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     run = client.search_runs([client.get_experiment_by_name("exp-***").experiment_id])[0]  # the experiment too
     assert run.data.tags["mlflow.runName"] == "run-***" and run.data.params["name"] == "n-***"
+
+
+def test_sigterm_just_after_the_mlflow_run_is_made_ends_it_killed(tmp_path, monkeypatch):
+    """A scheduler's SIGTERM that lands as `cmrp fit` has just made its MLflow run (before any stage) ends that
+    run KILLED: the signal is an interrupt from the moment the run can exist, never the default exit that
+    leaves it RUNNING. Without that, the test's own handler below sees the signal and the run stays RUNNING."""
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    from cmrp.config import load_recipe
+    from cmrp.training import fit
+
+    made = {}
+
+    def make_logger_then_sigterm(*args, **kwargs):
+        made["logger"] = logger = real_make_logger(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return logger
+
+    class OutsideTheWindow(Exception):
+        pass
+
+    def outside(signum, frame):
+        raise OutsideTheWindow("SIGTERM arrived while cmrp fit did not treat it as an interrupt")
+
+    real_make_logger = fit.make_logger
+    monkeypatch.setattr(fit, "make_logger", make_logger_then_sigterm)
+    previous = signal.signal(signal.SIGTERM, outside)
+    out = tmp_path / "run"
+    cfg = load_recipe(TINY[0], [*TINY[1:], "trainer.max_steps=2", f"output_dir={out}"])
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fit.run_fit(cfg)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    logger = made["logger"]
+    run = MlflowClient(tracking_uri=logger.display_uri).get_run(logger.run_id)
+    assert run.info.status == "KILLED"

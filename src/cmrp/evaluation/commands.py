@@ -18,10 +18,10 @@ from cmrp.tracking import (
     default_tags,
     default_tracking_uri,
     is_remote,
+    open_tracked_run,
     read_run_file,
     run_history,
     run_link,
-    tracked_run,
 )
 
 __all__ = ["register", "run_eval"]
@@ -213,8 +213,9 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         "replies": _visual_replies(text_items, model_eval, baseline_eval, "text_roleplay")
         + _visual_replies(mm_items, model_eval, baseline_eval, "multimodal_roleplay", k=2),
     }
-    logger, training = _tracking(args, cfg, run_dir, out, redactor)
-    with tracked_run(logger):  # from the moment the run exists: an interrupt below ends it KILLED, not RUNNING
+    training = _training_run(args, cfg, run_dir, redactor)
+    # from the moment the run exists: an interrupt ends it KILLED, not RUNNING
+    with open_tracked_run(lambda: _eval_logger(args, cfg, run_dir, out, redactor)) as logger:
         history, source = _training_history(run_dir, args, cfg, redactor)
         training["history_source"] = source
         visuals["curves"] = curves_png(history, f"training run {training.get('run_id') or run_dir.name}")
@@ -252,21 +253,25 @@ def _run_uri(args: argparse.Namespace, cfg: Any, run_dir: Path) -> str:
     return args.tracking_uri or cfg.tracking.tracking_uri or default_tracking_uri(run_dir)
 
 
-def _tracking(args: argparse.Namespace, cfg: Any, run_dir: Path, out: Path, redactor: Any):
-    """The evaluation's MLflow run, nested under the training run (same experiment, `mlflow.parentRunId`);
-    and what is known of the training run. A server that is down: records go to <out>/tracking/pending.jsonl."""
-    uri = _run_uri(args, cfg, run_dir)
+def _eval_logger(args: argparse.Namespace, cfg: Any, run_dir: Path, out: Path, redactor: Any) -> TrackingLogger:
+    """The evaluation's MLflow run, nested under the training run (same experiment, `mlflow.parentRunId`).
+    A server that is down: records go to <out>/tracking/pending.jsonl."""
     trained = read_run_file(run_dir)
     tags = {**default_tags("eval"), "cmrp.checkpoint": str(run_dir / "checkpoint")}
     if trained.get("run_id"):
         tags.update({"mlflow.parentRunId": trained["run_id"], "cmrp.train_run_id": trained["run_id"]})
-    logger = TrackingLogger(uri, cfg.tracking.experiment, "eval", out, tags=tags, redactor=redactor,
-                            artifact_location=None if is_remote(uri) else (run_dir / "mlartifacts").as_uri())
-    training: dict[str, Any] = {
-        "run_id": trained.get("run_id"), "tracking_uri": redactor.text(uri),
-        "link": run_link(redactor.text(uri), trained.get("experiment_id"), trained.get("run_id")),
-        "note": None if trained.get("run_id") else "the training run recorded no MLflow run id"}
-    return logger, training
+    return TrackingLogger(_run_uri(args, cfg, run_dir), cfg.tracking.experiment, "eval", out, tags=tags,
+                          redactor=redactor, artifact_location=None if is_remote(_run_uri(args, cfg, run_dir))
+                          else (run_dir / "mlartifacts").as_uri())
+
+
+def _training_run(args: argparse.Namespace, cfg: Any, run_dir: Path, redactor: Any) -> dict[str, Any]:
+    """What is known of the training run the evaluation belongs to."""
+    uri = _run_uri(args, cfg, run_dir)
+    trained = read_run_file(run_dir)
+    return {"run_id": trained.get("run_id"), "tracking_uri": redactor.text(uri),
+            "link": run_link(redactor.text(uri), trained.get("experiment_id"), trained.get("run_id")),
+            "note": None if trained.get("run_id") else "the training run recorded no MLflow run id"}
 
 
 def _training_history(run_dir: Path, args: argparse.Namespace, cfg: Any, redactor: Any):

@@ -31,7 +31,7 @@ from cmrp.registry import BACKBONES
 from cmrp.resources import git_commit
 from cmrp.sampling.spec import SamplerSpec
 from cmrp.sandbox.writer import write_sandbox_character
-from cmrp.tracking import make_logger, tracked_run
+from cmrp.tracking import make_logger, open_tracked_run
 
 __all__ = ["BASE_MANIFEST", "heldout_numbers", "pretrain", "world_examples"]
 
@@ -129,8 +129,8 @@ def pretrain(cfg: Any, out: Path) -> dict[str, Any]:
     adapter.max_text_tokens = cfg.data.max_text_tokens
     apply_finetune(adapter, cfg.finetune)
     redacted = redact_secrets(OmegaConf.to_container(cfg, resolve=True))
-    logger = make_logger(cfg.tracking, run_dir, run_name=cfg.name, kind="pretrain")
-    with tracked_run(logger):  # FINISHED, or FAILED / KILLED: never left RUNNING
+    # FINISHED, or FAILED / KILLED: never left RUNNING
+    with open_tracked_run(lambda: make_logger(cfg.tracking, run_dir, run_name=cfg.name, kind="pretrain")) as logger:
         return _pretrain_tracked(cfg, out, adapter, logger, redacted, examples, heldout, world, first_heldout,
                                  timings, t0)
 

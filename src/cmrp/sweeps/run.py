@@ -32,10 +32,10 @@ from cmrp.tracking import (
     TrackingLogger,
     default_tags,
     is_remote,
+    open_tracked_run,
     pending_files,
     read_run_file,
     sync_pending,
-    tracked_run,
 )
 
 __all__ = ["SweepResult", "describe_plan", "run_sweep", "write_table"]
@@ -176,11 +176,10 @@ def run_sweep(plan: Plan, launcher: Any) -> SweepResult:
         raise CmrpError(_changed_message(plan, changed))
     plan.out.mkdir(parents=True, exist_ok=True)
     _upload_pending(plan.out, _stderr)
-    parent = _parent_run(plan)
     todo = [c for c in plan.cells if c.status != "done"]
     ran: list[str] = []
     failed: dict[str, str] = {}
-    with _sigterm_as_ctrl_c(), tracked_run(parent):
+    with _sigterm_as_ctrl_c(), open_tracked_run(lambda: _parent_run(plan)) as parent:
         if parent.tags:  # a new parent: MLflow params cannot change later
             seeds = sorted({c.seed for c in plan.cells})
             parent.log_hyperparams({"sweep_file": str(plan.sweep.path), "recipe": str(plan.sweep.recipe),

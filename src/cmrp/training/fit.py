@@ -31,7 +31,7 @@ from cmrp.evaluation.stage import stage_numbers
 from cmrp.jsonio import write_json
 from cmrp.registry import BACKBONES
 from cmrp.sampling.spec import SamplerSpec
-from cmrp.tracking import make_logger, tracked_run
+from cmrp.tracking import make_logger, open_tracked_run
 from cmrp.training.checkpointing import (
     Checkpointer,
     check_fingerprint,
@@ -313,11 +313,14 @@ def run_fit(cfg: Any) -> FitResult:
     trainable, total = count_trainable(adapter.model)
     timings["setup_s"] = time.perf_counter() - t0
 
-    logger = make_logger(cfg.tracking, out, run_name=cfg.name, run_id=point.manifest.get("run_id") if point else None,
-                         redactor=redactor, resume=point is not None)
-    run = _Run(cfg, out, adapter, character, preset, logger, redacted, fingerprint, flat, point, timings, t0)
+    def new_logger():
+        return make_logger(cfg.tracking, out, run_name=cfg.name, redactor=redactor, resume=point is not None,
+                           run_id=point.manifest.get("run_id") if point else None)
+
     try:
-        with _sigterm_as_interrupt(), tracked_run(logger):
+        # SIGTERM is an interrupt from before the MLflow run exists, so the run ends KILLED whenever it lands
+        with _sigterm_as_interrupt(), open_tracked_run(new_logger) as logger:
+            run = _Run(cfg, out, adapter, character, preset, logger, redacted, fingerprint, flat, point, timings, t0)
             metrics, grid, ckpt = run.stages(trained_names, ckpt_dir, trainable, total)
     except SystemExit:  # Lightning's own exit after a Ctrl-C inside a stage (its graceful shutdown)
         raise KeyboardInterrupt from None
