@@ -43,3 +43,25 @@ def test_grpo_rollout_smoke_sweeps_prompt_length_and_latent_tokens(grpo_rollout,
     assert [r["latent_tokens"] for r in latent] == [16, 64]
     # the same prompt weighs less against more latent tokens
     assert latent[0]["flops"]["no_reuse_ratio_to_bound"] > latent[1]["flops"]["no_reuse_ratio_to_bound"]
+
+
+def test_quickstart_benchmark_splits_a_real_fit_into_its_phases(monkeypatch, tmp_path):
+    """`benchmarks/quickstart.py` on a two-step quickstart: the child's wall time is the fit's own phases plus
+    what lies outside them, and the GRPO iteration split comes from the run's MLflow store."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("quickstart", None)
+    quickstart = importlib.import_module("quickstart")
+    result = quickstart.run(str(BENCHMARKS.parent / "recipes" / "quickstart.yaml"),
+                            ["trainer.max_steps=2", "data.batch_size=2", "data.max_text_tokens=32", "grpo.max_steps=2",
+                             "grpo.prompts_per_step=1", "grpo.group_size=2", "grpo.minibatch_size=2", "grpo.sample_steps=2",
+                             "eval.max_items=4", "eval.grid_prompts=1", "eval.images_per_prompt=1", "eval.sample_steps=2"],
+                            None)
+    phases = result["fit_timings_s"]
+    assert {"setup_s", "sft_s", "grpo_s", "eval_before_s", "eval_after_s", "total_s"} <= set(phases)
+    inside = sum(v for k, v in phases.items() if k != "total_s")
+    assert result["outside_fit_timings_s"] == pytest.approx(result["wall_s"] - inside)
+    assert 0 < inside < result["wall_s"] and result["user_s"] > 0 and result["peak_rss_mb"] > 100
+    assert result["sft_steps_per_s"] == pytest.approx(2 / phases["sft_s"])
+    split = result["grpo_iteration_s"]
+    assert set(split) == set(quickstart.ITERATION_PARTS) and split["sample"] > 0 and split["train"] > 0
+    assert result["heldout_reward_before"] is not None and "identity_fidelity_after" in result
