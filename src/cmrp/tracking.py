@@ -38,8 +38,8 @@ from cmrp.jsonio import dumps, write_json
 from cmrp.resources import git_commit
 
 __all__ = ["RUN_FILE", "TrackingLogger", "browse_hint", "default_tracking_uri", "is_remote", "make_logger",
-           "pending_file", "pending_files", "read_run_file", "redact_text", "run_history", "run_link", "sync_pending",
-           "open_tracked_run", "tracked_run"]
+           "open_tracked_run", "pending_file", "pending_files", "read_run_file", "redact_text", "run_history",
+           "run_link", "sync_pending", "tracked_run"]
 
 PENDING = Path("tracking") / "pending.jsonl"
 RUN_FILE = Path("tracking") / "run.json"

@@ -26,6 +26,8 @@ from cmrp.tracking import (
 
 __all__ = ["register", "run_eval"]
 
+TRAINING_CURVES = ["train/loss", "reward/total", "val/reward/total"]  # plotted in the report
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -213,10 +215,11 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         "replies": _visual_replies(text_items, model_eval, baseline_eval, "text_roleplay")
         + _visual_replies(mm_items, model_eval, baseline_eval, "multimodal_roleplay", k=2),
     }
-    training = _training_run(args, cfg, run_dir, redactor)
+    uri, trained = _run_uri(args, cfg, run_dir), read_run_file(run_dir)
+    training = _training_run(uri, trained, redactor)
     # from the moment the run exists: an interrupt ends it KILLED, not RUNNING
-    with open_tracked_run(lambda: _eval_logger(args, cfg, run_dir, out, redactor)) as logger:
-        history, source = _training_history(run_dir, args, cfg, redactor)
+    with open_tracked_run(lambda: _eval_logger(uri, trained, cfg, run_dir, out, redactor)) as logger:
+        history, source = run_history(run_dir, uri, TRAINING_CURVES, redactor)
         training["history_source"] = source
         visuals["curves"] = curves_png(history, f"training run {training.get('run_id') or run_dir.name}")
         report["training_run"] = training
@@ -253,30 +256,22 @@ def _run_uri(args: argparse.Namespace, cfg: Any, run_dir: Path) -> str:
     return args.tracking_uri or cfg.tracking.tracking_uri or default_tracking_uri(run_dir)
 
 
-def _eval_logger(args: argparse.Namespace, cfg: Any, run_dir: Path, out: Path, redactor: Any) -> TrackingLogger:
-    """The evaluation's MLflow run, nested under the training run (same experiment, `mlflow.parentRunId`).
-    A server that is down: records go to <out>/tracking/pending.jsonl."""
-    trained = read_run_file(run_dir)
+def _eval_logger(uri: str, trained: dict[str, Any], cfg: Any, run_dir: Path, out: Path,
+                 redactor: Any) -> TrackingLogger:
+    """The evaluation's MLflow run at `uri`, nested under the training run `trained` (its run file: same
+    experiment, `mlflow.parentRunId`). A server that is down: records go to <out>/tracking/pending.jsonl."""
     tags = {**default_tags("eval"), "cmrp.checkpoint": str(run_dir / "checkpoint")}
     if trained.get("run_id"):
         tags.update({"mlflow.parentRunId": trained["run_id"], "cmrp.train_run_id": trained["run_id"]})
-    return TrackingLogger(_run_uri(args, cfg, run_dir), cfg.tracking.experiment, "eval", out, tags=tags,
-                          redactor=redactor, artifact_location=None if is_remote(_run_uri(args, cfg, run_dir))
-                          else (run_dir / "mlartifacts").as_uri())
+    return TrackingLogger(uri, cfg.tracking.experiment, "eval", out, tags=tags, redactor=redactor,
+                          artifact_location=None if is_remote(uri) else (run_dir / "mlartifacts").as_uri())
 
 
-def _training_run(args: argparse.Namespace, cfg: Any, run_dir: Path, redactor: Any) -> dict[str, Any]:
-    """What is known of the training run the evaluation belongs to."""
-    uri = _run_uri(args, cfg, run_dir)
-    trained = read_run_file(run_dir)
+def _training_run(uri: str, trained: dict[str, Any], redactor: Any) -> dict[str, Any]:
+    """What is known of the training run the evaluation belongs to (its run file, tracked at `uri`)."""
     return {"run_id": trained.get("run_id"), "tracking_uri": redactor.text(uri),
             "link": run_link(redactor.text(uri), trained.get("experiment_id"), trained.get("run_id")),
             "note": None if trained.get("run_id") else "the training run recorded no MLflow run id"}
-
-
-def _training_history(run_dir: Path, args: argparse.Namespace, cfg: Any, redactor: Any):
-    return run_history(run_dir, _run_uri(args, cfg, run_dir), ["train/loss", "reward/total", "val/reward/total"],
-                       redactor)
 
 
 def _eval(args: argparse.Namespace) -> int:
