@@ -3,7 +3,8 @@ BAGEL-7B-shaped slice (the real widths of backbones/bagel-7b-mot.yaml, a few lay
 (fp32 master weights + bf16 autocast, as the recipes' `bf16-mixed`):
 - SFT step time, tokens/s, model FLOPs, MFU / HFU and peak memory (measured, and `cmrp plan`'s estimate next
   to it), full fine-tuning vs LoRA (r 64, both experts) x gradient checkpointing on/off, with PyTorch SDPA;
-  plus SDPA's reference (math) kernel, and flash-attn's kernel when the package is installed;
+  plus SDPA's reference (math) kernel, flash-attn's kernel when the package is installed, and QLoRA (the
+  same LoRA on a bitsandbytes NF4 base, checkpointed) when bitsandbytes is installed;
 - GRPO: rollout images/s (G = 8, 15 steps, CFG 4, one 256-token prompt) and the update's time (SDE window of
   3 steps, generation expert trained), each with FLOPs, MFU and peak memory.
 MFU = model FLOPs (`cmrp.perf.flops`, no recomputation) / time / the peak of a dense bf16 matmul measured in
@@ -51,7 +52,7 @@ def models(smoke: bool, image_size: int) -> dict[str, dict[str, Any]]:
     }
 
 
-def cases(smoke: bool, image_size: int, flash: bool) -> list[dict[str, Any]]:
+def cases(smoke: bool, image_size: int, flash: bool, nf4: bool = False) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = [{"name": "peak_matmul", "kind": "peak"}]
     for model in models(smoke, image_size):
         slim = smoke and model.endswith("slice")
@@ -71,6 +72,12 @@ def cases(smoke: bool, image_size: int, flash: bool) -> list[dict[str, Any]]:
         else:
             out.append({"name": f"{model}/sft/lora/ckpt/flash_attn", "kind": "skip",
                         "reason": "flash_attn is not installed"})
+        qlora = f"{model}/sft/qlora/ckpt/sdpa"
+        if nf4:
+            out.append({"name": qlora, "kind": "sft", "model": model, "mode": "qlora", "checkpointing": True,
+                        "attention": "sdpa"})
+        else:
+            out.append({"name": qlora, "kind": "skip", "reason": "bitsandbytes is not installed"})
         out.append({"name": f"{model}/grpo", "kind": "grpo", "model": model})
     return out
 
@@ -120,7 +127,7 @@ def _sft_case(args, case) -> dict:
 
     from cmrp.perf.flops import SFTLayout, Trainable, sft_step_flops
     from cmrp.perf.memory import Precision, SequenceShape, Strategy, estimate_memory
-    from cmrp.perf.model import model_counts
+    from cmrp.perf.model import LoraSpec, model_counts, planned_counts
     from cmrp.perf.workload import build_adapter, sft_examples
     from cmrp.training.peft import apply_finetune
 
@@ -129,6 +136,9 @@ def _sft_case(args, case) -> dict:
     adapter = build_adapter(spec["card"], device=device, dtype=torch.float32, **spec["changes"])
     if case["attention"] == "flash_attn":
         adapter.model.to(dtype)  # flash-attn's kernel needs bf16 tensors: the whole model in bf16
+    planned = None
+    if case["mode"] == "qlora":  # counted before the NF4 layers pack two weights a byte
+        planned, _ = planned_counts(adapter, mode="qlora", lora=LoraSpec(LORA["r"], LORA["targets"], quantized=True))
     apply_finetune(adapter, OmegaConf.create({"mode": case["mode"], **LORA,
                                               "gradient_checkpointing": case["checkpointing"]}))
     adapter.model.train()
@@ -156,7 +166,7 @@ def _sft_case(args, case) -> dict:
     arch = adapter.arch
     train = Trainable.from_model(adapter.model)
     layout = SFTLayout.from_batch(batch, arch)
-    counts, _ = model_counts(adapter)
+    counts = planned or model_counts(adapter)[0]
     shape = SequenceShape.from_batch(batch, arch)
     precision = Precision.parse("bf16-mixed" if dtype != torch.float32 else "32-true")
     if case["attention"] == "flash_attn":
@@ -349,7 +359,9 @@ def drive(args) -> dict:
         flash = getattr(flash_attn, "__version__", "installed")
     except ImportError:
         flash = None
-    todo = cases(args.smoke, args.image_size, bool(flash))
+    import importlib.util
+
+    todo = cases(args.smoke, args.image_size, bool(flash), nf4=importlib.util.find_spec("bitsandbytes") is not None)
     if args.only:
         todo = [c for c in todo if c["kind"] == "peak" or args.only in c["name"]]
     start = time.monotonic()
