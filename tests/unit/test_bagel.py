@@ -12,7 +12,7 @@ from cmrp.backbones.bagel import BagelAdapter
 from cmrp.backbones.bagel.model import flow_timesteps, patchify, unpatchify
 from cmrp.backbones.bagel.packing import attention_mask_from_splits
 from cmrp.data.tasks import Example, Segment
-from cmrp.errors import WeightsError
+from cmrp.errors import ConfigError, WeightsError
 from cmrp.sampling.spec import SamplerSpec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -302,3 +302,20 @@ def test_trainable_groups_partition_parameters(adapter):
     assert gen and und and not (gen & und) and gen | und == set(names)
     assert "llm2vae.weight" in gen and "language_model.model.layers.1.mlp_moe_gen.up_proj.weight" in gen
     assert "language_model.model.layers.1.mlp.up_proj.weight" in und
+
+
+def test_an_understood_grid_past_the_position_table_is_a_config_error():
+    """vit.image_size beyond vit_max_num_patch_per_side x patch would index the LLM-side table past its end:
+    on a GPU a device-side assert with no word of why (the 7B-shaped slice at 1008 px hit it). Refused at
+    build, naming both keys; the benchmarks' builder grows the table to the images it asks for."""
+    from cmrp.backbones.bagel.model import Bagel, BagelArch
+    from cmrp.config.loader import load_backbone_card
+    from cmrp.perf.workload import build_adapter, card_with
+
+    arch = card_with(load_backbone_card("bagel-tiny"), image_size=96)["architecture"]  # 12 patches > 8
+    with pytest.raises(ConfigError, match="vit_max_num_patch_per_side 8"):
+        Bagel(BagelArch.from_dict(arch))
+    adapter = build_adapter("bagel-tiny", image_size=96)
+    assert adapter.bagel.arch.vit_max_num_patch_per_side == 12
+    tokens = adapter.bagel.vit_tokens(torch.rand(1, 3, 96, 96))
+    assert tokens.shape == (1, 144, adapter.bagel.arch.llm.hidden_size) and torch.isfinite(tokens).all()

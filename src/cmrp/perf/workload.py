@@ -64,8 +64,11 @@ def build_adapter(card: Any, *, device: str | torch.device = "cpu", dtype: torch
     arch = spec["architecture"]
     side = int(arch["vit"].get("image_size", 32))  # the generated image's side too: its latent grid must fit
 
-    grid = side // (vae_downsample(BagelArch.from_dict(arch)) * int(arch.get("latent_patch_size", 2)))
-    arch["max_latent_size"] = max(int(arch.get("max_latent_size", 32)), grid)
+    parsed = BagelArch.from_dict(arch)
+    grid = side // (vae_downsample(parsed) * parsed.latent_patch_size)
+    arch["max_latent_size"] = max(parsed.max_latent_size, grid)
+    # and the understood image's patch grid its LLM-side position table
+    arch["vit_max_num_patch_per_side"] = max(parsed.vit_max_num_patch_per_side, parsed.vit.num_patches_per_side)
     with torch.device(device):  # initialised where it runs: a few-billion-parameter slice builds in seconds on a GPU
         adapter = BagelAdapter.build(spec, corpus=CORPUS, dtype=dtype)
     adapter.to(device)

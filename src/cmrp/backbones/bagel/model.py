@@ -184,6 +184,13 @@ class Bagel(nn.Module):
         hidden = arch.llm.hidden_size
         self.language_model = Qwen2ForCausalLM(arch.llm)
         if arch.visual_und:
+            if arch.vit.num_patches_per_side > arch.vit_max_num_patch_per_side:
+                # the LLM-side position table would be indexed past its end (a device-side assert on a GPU)
+                raise ConfigError(
+                    f"backbone card: architecture.vit.image_size {arch.vit.image_size} gives "
+                    f"{arch.vit.num_patches_per_side} patches per side, more than "
+                    f"architecture.vit_max_num_patch_per_side {arch.vit_max_num_patch_per_side}; raise "
+                    "vit_max_num_patch_per_side or lower vit.image_size")
             self.vit_model = SiglipVisionModel(arch.vit)
             self.connector = MLPconnector(arch.vit.hidden_size, hidden)
             self.vit_pos_embed = PositionEmbedding(arch.vit_max_num_patch_per_side, hidden)
