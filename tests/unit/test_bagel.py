@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from cmrp.backbones.bagel import BagelAdapter
-from cmrp.backbones.bagel.model import flow_timesteps, patchify, unpatchify
+from cmrp.backbones.bagel.model import BagelBatch, flow_timesteps, patchify, unpatchify
 from cmrp.backbones.bagel.packing import attention_mask_from_splits
 from cmrp.data.tasks import Example, Segment
 from cmrp.errors import ConfigError, WeightsError
@@ -319,3 +319,31 @@ def test_an_understood_grid_past_the_position_table_is_a_config_error():
     assert adapter.bagel.arch.vit_max_num_patch_per_side == 12
     tokens = adapter.bagel.vit_tokens(torch.rand(1, 3, 96, 96))
     assert tokens.shape == (1, 144, adapter.bagel.arch.llm.hidden_size) and torch.isfinite(tokens).all()
+
+
+def test_padding_is_skipped_without_changing_losses_or_gradients():
+    """A mixed-task SFT batch is about half padding; the MoT routing leaves it out of every layer. The losses
+    and every gradient equal those of the forward that computes padding too (whose rows see only
+    themselves, so they never reached a real token)."""
+    from cmrp.perf.workload import build_adapter, sft_examples
+
+    adapter = build_adapter("bagel-tiny", seed=3)
+    adapter.model.train()
+    batch = adapter.collate(sft_examples(adapter, batch=4, text_tokens=24, tasks=("t2i", "vqa", "chat", "t2i")))
+    assert 0.2 < float((~batch.valid).float().mean()) < 0.8  # there is padding to skip
+
+    def run(skip: bool):
+        adapter.model.zero_grad(set_to_none=True)
+        kept = batch if skip else BagelBatch(**{**batch.__dict__, "valid": None})
+        torch.manual_seed(0)  # the same flow noise and times
+        losses = adapter.losses(kept)
+        (losses["text"] + losses["image"]).backward()
+        grads = {n: p.grad.clone() for n, p in adapter.model.named_parameters() if p.grad is not None}
+        return {k: float(v.detach()) for k, v in losses.items()}, grads
+
+    skipped, grads_skipped = run(True)
+    full, grads_full = run(False)
+    assert skipped == pytest.approx(full, rel=1e-5)
+    assert grads_skipped.keys() == grads_full.keys()
+    for name, grad in grads_full.items():
+        torch.testing.assert_close(grads_skipped[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -211,7 +211,8 @@ class BagelAdapter(HoldsModel):
             gen_tokens = model.latent_tokens(x_t, t, (h, w))
             target = (noise - x0)[noisy]  # velocity dx/dt pointing from data (t=0) to noise (t=1)
         embeds = model.embed(batch, gen_tokens)
-        hidden, _ = model.decode_hidden(embeds, batch.is_gen, batch.position_ids, batch.attention_mask)
+        hidden, _ = model.decode_hidden(embeds, batch.is_gen, batch.position_ids, batch.attention_mask,
+                                        valid=batch.valid)  # padding (about half a mixed batch) is skipped
         return hidden, target, noisy
 
     def losses(self, batch: BagelBatch, *, timestep_shift: float | None = None) -> dict[str, torch.Tensor]:

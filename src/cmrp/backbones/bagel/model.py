@@ -290,9 +290,11 @@ class Bagel(nn.Module):
         return emb
 
     def decode_hidden(
-        self, embeds, is_gen, position_ids, mask, past: KVCache | None = None, use_cache: bool = False
+        self, embeds, is_gen, position_ids, mask, past: KVCache | None = None, use_cache: bool = False,
+        valid: torch.Tensor | None = None,
     ):
+        """Hidden states of the decoder; `valid` [B, L] marks padding that no layer computes (zeros there)."""
         return self.language_model.model(
             embeds, is_gen if self.arch.llm.use_moe else None, position_ids, mask, past=past,
-            use_cache=use_cache, checkpoint=self.arch.gradient_checkpointing,
+            use_cache=use_cache, checkpoint=self.arch.gradient_checkpointing, valid=valid,
         )

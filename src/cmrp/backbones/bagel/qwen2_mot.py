@@ -76,19 +76,27 @@ class Qwen2MLP(nn.Module):
 class Routing:
     """Which tokens each expert serves, worked out once per forward pass: index tensors over the flattened
     [B * L] tokens. Every routed module of every layer gathers and scatters with them; a bool mask would be
-    turned into indices (a host sync) again at each of them, and its masked assignment is slow to backward."""
+    turned into indices (a host sync) again at each of them, and its masked assignment is slow to backward.
+    Given which tokens are padding, neither expert computes them (about half of a mixed-task SFT batch):
+    their outputs are zeros, which padding rows' own attention (each sees only itself) keeps finite."""
 
     shape: tuple[int, int]  # (B, L)
-    und: torch.Tensor | None  # long [N_und]; None when every token is a generation token
-    gen: torch.Tensor | None  # long [N_gen]; None when none is
+    und: torch.Tensor | None  # long [N_und]; None when no token is an understanding one
+    gen: torch.Tensor | None  # long [N_gen]; None when none is a generation token
+    kept: torch.Tensor | None = None  # long [N_valid]: the tokens that are not padding; None: no padding
 
     @classmethod
-    def of(cls, is_gen: torch.Tensor) -> Routing:
+    def of(cls, is_gen: torch.Tensor, valid: torch.Tensor | None = None) -> Routing:
         flat = is_gen.reshape(-1)
-        gen = flat.nonzero().squeeze(1)
-        und = (~flat).nonzero().squeeze(1)
         b, n = is_gen.shape[:2]
-        return cls((b, n), und if und.numel() else None, gen if gen.numel() else None)
+        if valid is None or bool(valid.all()):
+            gen = flat.nonzero().squeeze(1)
+            und = (~flat).nonzero().squeeze(1)
+            return cls((b, n), und if und.numel() else None, gen if gen.numel() else None)
+        keep = valid.reshape(-1)
+        gen = (flat & keep).nonzero().squeeze(1)
+        und = (~flat & keep).nonzero().squeeze(1)
+        return cls((b, n), und if und.numel() else None, gen if gen.numel() else None, keep.nonzero().squeeze(1))
 
 
 def as_routing(is_gen: torch.Tensor | Routing | None) -> Routing | None:
@@ -102,24 +110,33 @@ def route(
     und: Callable[[torch.Tensor], torch.Tensor],
     gen: Callable[[torch.Tensor], torch.Tensor] | None,
 ) -> torch.Tensor:
-    """Apply `und` to understanding tokens and `gen` to generation tokens of x [B, L, ...].
+    """Apply `und` to understanding tokens and `gen` to generation tokens of x [B, L, ...] (padding named
+    by the `Routing` to neither: zeros there).
 
     `is_gen` is a `Routing` (or a bool mask [B, L]) over x's two leading dims; None (or no MoT) means all
     tokens are `und`. Trailing dims pass through (per-head norms route [B, L, H, hd] by token).
     """
     routing = as_routing(is_gen)
-    if gen is None or routing is None or routing.gen is None:
+    if routing is None:
         return und(x)
-    if routing.und is None:
-        return gen(x)
+    if routing.kept is None:
+        if gen is None or routing.gen is None:
+            return und(x)
+        if routing.und is None:
+            return gen(x)
+    if gen is None or routing.gen is None:
+        parts = [(routing.kept, und)]
+    else:
+        parts = [(idx, fn) for idx, fn in ((routing.und, und), (routing.gen, gen)) if idx is not None]
     b, n = routing.shape
     flat = x.reshape(b * n, *x.shape[2:])
-    und_out = und(flat.index_select(0, routing.und))
-    gen_out = gen(flat.index_select(0, routing.gen)).to(und_out.dtype)
-    out = und_out.new_empty(b * n, *und_out.shape[1:])
-    out.index_copy_(0, routing.und, und_out)
-    out.index_copy_(0, routing.gen, gen_out)
-    return out.view(b, n, *und_out.shape[1:])
+    outs = [(idx, fn(flat.index_select(0, idx))) for idx, fn in parts]
+    first = outs[0][1]
+    # every token written below, or padding (zeros: its keys and values must stay finite)
+    out = first.new_empty(b * n, *first.shape[1:]) if routing.kept is None else first.new_zeros(b * n, *first.shape[1:])
+    for idx, part in outs:
+        out.index_copy_(0, idx, part.to(first.dtype))
+    return out.view(b, n, *first.shape[1:])
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -275,9 +292,15 @@ class Qwen2Model(nn.Module):
         past: KVCache | None = None,
         use_cache: bool = False,
         checkpoint: bool = False,
+        valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]] | None]:
+        """`valid` [B, L] (False = padding, whose rows attend only to themselves): padding is computed by no
+        layer; its outputs are zeros."""
         rope = self.rotary_emb(position_ids)
-        routing = as_routing(is_gen)  # once for every layer
+        if valid is not None:  # once for every layer
+            routing = Routing.of(is_gen if is_gen is not None else torch.zeros_like(valid), valid)
+        else:
+            routing = as_routing(is_gen)
         x = embeds
         presents = []
         for i, layer in enumerate(self.layers):
