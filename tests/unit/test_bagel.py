@@ -347,3 +347,19 @@ def test_padding_is_skipped_without_changing_losses_or_gradients():
     assert grads_skipped.keys() == grads_full.keys()
     for name, grad in grads_full.items():
         torch.testing.assert_close(grads_skipped[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_take_rows_backward_is_index_selects():
+    """The routing's gather puts gradients back with a copy (its indices never repeat): the same gradient as
+    index_select's accumulating backward, zeros for rows no expert took."""
+    from cmrp.backbones.bagel.qwen2_mot import take_rows
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 3, 5, requires_grad=True)
+    index = torch.randperm(40)[:25]
+    upstream = torch.randn(25, 3, 5)
+    (grad_ours,) = torch.autograd.grad((take_rows(x, index) * upstream).sum(), x)
+    (grad_torch,) = torch.autograd.grad((x.index_select(0, index) * upstream).sum(), x)
+    assert torch.equal(grad_ours, grad_torch)
+    assert torch.equal(take_rows(x, index), x.index_select(0, index))
+    assert not take_rows(x.detach(), index).requires_grad
