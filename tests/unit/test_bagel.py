@@ -322,15 +322,20 @@ def test_an_understood_grid_past_the_position_table_is_a_config_error():
 
 
 def test_padding_is_skipped_without_changing_losses_or_gradients():
-    """A mixed-task SFT batch is about half padding; the MoT routing leaves it out of every layer. The losses
-    and every gradient equal those of the forward that computes padding too (whose rows see only
-    themselves, so they never reached a real token)."""
+    """A mixed-task SFT batch is about half padding; the MoT routing leaves it out of every layer, and attention
+    runs over groups of rows cut to their longest. The losses and every gradient equal those of the forward
+    that computes padding too (whose rows see only themselves, so they never reached a real token)."""
     from cmrp.perf.workload import build_adapter, sft_examples
 
     adapter = build_adapter("bagel-tiny", seed=3)
     adapter.model.train()
     batch = adapter.collate(sft_examples(adapter, batch=4, text_tokens=24, tasks=("t2i", "vqa", "chat", "t2i")))
     assert 0.2 < float((~batch.valid).float().mean()) < 0.8  # there is padding to skip
+    from cmrp.backbones.bagel.qwen2_mot import Routing
+
+    groups = Routing.of(batch.is_gen, batch.valid).row_groups  # and attention is cut to each group's length
+    assert groups is not None and len({length for _, length in groups}) > 1
+    assert Routing.of(batch.is_gen, torch.ones_like(batch.valid)).row_groups is None
 
     def run(skip: bool):
         adapter.model.zero_grad(set_to_none=True)

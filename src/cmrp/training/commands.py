@@ -44,6 +44,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.set_defaults(handler=_sync)
 
 
+def grpo_reward_line(grpo: dict) -> str:
+    """The summary's GRPO line: the held-out composite before -> after, or why it was not measured."""
+    before, after = grpo["heldout_reward_before"], grpo["heldout_reward_after"]
+    if "total" not in before or "total" not in after:
+        return "grpo reward:    not measured (no held-out image prompt: eval.grid_prompts is 0 or the test split has none)"
+    return f"grpo reward:    {before['total']:.3f} -> {after['total']:.3f} (held-out prompts)"
+
+
 def _fit(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -65,9 +73,7 @@ def _fit(args: argparse.Namespace) -> int:
         change = f"{100 * abs(m['loss_drop']):.0f}% {'lower' if m['loss_drop'] >= 0 else 'higher'}"
         print(f"train/loss:     {m['loss_first']:.3f} -> {m['loss_last']:.3f} ({change})")
     if "grpo" in result.metrics:
-        g = result.metrics["grpo"]
-        b, a = g["heldout_reward_before"].get("total", float("nan")), g["heldout_reward_after"].get("total", float("nan"))
-        print(f"grpo reward:    {b:.3f} -> {a:.3f} (held-out prompts)")
+        print(grpo_reward_line(result.metrics["grpo"]))
 
     uri = result.tracking_uri  # redacted: the run never returns the real one
     if result.resumed_from is not None:

@@ -84,6 +84,9 @@ class Routing:
     und: torch.Tensor | None  # long [N_und]; None when no token is an understanding one
     gen: torch.Tensor | None  # long [N_gen]; None when none is a generation token
     kept: torch.Tensor | None = None  # long [N_valid]: the tokens that are not padding; None: no padding
+    # rows of similar length attended together, each group over its own longest row only: ((rows, length), ...);
+    # None: one attention over the whole padded batch
+    row_groups: tuple[tuple[torch.Tensor, int], ...] | None = None
 
     @classmethod
     def of(cls, is_gen: torch.Tensor, valid: torch.Tensor | None = None) -> Routing:
@@ -96,7 +99,29 @@ class Routing:
         keep = valid.reshape(-1)
         gen = (flat & keep).nonzero().squeeze(1)
         und = (~flat & keep).nonzero().squeeze(1)
-        return cls((b, n), und if und.numel() else None, gen if gen.numel() else None, keep.nonzero().squeeze(1))
+        return cls((b, n), und if und.numel() else None, gen if gen.numel() else None, keep.nonzero().squeeze(1),
+                   _row_groups(valid))
+
+
+ATTENTION_GROUPS = 4  # at most this many attention calls per layer over a padded batch
+
+
+def _row_groups(valid: torch.Tensor) -> tuple[tuple[torch.Tensor, int], ...] | None:
+    """Rows sorted by length in up to `ATTENTION_GROUPS` groups, each attended over its longest row only: the
+    attention of a padded batch otherwise spends most of its work on padding (each row's padding is at its end).
+    None when it would not save anything (padding elsewhere, one row, or equal lengths)."""
+    lengths = valid.sum(1)
+    b, n = valid.shape
+    positions = torch.arange(n, device=valid.device)
+    if b < 2 or not bool((valid == (positions < lengths[:, None])).all()) or bool((lengths == lengths[0]).all()):
+        return None
+    order = torch.argsort(lengths, descending=True, stable=True)
+    size = -(-b // min(ATTENTION_GROUPS, b))
+    groups = []
+    for start in range(0, b, size):
+        rows = order[start:start + size]
+        groups.append((rows, int(lengths[rows[0]])))
+    return tuple(groups)
 
 
 class _TakeRows(torch.autograd.Function):
@@ -266,9 +291,26 @@ class PackedAttentionMoT(nn.Module):
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+        if past is None and routing is not None and routing.row_groups is not None:
+            attn = _grouped_attention(q, k, v, mask, routing.row_groups)
+        else:
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
         attn = attn.transpose(1, 2).reshape(b, n, self.num_heads * hd)
         return route(attn, routing, self.o_proj, self._gen("o_proj")), present
+
+
+def _grouped_attention(q, k, v, mask, groups) -> torch.Tensor:
+    """SDPA of q, k, v [B, H, L, hd] under mask [B, L, L], group by group over each group's rows cut to its
+    longest row. Keys past a row's length are masked for it, so the cut changes nothing; padding queries get
+    zeros (their own values: padding is computed by no layer)."""
+    b, _, n, _ = q.shape
+    out = q.new_zeros(q.shape)
+    for rows, length in groups:
+        part = F.scaled_dot_product_attention(
+            take_rows(q, rows)[:, :, :length], take_rows(k, rows)[:, :, :length], take_rows(v, rows)[:, :, :length],
+            attn_mask=mask.index_select(0, rows)[:, None, :length, :length])
+        out.index_copy_(0, rows, F.pad(part, (0, 0, 0, n - length)))
+    return out
 
 
 class Qwen2MoTDecoderLayer(nn.Module):
