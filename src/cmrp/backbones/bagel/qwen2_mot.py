@@ -303,13 +303,16 @@ def _grouped_attention(q, k, v, mask, groups) -> torch.Tensor:
     """SDPA of q, k, v [B, H, L, hd] under mask [B, L, L], group by group over each group's rows cut to its
     longest row. Keys past a row's length are masked for it, so the cut changes nothing; padding queries get
     zeros (their own values: padding is computed by no layer)."""
-    b, _, n, _ = q.shape
-    out = q.new_zeros(q.shape)
+    n = q.shape[2]
+    out = None
     for rows, length in groups:
         part = F.scaled_dot_product_attention(
             take_rows(q, rows)[:, :, :length], take_rows(k, rows)[:, :, :length], take_rows(v, rows)[:, :, :length],
             attn_mask=mask.index_select(0, rows)[:, None, :length, :length])
+        if out is None:  # SDPA's dtype (bf16 under autocast, whatever q's)
+            out = part.new_zeros(q.shape)
         out.index_copy_(0, rows, F.pad(part, (0, 0, 0, n - length)))
+    assert out is not None, "no row group"
     return out
 
 
