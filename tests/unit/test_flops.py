@@ -47,7 +47,7 @@ def tiny(mode: str = "full", checkpointing: bool = False, targets: str = "defaul
                                                         ("lora", False, "default"), ("lora", True, "generation")])
 def test_sft_step_matches_the_flop_counter(mode, checkpointing, targets):
     adapter = tiny(mode, checkpointing, targets)
-    batch = adapter.collate(sft_examples(adapter, batch=3, text_tokens=40))
+    batch = adapter.collate(sft_examples(adapter, batch=6, text_tokens=40))
     assert batch.valid.sum(1).unique().numel() > 1  # sequences of different lengths: padding is exercised
 
     def step():
@@ -56,13 +56,26 @@ def test_sft_step_matches_the_flop_counter(mode, checkpointing, targets):
 
     measured = counted(step)
     train = F.Trainable.from_model(adapter.model)
-    layout = F.SFTLayout.from_batch(batch, adapter.arch, padded=True)  # the kernels run over the padding
+    # as executed: padding through no layer, attention over row groups cut to their longest row
+    layout = F.SFTLayout.from_batch(batch, adapter.arch, executed=True)
     estimate = F.sft_step_flops(adapter.arch, layout, train, checkpointing=checkpointing)
     assert close(estimate.total, measured), (estimate.as_dict(), measured)
-    # the real-token count (MFU's numerator) is smaller, by the padding
-    useful = F.sft_step_flops(adapter.arch, F.SFTLayout.from_batch(batch, adapter.arch), train,
-                              checkpointing=checkpointing)
-    assert useful.total < estimate.total
+    # the real-token count (MFU's numerator) is smaller only by the attention a group's shorter rows pay for
+    real = F.SFTLayout.from_batch(batch, adapter.arch)
+    assert (real.und_tokens, real.gen_tokens) == (layout.und_tokens, layout.gen_tokens)
+    assert real.attention_pairs <= layout.attention_pairs < batch.valid.numel() * batch.valid.shape[1]
+
+
+def test_attention_row_groups_pay_for_their_longest_row():
+    from cmrp.backbones.bagel.qwen2_mot import row_groups
+
+    lengths = torch.tensor([5, 9, 2, 7, 9, 3])
+    valid = torch.arange(9)[None] < lengths[:, None]
+    groups = row_groups(valid)  # 6 rows, at most 4 groups: 3 of 2 rows, longest first
+    assert [(rows.tolist(), n) for rows, n in groups] == [([1, 4], 9), ([3, 0], 7), ([5, 2], 3)]
+    assert sum(len(rows) * n * n for rows, n in groups) == 2 * 81 + 2 * 49 + 2 * 9  # vs 6 x 81 padded
+    assert row_groups(torch.ones(3, 4, dtype=torch.bool)) is None  # equal lengths: one attention
+    assert row_groups(torch.tensor([[True, False, True], [True, True, False]])) is None  # padding not at the end
 
 
 def test_trainable_reads_the_finetune_mode():

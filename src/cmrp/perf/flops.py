@@ -154,7 +154,7 @@ class SFTLayout:
     """Token counts of one SFT batch (totals over the batch).
 
     `attention_pairs`: query-key pairs the decoder's attention computes, summed over sequences (a
-    sequence of n tokens: n²; a padded batch as executed: batch x L²). `vit_patches`: patches per
+    sequence of n tokens: n²; as executed, rows attended together pay for their longest). `vit_patches`: patches per
     understood image. `gen_images` of `gen_hw` pixels are encoded by the VAE; `labelled` tokens go
     through the LM head."""
 
@@ -167,16 +167,19 @@ class SFTLayout:
     gen_hw: tuple[int, int] = (0, 0)
 
     @classmethod
-    def from_batch(cls, batch: Any, arch: Any, *, padded: bool = False) -> SFTLayout:
-        """From a collated `BagelBatch`: padded=False counts real tokens only (model FLOPs, the MFU
-        numerator); padded=True counts every position of the padded batch (what the kernels run)."""
+    def from_batch(cls, batch: Any, arch: Any, *, executed: bool = False) -> SFTLayout:
+        """From a collated `BagelBatch`: real tokens only (model FLOPs, the MFU numerator), or with
+        `executed` what the kernels run: the same tokens through every linear (padding goes through no
+        layer) and attention over the MoT's row groups, each cut to its longest row."""
+        from cmrp.backbones.bagel.qwen2_mot import row_groups
+
         lengths = batch.valid.sum(dim=1).long()
         gen = int(batch.is_gen.sum())
-        if padded:
-            b, length = batch.input_ids.shape
-            und, pairs = b * length - gen, b * length * length
-        else:
-            und, pairs = int(lengths.sum()) - gen, int((lengths**2).sum())
+        und, pairs = int(lengths.sum()) - gen, int((lengths**2).sum())
+        if executed:
+            b, length = batch.valid.shape
+            groups = row_groups(batch.valid) if not bool(batch.valid.all()) else None
+            pairs = b * length * length if groups is None else sum(len(rows) * n * n for rows, n in groups)
         p = arch.vit.patch_size
         images = [] if batch.vit_pixels is None else list(batch.vit_pixels)
         patches = tuple((img.shape[-2] // p) * (img.shape[-1] // p) for img in images)

@@ -100,13 +100,13 @@ class Routing:
         gen = (flat & keep).nonzero().squeeze(1)
         und = (~flat & keep).nonzero().squeeze(1)
         return cls((b, n), und if und.numel() else None, gen if gen.numel() else None, keep.nonzero().squeeze(1),
-                   _row_groups(valid))
+                   row_groups(valid))
 
 
 ATTENTION_GROUPS = 4  # at most this many attention calls per layer over a padded batch
 
 
-def _row_groups(valid: torch.Tensor) -> tuple[tuple[torch.Tensor, int], ...] | None:
+def row_groups(valid: torch.Tensor) -> tuple[tuple[torch.Tensor, int], ...] | None:
     """Rows sorted by length in up to `ATTENTION_GROUPS` groups, each attended over its longest row only: the
     attention of a padded batch otherwise spends most of its work on padding (each row's padding is at its end).
     None when it would not save anything (padding elsewhere, one row, or equal lengths)."""
