@@ -20,6 +20,7 @@ recorded with its reason and the rest still run. A time budget (default 450 s) s
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import queue
@@ -359,8 +360,6 @@ def drive(args) -> dict:
         flash = getattr(flash_attn, "__version__", "installed")
     except ImportError:
         flash = None
-    import importlib.util
-
     todo = cases(args.smoke, args.image_size, bool(flash), nf4=importlib.util.find_spec("bitsandbytes") is not None)
     if args.only:
         todo = [c for c in todo if c["kind"] == "peak" or args.only in c["name"]]

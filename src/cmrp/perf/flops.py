@@ -178,7 +178,7 @@ class SFTLayout:
         und, pairs = int(lengths.sum()) - gen, int((lengths**2).sum())
         if executed:
             b, length = batch.valid.shape
-            groups = row_groups(batch.valid) if not bool(batch.valid.all()) else None
+            groups = row_groups(batch.valid)  # None without padding: one attention over the batch
             pairs = b * length * length if groups is None else sum(len(rows) * n * n for rows, n in groups)
         p = arch.vit.patch_size
         images = [] if batch.vit_pixels is None else list(batch.vit_pixels)
