@@ -9,6 +9,7 @@ and one line at the end says so.
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
@@ -39,6 +40,20 @@ def pytest_collection_modifyitems(config, items):
         _left_out.extend(item.nodeid for item in left_out)
         config.hook.pytest_deselected(items=left_out)
         items[:] = [item for item in items if item.get_closest_marker("rolescape") is None]
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_handed_back(request):
+    """Each test leaves the Ctrl-C and SIGTERM handlers as it found them: one left behind made a later test's
+    simulated Ctrl-C raise nothing (tests/unit/test_tracking.py, only in the whole suite)."""
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    before = {kind: signal.getsignal(kind) for kind in kinds}
+    yield
+    left = {kind.name: signal.getsignal(kind) for kind in kinds if signal.getsignal(kind) != before[kind]}
+    for kind in kinds:
+        signal.signal(kind, before[kind])
+    if left:
+        pytest.fail(f"{request.node.nodeid} left these signal handlers installed: {left}", pytrace=False)
 
 
 def pytest_runtest_setup(item):

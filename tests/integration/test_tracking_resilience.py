@@ -215,3 +215,44 @@ def test_sigterm_just_after_the_mlflow_run_is_made_ends_it_killed(tmp_path, monk
     logger = made["logger"]
     run = MlflowClient(tracking_uri=logger.display_uri).get_run(logger.run_id)
     assert run.info.status == "KILLED"
+
+
+def test_ctrl_c_inside_a_stage_ends_the_run_killed_and_hands_ctrl_c_back(tmp_path, monkeypatch):
+    """Ctrl-C during SFT: `run_fit` raises KeyboardInterrupt (not Lightning's SystemExit), the MLflow run ends
+    KILLED, and the caller's Ctrl-C handler is in place again (Lightning's graceful shutdown sets SIGINT to
+    "ignore"; its signal connector's teardown puts it back): a notebook or sweep calling run_fit still hears
+    the next Ctrl-C."""
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    from cmrp.config import load_recipe
+    from cmrp.training import fit
+    from cmrp.training.sft import UnifiedSFTModule
+
+    real_step = UnifiedSFTModule.training_step
+
+    def step_then_ctrl_c(self, batch, batch_idx):
+        if batch_idx == 1:
+            raise KeyboardInterrupt
+        return real_step(self, batch, batch_idx)
+
+    made = {}
+    real_make_logger = fit.make_logger
+
+    def remember_logger(*args, **kwargs):
+        made["logger"] = logger = real_make_logger(*args, **kwargs)
+        return logger
+
+    monkeypatch.setattr(UnifiedSFTModule, "training_step", step_then_ctrl_c)
+    monkeypatch.setattr(fit, "make_logger", remember_logger)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    cfg = load_recipe(TINY[0], [*TINY[1:], "trainer.max_steps=4", f"output_dir={tmp_path / 'run'}"])
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fit.run_fit(cfg)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    logger = made["logger"]
+    assert MlflowClient(tracking_uri=logger.display_uri).get_run(logger.run_id).info.status == "KILLED"
