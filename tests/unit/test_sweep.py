@@ -235,6 +235,16 @@ def test_a_claim_on_a_missing_number_is_not_measured(tmp_path):
     assert "claim not measured" in markdown(summary)
 
 
+def test_a_claim_on_a_row_not_run_has_no_table(tmp_path):
+    """A sweep run with --rows that leaves out a row a claim compares: the verdict alone, no broken table."""
+    sweep = load_sweep(sweep_file(tmp_path, BASIC))
+    cells = [{"row": "a,ce_weight=0.5", "seed": 0, "values": {"identity": 0.8, "loss": 1.0}}]
+    summary = summarize(sweep, {"a,ce_weight=0.5": "A", "b,ce_weight=0.5": "b"}, cells)
+    assert summary["claims"][0]["per_seed"] == []
+    text = markdown(summary)
+    assert "claim not measured" in text and "| seed |" not in text
+
+
 def test_threads_per_process_fit_the_cores(monkeypatch):
     from cmrp.sweeps import launchers
 

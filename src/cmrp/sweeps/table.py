@@ -186,9 +186,10 @@ def _claim_markdown(claim: dict[str, Any], summary: dict[str, Any]) -> str:
         what = f"{name}, per seed"
     columns = list(dict.fromkeys(k for s in claim["per_seed"] for k in s["values"]))
     prefix = "Δ " if claim["against"] else ""
-    out = [f"**Claim: {claim['name']}** ({what}; holds when {', '.join(claim['conditions'])})", "",
-           "| seed | " + " | ".join(prefix + c for c in columns) + " | holds |",
-           "|" + " --- |" * (len(columns) + 2)]
+    out = [f"**Claim: {claim['name']}** ({what}; holds when {', '.join(claim['conditions'])})"]
+    if claim["per_seed"]:  # none when a row it compares was not run: no table, only the verdict below
+        out += ["", "| seed | " + " | ".join(prefix + c for c in columns) + " | holds |",
+                "|" + " --- |" * (len(columns) + 2)]
     for s in claim["per_seed"]:
         holds = "n/a" if s["holds"] is None else "yes" if s["holds"] else "no"
         out.append(f"| {s['seed']} | " + " | ".join(fmt_number(s["values"][c], bool(prefix)) for c in columns)
