@@ -17,7 +17,8 @@ GRPO_FAST = ["trainer.max_steps=5", "grpo.max_steps=2", "grpo.group_size=4", "gr
 @pytest.fixture(scope="module")
 def sft_grpo_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("grpo") / "run"
-    proc = run_cli("fit", "recipes/bagel-tiny/sft_grpo.yaml", *GRPO_FAST, f"output_dir={out}", *FAST_EVAL)
+    proc = run_cli("fit", "recipes/bagel-tiny/sft_grpo.yaml", *GRPO_FAST, f"output_dir={out}", *FAST_EVAL,
+                   "grpo.heldout_prompts=3", "grpo.heldout_images=3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "grpo reward:" in proc.stdout
     return out
@@ -46,6 +47,8 @@ def test_grpo_result_in_metrics_file(sft_grpo_run):
     metrics = json.loads((sft_grpo_run / "metrics.json").read_text())
     grpo = metrics["grpo"]
     assert grpo["prompts"] > 100 and grpo["trained_parameters"] > 0
+    # measured on grpo.heldout_prompts x heldout_images, not the sample grid's 2 x 2 (FAST_EVAL)
+    assert (grpo["heldout_prompts"], grpo["heldout_images"]) == (3, 3)
     for when in ("before", "after"):
         terms = grpo[f"heldout_reward_{when}"]
         assert {"total", "vqa_consistency", "lpips_diversity", "trainset_penalty"} <= set(terms)

@@ -281,6 +281,8 @@ def test_bad_mode_value_suggests(tmp_path):
         ("data.tasks={chat: 0, thinking: 0, t2i: 0, vqa: 0, knowledge_qa: 0}", "data.tasks"),
         ("finetune.r=0", "finetune.r"),
         ("backbone=5", "backbone"),
+        ("grpo.heldout_images=1", "grpo.heldout_images"),  # the diversity term needs two samples of a prompt
+        ("grpo.heldout_prompts=-1", "grpo.heldout_prompts"),
     ],
 )
 def test_semantic_errors_name_the_key(tmp_path, override, key):

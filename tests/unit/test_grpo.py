@@ -242,3 +242,14 @@ def test_cfg_rollout_logprobs_are_recomputed_under_guidance(adapter):
     with torch.no_grad():
         again = adapter.rollout_logprob(rollout, 1)
     assert torch.allclose(again, rollout.trajectory.logprobs[:, 1], atol=1e-4)
+
+
+def test_the_heldout_objective_is_measured_on_its_own_sample_size_or_the_grids():
+    """grpo.heldout_prompts / heldout_images, else the sample grid's; never fewer than two samples a prompt."""
+    from cmrp.training.grpo_stage import heldout_size
+
+    cfg = OmegaConf.create({"grpo": {"heldout_prompts": None, "heldout_images": None},
+                            "eval": {"grid_prompts": 8, "images_per_prompt": 1}})
+    assert heldout_size(cfg) == (8, 2)
+    cfg.grpo.heldout_prompts, cfg.grpo.heldout_images = 40, 8
+    assert heldout_size(cfg) == (40, 8)

@@ -208,6 +208,10 @@ def _check_grpo(prov: Provenance, g: DictConfig, stages: list[str]) -> None:
     for key in ("sample_steps", "window_size", "inner_epochs"):
         _count(prov, ("grpo", key), g[key], 1, MAX_SAMPLE_STEPS)
     _count(prov, ("grpo", "reward_workers"), g.reward_workers, 1, MAX_WORKERS)
+    if g.heldout_prompts is not None:
+        _count(prov, ("grpo", "heldout_prompts"), g.heldout_prompts, 0, MAX_BATCH)
+    if g.heldout_images is not None:
+        _count(prov, ("grpo", "heldout_images"), g.heldout_images, 2, MAX_BATCH)
     if g.max_steps * g.prompts_per_step > MAX_DRAWN:
         raise prov.error(("grpo", "max_steps"), f"x grpo.prompts_per_step is {g.max_steps * g.prompts_per_step} "
                          f"prompts, drawn up front; at most {MAX_DRAWN}")

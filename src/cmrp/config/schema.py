@@ -107,6 +107,9 @@ class GRPOConfig:
     ema_decay: float = 0.0  # 0: no EMA; else the trained weights end as their EMA
     train_groups: list[str] = field(default_factory=lambda: ["generation"])  # [] = every trainable weight
     reward_workers: int = 2  # reward threads, overlapping with sampling
+    # the objective measured before and after GRPO on the test split: ODE samples, fixed seeds
+    heldout_prompts: int | None = None  # held-out image prompts (null: eval.grid_prompts; more than exist: all)
+    heldout_images: int | None = None  # samples per held-out prompt (null: eval.images_per_prompt, at least 2)
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-4))
 
 

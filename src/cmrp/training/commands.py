@@ -48,8 +48,9 @@ def grpo_reward_line(grpo: dict) -> str:
     """The summary's GRPO line: the held-out composite before -> after, or why it was not measured."""
     before, after = grpo["heldout_reward_before"], grpo["heldout_reward_after"]
     if "total" not in before or "total" not in after:
-        return "grpo reward:    not measured (no held-out image prompt: eval.grid_prompts is 0 or the test split has none)"
-    return f"grpo reward:    {before['total']:.3f} -> {after['total']:.3f} (held-out prompts)"
+        return ("grpo reward:    not measured (no held-out image prompt: grpo.heldout_prompts, by default "
+                "eval.grid_prompts, is 0 or the test split has none)")
+    return f"grpo reward:    {before['total']:.4f} -> {after['total']:.4f} (held-out prompts)"
 
 
 def _fit(args: argparse.Namespace) -> int:

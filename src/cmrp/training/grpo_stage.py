@@ -20,7 +20,7 @@ from cmrp.training.advantages import nan_mean
 from cmrp.training.progress import progress_callbacks
 from cmrp.training.trainer import is_main_process, trainer_strategy
 
-__all__ = ["character_questions", "heldout_reward", "reference_tensor", "run_grpo_stage"]
+__all__ = ["character_questions", "heldout_reward", "heldout_size", "reference_tensor", "run_grpo_stage"]
 
 
 def character_questions(character: Character, split: str = "train"):
@@ -67,6 +67,16 @@ def heldout_reward(adapter: Backbone, reward, prompts: list[ImagePrompt], questi
     return result
 
 
+def heldout_size(cfg: Any) -> tuple[int, int]:
+    """(prompts, samples per prompt) the held-out objective is measured on: `grpo.heldout_prompts` /
+    `grpo.heldout_images`, else the sample grid's (`eval.grid_prompts`, `eval.images_per_prompt`). At least
+    two samples per prompt, since the diversity term compares a prompt's samples with each other."""
+    g = cfg.grpo
+    prompts = cfg.eval.grid_prompts if g.heldout_prompts is None else g.heldout_prompts
+    images = cfg.eval.images_per_prompt if g.heldout_images is None else g.heldout_images
+    return int(prompts), max(2, int(images))
+
+
 def _prompt_loader(prompts: list[ImagePrompt], cfg: Any, seed: int, world: int = 1, start: int = 0, rank: int = 0):
     """`max_steps` batches of `prompts_per_step` prompts per rank, drawn (seeded) without repeats within an
     epoch; each rank reads its share in order (`RankBatches`). `start`: batches (per rank) already
@@ -103,7 +113,7 @@ def run_grpo_stage(cfg: Any, adapter: Backbone, character: Character, preset: di
     if not prompts:
         raise DataError(f"character {character.name!r}: no image prompts (scenes with images or T2I instructions) "
                         "to train GRPO on")
-    heldout = image_prompts(character, split="test", decoding=cfg.decoding)[: cfg.eval.grid_prompts]
+    heldout = image_prompts(character, split="test", decoding=cfg.decoding)[: heldout_size(cfg)[0]]
     reward = reward if reward is not None else build_reward(preset, parallel=True)
     questions_for = character_questions(character, "train")
     heldout_questions = character_questions(character, "test")
@@ -115,7 +125,7 @@ def run_grpo_stage(cfg: Any, adapter: Backbone, character: Character, preset: di
     def measure() -> dict[str, float]:
         with gathered(adapter.model):  # whole weights on every rank when an earlier stage sharded them
             return heldout_reward(adapter, reward, heldout, heldout_questions, references,
-                                  n=max(2, cfg.eval.images_per_prompt), spec=heldout_spec, seed=cfg.seed + 1)
+                                  n=heldout_size(cfg)[1], spec=heldout_spec, seed=cfg.seed + 1)
 
     resuming = checkpoints is not None and checkpoints.resuming
     before = measure()  # also loads the reward nets (lazily, drawing from the global RNG) before training
@@ -150,6 +160,8 @@ def run_grpo_stage(cfg: Any, adapter: Backbone, character: Character, preset: di
     return {
         "prompts": len(prompts),
         "trained_parameters": len(module.trained_names),
+        "heldout_prompts": len(heldout),  # what the held-out reward is the mean over
+        "heldout_images": heldout_size(cfg)[1],
         "heldout_reward_before": before,
         "heldout_reward_after": after,
         "last": dict(getattr(module, "last_log", {})),
