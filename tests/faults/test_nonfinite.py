@@ -9,7 +9,8 @@ import re
 from tests.faults._helpers import TINY, main
 
 GRPO = ["quickstart", *TINY[1:], "stages=[grpo]", "grpo.max_steps=3", "grpo.group_size=2", "grpo.prompts_per_step=1",
-        "grpo.sample_steps=2", "grpo.window_size=1", "grpo.minibatch_size=2", "checkpoint.every_n_steps=1",
+        "grpo.sample_steps=2", "grpo.window_size=1", "grpo.minibatch_size=2", "grpo.heldout_prompts=1",
+        "grpo.heldout_images=2", "checkpoint.every_n_steps=1",
         "nonfinite_stop_after=0"]
 
 

@@ -54,6 +54,8 @@ def test_quickstart_benchmark_splits_a_real_fit_into_its_phases(monkeypatch, tmp
     result = quickstart.run(str(BENCHMARKS.parent / "recipes" / "quickstart.yaml"),
                             ["trainer.max_steps=2", "data.batch_size=2", "data.max_text_tokens=32", "grpo.max_steps=2",
                              "grpo.prompts_per_step=1", "grpo.group_size=2", "grpo.minibatch_size=2", "grpo.sample_steps=2",
+                             # cps: the last step is noise-free, so a 2-step rollout trains a window of 1
+                             "grpo.window_size=1", "grpo.heldout_prompts=1", "grpo.heldout_images=2",
                              "eval.max_items=4", "eval.grid_prompts=1", "eval.images_per_prompt=1", "eval.sample_steps=2"],
                             None)
     phases = result["fit_timings_s"]
