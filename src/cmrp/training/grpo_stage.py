@@ -113,7 +113,8 @@ def run_grpo_stage(cfg: Any, adapter: Backbone, character: Character, preset: di
     if not prompts:
         raise DataError(f"character {character.name!r}: no image prompts (scenes with images or T2I instructions) "
                         "to train GRPO on")
-    heldout = image_prompts(character, split="test", decoding=cfg.decoding)[: heldout_size(cfg)[0]]
+    heldout_prompts, heldout_images = heldout_size(cfg)
+    heldout = image_prompts(character, split="test", decoding=cfg.decoding)[:heldout_prompts]
     reward = reward if reward is not None else build_reward(preset, parallel=True)
     questions_for = character_questions(character, "train")
     heldout_questions = character_questions(character, "test")
@@ -125,7 +126,7 @@ def run_grpo_stage(cfg: Any, adapter: Backbone, character: Character, preset: di
     def measure() -> dict[str, float]:
         with gathered(adapter.model):  # whole weights on every rank when an earlier stage sharded them
             return heldout_reward(adapter, reward, heldout, heldout_questions, references,
-                                  n=heldout_size(cfg)[1], spec=heldout_spec, seed=cfg.seed + 1)
+                                  n=heldout_images, spec=heldout_spec, seed=cfg.seed + 1)
 
     resuming = checkpoints is not None and checkpoints.resuming
     before = measure()  # also loads the reward nets (lazily, drawing from the global RNG) before training
@@ -161,7 +162,7 @@ def run_grpo_stage(cfg: Any, adapter: Backbone, character: Character, preset: di
         "prompts": len(prompts),
         "trained_parameters": len(module.trained_names),
         "heldout_prompts": len(heldout),  # what the held-out reward is the mean over
-        "heldout_images": heldout_size(cfg)[1],
+        "heldout_images": heldout_images,
         "heldout_reward_before": before,
         "heldout_reward_after": after,
         "last": dict(getattr(module, "last_log", {})),
